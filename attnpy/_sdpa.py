@@ -1,0 +1,152 @@
+"""scaled_dot_product_attention and causal_mask: signatures, defaults, docs.
+
+The computation is in the C core (csrc/); this module only names things.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import numpy as np
+
+from . import _core
+
+__all__ = ["AttentionResult", "scaled_dot_product_attention", "causal_mask"]
+
+
+class AttentionResult(NamedTuple):
+    """What an attention call returns; unpacks as ``output, weights``.
+
+    Attributes
+    ----------
+    output : ndarray, shape (..., Hq, L, Ev)
+        The attention output.
+    weights : ndarray, shape (..., Hq, L, S), or None
+        The softmax attention weights of every head (not averaged), as the
+        core wrote them. None when called with ``need_weights=False``.
+    """
+
+    output: np.ndarray
+    weights: Optional[np.ndarray]
+
+
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0,
+                                 is_causal=False, scale=None, enable_gqa=False, *,
+                                 need_weights=True, out=None) -> AttentionResult:
+    r"""Scaled dot-product attention, with the weight maps.
+
+    Computes, for every batch index and head,
+
+    .. math:: \mathrm{softmax}(\mathrm{scale} \cdot Q K^T + M) \, V
+
+    with the same arguments and meanings as
+    ``torch.nn.functional.scaled_dot_product_attention``, so one set of
+    arguments can be passed to both. Inputs are read in place, whatever their
+    strides (transposed, sliced, broadcast views): no copy is ever made.
+
+    Parameters
+    ----------
+    query : array_like, shape (..., Hq, L, E)
+        Queries. At least 2-D: a 2-D ``(L, E)`` query is one head, no batch.
+    key : array_like, shape (..., H, S, E)
+        Keys.
+    value : array_like, shape (..., H, S, Ev)
+        Values. The leading dimensions of query, key and value broadcast
+        against each other as in ``np.matmul``.
+    attn_mask : array_like, optional, broadcastable to (..., Hq, L, S)
+        bool: **True = attend** (as in torch's SDPA; note that
+        ``torch.nn.MultiheadAttention`` uses the opposite polarity).
+        float (same dtype as query): added to the scores, e.g. 0 / -inf from
+        :func:`causal_mask`.
+    dropout_p : float, default 0.0
+        Must be 0.0 here; dropout is available through the multi-head API.
+    is_causal : bool, default False
+        Apply the lower-triangular mask aligned top-left
+        (``ones(L, S).tril()``), as torch does. Cannot be combined with
+        ``attn_mask``.
+    scale : float, optional
+        Multiplies :math:`QK^T`. Default ``1 / sqrt(E)``.
+    enable_gqa : bool, default False
+        Grouped-query attention: query head ``h`` uses key/value head
+        ``h // (Hq // H)``; ``Hq`` must be a multiple of ``H``. Without it the
+        head axis broadcasts like any batch axis.
+    need_weights : bool, default True
+        Return the weights. With False, keys are streamed with an online
+        softmax and no ``L x S`` buffer is allocated at all.
+    out : ndarray, shape (..., Hq, L, Ev), optional
+        C-contiguous array of the output's dtype that receives the output.
+
+    Returns
+    -------
+    AttentionResult
+        ``(output, weights)``: ``output`` of shape ``(..., Hq, L, Ev)``,
+        ``weights`` of shape ``(..., Hq, L, S)`` or None.
+
+    Notes
+    -----
+    A query row whose keys are all masked gets zero weights and a zero
+    output row (as torch's SDPA since 2.5), never NaN. A key whose weight is
+    exactly zero does not read its value row.
+
+    dtypes: float32 or float64, the same for query, key and value; a float
+    mask has that dtype too. Array-likes that are not ndarrays (lists) are
+    converted; an ndarray of another dtype raises ``TypeError`` rather than
+    being copied.
+
+    Examples
+    --------
+    >>> import numpy as np, attnpy
+    >>> x = np.random.default_rng(0).standard_normal((4, 8), dtype=np.float32)
+    >>> out, weights = attnpy.scaled_dot_product_attention(x, x, x, is_causal=True)
+    >>> out.shape, weights.shape
+    ((4, 8), (4, 4))
+    """
+    output, weights = _core.scaled_dot_product_attention(
+        query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+        need_weights=need_weights, out=out)
+    return AttentionResult(output, weights)
+
+
+def causal_mask(L, S=None, *, align="top_left", dtype=np.float32):
+    """An additive causal mask: 0 where attending is allowed, -inf elsewhere.
+
+    Additive float masks mean the same in every API (SDPA and
+    MultiheadAttention alike), unlike bool masks, whose polarity differs.
+
+    Parameters
+    ----------
+    L : int
+        Number of queries.
+    S : int, optional
+        Number of keys; default ``L``.
+    align : {"top_left", "bottom_right"}
+        ``"top_left"``: query ``i`` sees keys ``j <= i`` (torch's
+        ``is_causal``). ``"bottom_right"``: query ``i`` sees keys
+        ``j <= i + S - L``, the last query seeing every key -- what decoding
+        with a key/value cache needs (torch's ``causal_lower_right``).
+    dtype : float32 or float64
+        The mask's dtype; it must match the query's.
+
+    Returns
+    -------
+    ndarray, shape (L, S)
+    """
+    if S is None:
+        S = L
+    L, S = _size("L", L), _size("S", S)
+    if align not in ("top_left", "bottom_right"):
+        raise ValueError(f"align must be 'top_left' or 'bottom_right'; got {align!r}")
+    dtype = np.dtype(dtype)
+    if dtype not in (np.float32, np.float64):
+        raise TypeError(f"dtype must be float32 or float64; got {dtype}")
+    offset = 0 if align == "top_left" else S - L
+    i = np.arange(L)[:, None]
+    j = np.arange(S)[None, :]
+    return np.where(j <= i + offset, 0.0, -np.inf).astype(dtype)
+
+
+def _size(name, n):
+    if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer)):
+        raise TypeError(f"{name} must be an int; got {type(n).__name__}")
+    if n < 0:
+        raise ValueError(f"{name} must be >= 0; got {n}")
+    return int(n)

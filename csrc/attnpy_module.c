@@ -1,0 +1,476 @@
+/*
+ * attnpy_module.c -- the binding between CPython/NumPy and the C core.
+ *
+ * The only C file that includes Python.h. Its job, in order: parse the
+ * arguments, validate shapes, dtypes and layouts (with messages that name the
+ * argument, what was expected and what was given), allocate the outputs,
+ * describe every buffer to the core as (pointer, byte strides) without
+ * copying it, release the GIL and call the core.
+ *
+ * References: every PyArrayObject * below is owned (a new reference) and is
+ * released at the single exit label `done`.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <numpy/arrayobject.h>
+
+#include <math.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "attn_core.h"
+
+/* ------------------------------------------------------------------------ */
+/* Small helpers                                                             */
+
+/* "(2, 3, 4)" into buf: shapes in error messages. */
+static const char *fmt_dims(const npy_intp *dims, int nd, char *buf, size_t n)
+{
+    size_t used = 0;
+    buf[0] = '\0';
+    for (int d = 0; d < nd && used < n; d++)
+        used += (size_t)snprintf(buf + used, n - used, "%s%ld", d ? ", " : "(", (long)dims[d]);
+    if (used < n) snprintf(buf + used, n - used, nd == 0 ? "()" : nd == 1 ? ",)" : ")");
+    return buf;
+}
+
+static const char *fmt_shape(PyArrayObject *arr, char *buf, size_t n)
+{
+    return fmt_dims(PyArray_DIMS(arr), PyArray_NDIM(arr), buf, n);
+}
+
+#define SHAPE_BUF 512
+
+static const char *dtype_name(PyArrayObject *arr)
+{
+    switch (PyArray_TYPE(arr)) {
+    case NPY_FLOAT: return "float32";
+    case NPY_DOUBLE: return "float64";
+    case NPY_BOOL: return "bool";
+    default: return PyArray_DESCR(arr)->typeobj->tp_name;
+    }
+}
+
+/*
+ * obj as an array, as a new reference.
+ * An ndarray is taken as it is: never copied, never cast. Anything else (a
+ * list, a scalar) is converted; integer and bool array-likes are cast to
+ * `cast_to` so that attention on [[1, 0], [0, 1]] works as a student expects.
+ */
+static PyArrayObject *as_array(PyObject *obj, const char *name, int cast_to)
+{
+    if (PyArray_Check(obj)) {
+        Py_INCREF(obj);
+        return (PyArrayObject *)obj;
+    }
+    PyArrayObject *arr = (PyArrayObject *)PyArray_FROM_O(obj);
+    if (!arr) {
+        PyErr_Format(PyExc_TypeError, "%s must be an array of float32 or float64; could not convert %.200s",
+                     name, Py_TYPE(obj)->tp_name);
+        return NULL;
+    }
+    if (cast_to >= 0 && (PyArray_ISINTEGER(arr) || PyArray_ISBOOL(arr) || PyArray_ISFLOAT(arr)) &&
+        PyArray_TYPE(arr) != cast_to) {
+        PyArrayObject *cast = (PyArrayObject *)PyArray_Cast(arr, cast_to);
+        Py_DECREF(arr);
+        return cast;
+    }
+    return arr;
+}
+
+/* A query/key/value/out array: float32 or float64, native byte order, aligned. */
+static int check_float(PyArrayObject *arr, const char *name)
+{
+    int t = PyArray_TYPE(arr);
+    if (t != NPY_FLOAT && t != NPY_DOUBLE) {
+        PyErr_Format(PyExc_TypeError,
+                     "%s has dtype %s; supported dtypes are float32 and float64",
+                     name, dtype_name(arr));
+        return -1;
+    }
+    if (PyArray_ISBYTESWAPPED(arr)) {
+        PyErr_Format(PyExc_TypeError,
+                     "%s has non-native byte order; supported dtypes are native float32 and float64",
+                     name);
+        return -1;
+    }
+    if (!PyArray_ISALIGNED(arr)) {
+        PyErr_Format(PyExc_ValueError,
+                     "%s is not aligned for %s (its buffer or strides are not a multiple of %d bytes); "
+                     "attnpy reads arrays in place and does not copy them",
+                     name, dtype_name(arr), (int)PyArray_ITEMSIZE(arr));
+        return -1;
+    }
+    return 0;
+}
+
+/* [lo, hi): the bytes an array can touch. */
+static void byte_extent(PyArrayObject *arr, const char **lo, const char **hi)
+{
+    const char *base = PyArray_BYTES(arr);
+    *lo = *hi = base;
+    if (PyArray_SIZE(arr) == 0) return;
+    for (int d = 0; d < PyArray_NDIM(arr); d++) {
+        npy_intp span = PyArray_STRIDE(arr, d) * (PyArray_DIM(arr, d) - 1);
+        if (span < 0) *lo += span;
+        else *hi += span;
+    }
+    *hi += PyArray_ITEMSIZE(arr);
+}
+
+static int may_overlap(PyArrayObject *a, PyArrayObject *b)
+{
+    const char *alo, *ahi, *blo, *bhi;
+    if (!a || !b) return 0;
+    byte_extent(a, &alo, &ahi);
+    byte_extent(b, &blo, &bhi);
+    return alo < bhi && blo < ahi;
+}
+
+/*
+ * An array's dims and strides right-aligned to nd dims: leading 1s with
+ * stride 0 are prepended, and every size-1 dim gets stride 0, so that a
+ * broadcast dim and a real one of size 1 look the same to the core.
+ */
+static void pad_to(PyArrayObject *arr, int nd, npy_intp *dims, npy_intp *strides)
+{
+    int pad = nd - PyArray_NDIM(arr);
+    for (int d = 0; d < nd; d++) {
+        dims[d] = d < pad ? 1 : PyArray_DIM(arr, d - pad);
+        strides[d] = (d < pad || dims[d] == 1) ? 0 : PyArray_STRIDE(arr, d - pad);
+    }
+}
+
+/* Describe a padded array to the core: nbatch batch dims, then (head, row, col)
+   when nd >= 3, else (row, col) with a head stride of 0. */
+static void fill_view(attn_view *view, char *data, const npy_intp *strides, int nd)
+{
+    int nbatch = nd >= 3 ? nd - 3 : 0;
+    view->data = data;
+    for (int d = 0; d < nbatch; d++) view->batch[d] = strides[d];
+    view->head = nd >= 3 ? strides[nd - 3] : 0;
+    view->row = strides[nd - 2];
+    view->col = strides[nd - 1];
+}
+
+/* ------------------------------------------------------------------------ */
+/* scaled_dot_product_attention                                              */
+
+static PyObject *
+attnpy_sdpa(PyObject *Py_UNUSED(module), PyObject *args, PyObject *kwargs)
+{
+    static char *kwlist[] = {"query", "key", "value", "attn_mask", "dropout_p", "is_causal",
+                             "scale", "enable_gqa", "need_weights", "out", NULL};
+    PyObject *query_o, *key_o, *value_o, *mask_o = Py_None, *dropout_o = Py_None,
+             *scale_o = Py_None, *out_o = Py_None;
+    int is_causal = 0, enable_gqa = 0, need_weights = 1;
+
+    PyArrayObject *q = NULL, *k = NULL, *v = NULL, *mask = NULL, *out = NULL, *weights = NULL;
+    PyObject *result = NULL;
+    char s1[SHAPE_BUF], s2[SHAPE_BUF], s3[SHAPE_BUF];
+    static attn_sdpa_args zero_args;
+    attn_sdpa_args a = zero_args;
+
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOO|OOpOp$pO:scaled_dot_product_attention",
+                                     kwlist, &query_o, &key_o, &value_o, &mask_o, &dropout_o,
+                                     &is_causal, &scale_o, &enable_gqa, &need_weights, &out_o))
+        return NULL;
+
+    /* --- scalars ------------------------------------------------------- */
+    if (dropout_o != Py_None) {
+        double p = PyFloat_AsDouble(dropout_o);
+        if (p == -1.0 && PyErr_Occurred()) {
+            PyErr_Format(PyExc_TypeError, "dropout_p must be a float; got %.200s",
+                         Py_TYPE(dropout_o)->tp_name);
+            goto done;
+        }
+        if (p != 0.0) {
+            PyErr_Format(PyExc_ValueError,
+                         "dropout_p must be 0.0 here; got %g. Dropout on the attention weights "
+                         "is available through attnpy.MultiheadAttention (dropout=..., seed=...)",
+                         p);
+            goto done;
+        }
+    }
+    double scale = NAN;
+    if (scale_o != Py_None) {
+        scale = PyFloat_AsDouble(scale_o);
+        if (scale == -1.0 && PyErr_Occurred()) {
+            PyErr_Format(PyExc_TypeError, "scale must be a float or None; got %.200s",
+                         Py_TYPE(scale_o)->tp_name);
+            goto done;
+        }
+    }
+
+    /* --- query, key, value ------------------------------------------------ */
+    /* Array-likes are converted to the dtype of the first float ndarray given. */
+    int cast_to = NPY_DOUBLE;
+    PyObject *qkv_o[3] = {query_o, key_o, value_o};
+    for (int i = 2; i >= 0; i--)
+        if (PyArray_Check(qkv_o[i]) && (PyArray_TYPE((PyArrayObject *)qkv_o[i]) == NPY_FLOAT ||
+                                        PyArray_TYPE((PyArrayObject *)qkv_o[i]) == NPY_DOUBLE))
+            cast_to = PyArray_TYPE((PyArrayObject *)qkv_o[i]);
+
+    if (!(q = as_array(query_o, "query", cast_to)) || !(k = as_array(key_o, "key", cast_to)) ||
+        !(v = as_array(value_o, "value", cast_to)))
+        goto done;
+    if (check_float(q, "query") || check_float(k, "key") || check_float(v, "value")) goto done;
+    if (PyArray_TYPE(k) != PyArray_TYPE(q) || PyArray_TYPE(v) != PyArray_TYPE(q)) {
+        PyErr_Format(PyExc_TypeError,
+                     "query, key and value must have the same dtype (float32 or float64); "
+                     "got query %s, key %s, value %s",
+                     dtype_name(q), dtype_name(k), dtype_name(v));
+        goto done;
+    }
+    const int typenum = PyArray_TYPE(q);
+    PyArrayObject *qkv[3] = {q, k, v};
+    const char *qkv_name[3] = {"query", "key", "value"};
+    const char *qkv_shape[3] = {"(..., L, E)", "(..., S, E)", "(..., S, Ev)"};
+    for (int i = 0; i < 3; i++) {
+        if (PyArray_NDIM(qkv[i]) < 2) {
+            PyErr_Format(PyExc_ValueError,
+                         "%s must be at least 2-D with shape %s; got shape %s", qkv_name[i],
+                         qkv_shape[i], fmt_shape(qkv[i], s1, SHAPE_BUF));
+            goto done;
+        }
+    }
+    const npy_intp L = PyArray_DIM(q, PyArray_NDIM(q) - 2), E = PyArray_DIM(q, PyArray_NDIM(q) - 1);
+    const npy_intp S = PyArray_DIM(k, PyArray_NDIM(k) - 2);
+    const npy_intp Ev = PyArray_DIM(v, PyArray_NDIM(v) - 1);
+    if (PyArray_DIM(k, PyArray_NDIM(k) - 1) != E) {
+        PyErr_Format(PyExc_ValueError,
+                     "key must have the same last dimension E as query (E=%ld); "
+                     "got query %s, key %s",
+                     (long)E, fmt_shape(q, s1, SHAPE_BUF), fmt_shape(k, s2, SHAPE_BUF));
+        goto done;
+    }
+    if (PyArray_DIM(v, PyArray_NDIM(v) - 2) != S) {
+        PyErr_Format(PyExc_ValueError,
+                     "value must have as many rows as key (S=%ld); got key %s, value %s",
+                     (long)S, fmt_shape(k, s1, SHAPE_BUF), fmt_shape(v, s2, SHAPE_BUF));
+        goto done;
+    }
+
+    /* --- broadcast the leading dims ---------------------------------------- */
+    /* nd: the output's ndim. Dims [0, nd-3) are batch dims that broadcast as
+       in np.matmul; dim nd-3 is the head axis (broadcast too, unless
+       enable_gqa maps query heads onto fewer key/value heads). */
+    int nd = PyArray_NDIM(q);
+    if (PyArray_NDIM(k) > nd) nd = PyArray_NDIM(k);
+    if (PyArray_NDIM(v) > nd) nd = PyArray_NDIM(v);
+    npy_intp dims[3][NPY_MAXDIMS], strides[3][NPY_MAXDIMS];
+    for (int i = 0; i < 3; i++) pad_to(qkv[i], nd, dims[i], strides[i]);
+
+    npy_intp out_dims[NPY_MAXDIMS], w_dims[NPY_MAXDIMS];
+    const int nbatch = nd >= 3 ? nd - 3 : 0;
+    const int head_axis = nd >= 3 ? nd - 3 : -1;
+    for (int d = 0; d < nd - 2; d++) {
+        npy_intp n = 1;
+        int gqa_heads = enable_gqa && d == head_axis;
+        for (int i = 0; i < 3; i++) {
+            if (gqa_heads) break;
+            if (dims[i][d] == 1) continue;
+            if (n == 1) n = dims[i][d];
+            else if (dims[i][d] != n) {
+                PyErr_Format(PyExc_ValueError,
+                             "the leading dimensions of query %s, key %s and value %s do not "
+                             "broadcast (axis %d from the end: %ld, %ld, %ld)%s",
+                             fmt_shape(q, s1, SHAPE_BUF), fmt_shape(k, s2, SHAPE_BUF),
+                             fmt_shape(v, s3, SHAPE_BUF), nd - d, (long)dims[0][d],
+                             (long)dims[1][d], (long)dims[2][d],
+                             d == head_axis ? "; for grouped-query attention pass enable_gqa=True" : "");
+                goto done;
+            }
+        }
+        out_dims[d] = w_dims[d] = gqa_heads ? dims[0][d] : n;
+    }
+    out_dims[nd - 2] = w_dims[nd - 2] = L;
+    out_dims[nd - 1] = Ev;
+    w_dims[nd - 1] = S;
+
+    npy_intp num_heads = head_axis >= 0 ? out_dims[head_axis] : 1;
+    npy_intp num_kv_heads = num_heads;
+    if (enable_gqa && head_axis >= 0) {
+        npy_intp Hk = dims[1][head_axis], Hv = dims[2][head_axis];
+        if (Hk != Hv) {
+            PyErr_Format(PyExc_ValueError,
+                         "enable_gqa=True: key and value must have the same number of heads "
+                         "(axis -3); got key %s, value %s",
+                         fmt_shape(k, s1, SHAPE_BUF), fmt_shape(v, s2, SHAPE_BUF));
+            goto done;
+        }
+        if (Hk == 0 ? num_heads != 0 : num_heads % Hk != 0) {
+            PyErr_Format(PyExc_ValueError,
+                         "enable_gqa=True needs the query heads (Hq=%ld, axis -3 of query %s) "
+                         "to be a multiple of the key/value heads (H=%ld, key %s)",
+                         (long)num_heads, fmt_shape(q, s1, SHAPE_BUF), (long)Hk,
+                         fmt_shape(k, s2, SHAPE_BUF));
+            goto done;
+        }
+        num_kv_heads = Hk;
+    }
+    if (num_kv_heads == 0) num_kv_heads = 1; /* no heads at all: nothing to compute */
+
+    /* --- the mask --------------------------------------------------------- */
+    npy_intp m_dims[NPY_MAXDIMS], m_strides[NPY_MAXDIMS];
+    if (mask_o != Py_None) {
+        if (is_causal) {
+            PyErr_SetString(PyExc_ValueError,
+                            "attn_mask and is_causal=True cannot both be given (torch raises "
+                            "too); pass the causal mask in attn_mask (see attnpy.causal_mask) "
+                            "or use is_causal alone");
+            goto done;
+        }
+        if (!(mask = as_array(mask_o, "attn_mask", -1))) goto done;
+        if (!PyArray_Check(mask_o) && PyArray_TYPE(mask) != NPY_BOOL) {
+            /* a float list: cast to the inputs' dtype */
+            PyArrayObject *cast = (PyArrayObject *)PyArray_Cast(mask, typenum);
+            Py_SETREF(mask, cast);
+            if (!mask) goto done;
+        }
+        if (PyArray_TYPE(mask) != NPY_BOOL && PyArray_TYPE(mask) != typenum) {
+            PyErr_Format(PyExc_TypeError,
+                         "attn_mask must be bool (True = attend) or %s like query "
+                         "(added to the scores); got %s",
+                         typenum == NPY_FLOAT ? "float32" : "float64", dtype_name(mask));
+            goto done;
+        }
+        if (PyArray_TYPE(mask) != NPY_BOOL && check_float(mask, "attn_mask")) goto done;
+        int ok = PyArray_NDIM(mask) <= nd;
+        if (ok) {
+            pad_to(mask, nd, m_dims, m_strides);
+            for (int d = 0; d < nd; d++)
+                if (m_dims[d] != 1 && m_dims[d] != w_dims[d]) ok = 0;
+        }
+        if (!ok) {
+            PyErr_Format(PyExc_ValueError,
+                         "attn_mask of shape %s does not broadcast to the weights' shape "
+                         "(..., Hq, L, S) = %s",
+                         fmt_shape(mask, s1, SHAPE_BUF), fmt_dims(w_dims, nd, s2, SHAPE_BUF));
+            goto done;
+        }
+    }
+
+    /* --- outputs ------------------------------------------------------------ */
+    if (out_o != Py_None) {
+        if (!PyArray_Check(out_o)) {
+            PyErr_Format(PyExc_TypeError, "out must be a NumPy array; got %.200s",
+                         Py_TYPE(out_o)->tp_name);
+            goto done;
+        }
+        out = (PyArrayObject *)out_o;
+        Py_INCREF(out);
+        if (PyArray_TYPE(out) != typenum || PyArray_ISBYTESWAPPED(out)) {
+            PyErr_Format(PyExc_TypeError, "out must have dtype %s like query; got %s",
+                         dtype_name(q), dtype_name(out));
+            goto done;
+        }
+        int same = PyArray_NDIM(out) == nd;
+        for (int d = 0; same && d < nd; d++) same = PyArray_DIM(out, d) == out_dims[d];
+        if (!same) {
+            PyErr_Format(PyExc_ValueError, "out must have the output's shape %s; got %s",
+                         fmt_dims(out_dims, nd, s1, SHAPE_BUF), fmt_shape(out, s2, SHAPE_BUF));
+            goto done;
+        }
+        if (!PyArray_IS_C_CONTIGUOUS(out) || !PyArray_ISALIGNED(out)) {
+            PyErr_SetString(PyExc_ValueError, "out must be a C-contiguous, aligned array");
+            goto done;
+        }
+        if (!PyArray_ISWRITEABLE(out)) {
+            PyErr_SetString(PyExc_ValueError, "out must be writeable; got a read-only array");
+            goto done;
+        }
+        PyArrayObject *inputs[4] = {q, k, v, mask};
+        const char *names[4] = {"query", "key", "value", "attn_mask"};
+        for (int i = 0; i < 4; i++) {
+            if (may_overlap(out, inputs[i])) {
+                PyErr_Format(PyExc_ValueError,
+                             "out shares memory with %s; attnpy never writes into its inputs",
+                             names[i]);
+                goto done;
+            }
+        }
+    }
+    else if (!(out = (PyArrayObject *)PyArray_EMPTY(nd, out_dims, typenum, 0))) {
+        goto done;
+    }
+    if (need_weights && !(weights = (PyArrayObject *)PyArray_EMPTY(nd, w_dims, typenum, 0)))
+        goto done;
+
+    /* --- describe everything to the core ------------------------------------ */
+    a.dtype = typenum == NPY_FLOAT ? ATTN_FLOAT32 : ATTN_FLOAT64;
+    a.nbatch = nbatch;
+    for (int d = 0; d < nbatch; d++) a.batch_shape[d] = out_dims[d];
+    a.num_heads = num_heads;
+    a.num_kv_heads = num_kv_heads;
+    a.L = L;
+    a.S = S;
+    a.E = E;
+    a.Ev = Ev;
+    a.scale = scale_o == Py_None ? 1.0 / sqrt((double)E) : scale;
+    a.is_causal = is_causal;
+    fill_view(&a.q, PyArray_BYTES(q), strides[0], nd);
+    fill_view(&a.k, PyArray_BYTES(k), strides[1], nd);
+    fill_view(&a.v, PyArray_BYTES(v), strides[2], nd);
+    if (mask) {
+        a.mask_kind = PyArray_TYPE(mask) == NPY_BOOL ? ATTN_MASK_BOOL : ATTN_MASK_ADD;
+        fill_view(&a.mask, PyArray_BYTES(mask), m_strides, nd);
+    }
+    npy_intp o_strides[NPY_MAXDIMS];
+    pad_to(out, nd, out_dims, o_strides);
+    fill_view(&a.out, PyArray_BYTES(out), o_strides, nd);
+    if (weights) {
+        npy_intp w_strides[NPY_MAXDIMS];
+        pad_to(weights, nd, w_dims, w_strides);
+        fill_view(&a.weights, PyArray_BYTES(weights), w_strides, nd);
+    }
+
+    int status;
+    Py_BEGIN_ALLOW_THREADS
+    status = attn_sdpa(&a);
+    Py_END_ALLOW_THREADS
+    if (status == ATTN_ENOMEM) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    if (status != ATTN_OK) {
+        PyErr_Format(PyExc_SystemError, "attnpy core rejected its arguments (status %d)", status);
+        goto done;
+    }
+    result = Py_BuildValue("(OO)", out, weights ? (PyObject *)weights : Py_None);
+
+done:
+    Py_XDECREF(q);
+    Py_XDECREF(k);
+    Py_XDECREF(v);
+    Py_XDECREF(mask);
+    Py_XDECREF(out);
+    Py_XDECREF(weights);
+    return result;
+}
+
+/* ------------------------------------------------------------------------ */
+
+static PyMethodDef attnpy_methods[] = {
+    {"scaled_dot_product_attention", (PyCFunction)(void (*)(void))attnpy_sdpa,
+     METH_VARARGS | METH_KEYWORDS,
+     "scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, "
+     "is_causal=False, scale=None, enable_gqa=False, *, need_weights=True, out=None)\n"
+     "--\n\nThe C entry point; see attnpy.scaled_dot_product_attention. "
+     "Returns (output, weights or None)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef attnpy_module = {
+    .m_base = PyModuleDef_HEAD_INIT,
+    .m_name = "attnpy._core",
+    .m_doc = "attnpy's C core: attention on NumPy buffers, without copies.",
+    .m_size = -1,
+    .m_methods = attnpy_methods,
+};
+
+PyMODINIT_FUNC PyInit__core(void)
+{
+    import_array();
+    return PyModule_Create(&attnpy_module);
+}

@@ -1,0 +1,27 @@
+"""Build the C extension attnpy._core from csrc/.
+
+The core (csrc/attn_core.c) is plain C11 and knows nothing of Python; the
+binding (csrc/attnpy_module.c) is the only file that includes Python.h and
+numpy's headers.  ATTNPY_STRICT=1 (set by dev.sh and CI) turns warnings into
+errors.
+"""
+import os
+
+import numpy as np
+from setuptools import Extension, setup
+
+extra_compile_args = ["-std=c11", "-O3", "-Wall", "-Wextra"]
+if os.environ.get("ATTNPY_STRICT") == "1":
+    extra_compile_args.append("-Werror")
+
+core = Extension(
+    "attnpy._core",
+    sources=["csrc/attnpy_module.c", "csrc/attn_core.c"],
+    depends=["csrc/attn_core.h", "csrc/attn_kernels.inc"],
+    include_dirs=[np.get_include(), "csrc"],
+    define_macros=[("NPY_NO_DEPRECATED_API", "NPY_2_0_API_VERSION")],
+    extra_compile_args=extra_compile_args,
+    libraries=["m"],
+)
+
+setup(ext_modules=[core])
