@@ -1,0 +1,115 @@
+"""The demo: attention on a short sentence, every head's map printed and drawn.
+
+Four hand-built heads over one sentence, each made to show one idea:
+  0 "same word"      Q = K = the word's embedding: a token finds its repeats
+  1 "previous token" Q from position i, K from position j + 1: i looks at i - 1
+  2 "causal average" Q = 0 under the causal mask: uniform over the past
+  3 "random"         random projections of the embeddings
+No internet and no model download: the embeddings are made here.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ._sdpa import scaled_dot_product_attention
+
+SENTENCE = "the cat sat on the mat because the mat was warm"
+HEAD_NAMES = ["same word", "previous token", "causal average", "random"]
+
+
+def build_inputs(tokens, d=16, seed=0):
+    """query, key, value of shape (4 heads, L, d) and a causal float mask per head."""
+    rng = np.random.default_rng(seed)
+    L = len(tokens)
+    vocab = sorted(set(tokens))
+    word = {w: rng.standard_normal(d) for w in vocab}
+    x = np.stack([word[t] for t in tokens])               # (L, d) word embeddings
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    pos = np.eye(L, d)                                    # one-hot positions (L <= d)
+    nxt = np.eye(L, d, k=1)                               # key j carries position j + 1
+
+    q = np.zeros((4, L, d))
+    k = np.zeros((4, L, d))
+    q[0], k[0] = 4 * x, 4 * x                             # same word: large when x_i == x_j
+    q[1], k[1] = 8 * pos, 8 * nxt                         # previous token: q_i . k_j = 64 [j + 1 == i]
+    q[2], k[2] = 0 * x, x                                 # zero scores: uniform over what is allowed
+    w_q, w_k = rng.standard_normal((2, d, d)) / np.sqrt(d)
+    q[3], k[3] = x @ w_q, x @ w_k
+    v = np.broadcast_to(x, (4, L, d))                     # every head reads the embeddings
+
+    mask = np.zeros((4, 1, L, L))
+    mask[2, 0][np.triu_indices(L, 1)] = -np.inf           # head 2 is causal
+    return q.astype(np.float32), k.astype(np.float32), v.astype(np.float32), mask.astype(np.float32)
+
+
+def run(outdir="attnpy-demo"):
+    tokens = SENTENCE.split()
+    q, k, v, mask = build_inputs(tokens)
+    # mask (4, 1, L, L) broadcasts over nothing here; drop the unit axis for clarity
+    res = scaled_dot_product_attention(q, k, v, attn_mask=mask[:, 0], scale=1.0)
+    out, weights = res
+    print(f"attnpy demo: {len(tokens)} tokens, {len(HEAD_NAMES)} heads")
+    print(f"sentence: {SENTENCE!r}")
+    print(f"output {out.shape} {out.dtype}, weights {weights.shape} (per head, rows sum to 1)\n")
+
+    width = max(len(t) for t in tokens)
+    for h, name in enumerate(HEAD_NAMES):
+        print(f"head {h} ({name}): each token -> the token it attends to most")
+        for i, t in enumerate(tokens):
+            j = int(np.argmax(weights[h, i]))
+            print(f"  {t:>{width}} -> {tokens[j]:<{width}} ({weights[h, i, j]:.2f})")
+        print()
+
+    check = _check_against_torch(q, k, v, mask[:, 0], out)
+    if check is not None:
+        print(f"checked against torch.nn.functional.scaled_dot_product_attention: "
+              f"max |difference| = {check:.2e}")
+
+    outdir = Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    np.save(outdir / "weights.npy", weights)
+    png = _save_heads_png(weights, tokens, outdir / "weights.png")
+    print(f"wrote {outdir / 'weights.npy'}" + (f" and {png}" if png else ""))
+    return res
+
+
+def _check_against_torch(q, k, v, mask, out):
+    try:
+        import torch
+    except ImportError:
+        return None
+    t = torch.nn.functional.scaled_dot_product_attention(
+        torch.from_numpy(q), torch.from_numpy(k), torch.from_numpy(np.ascontiguousarray(v)),
+        attn_mask=torch.from_numpy(mask), scale=1.0)
+    return float(np.abs(t.numpy() - out).max())
+
+
+def _save_heads_png(weights, tokens, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(matplotlib not installed: no picture; pip install attnpy[viz])")
+        return None
+    H, L, _ = weights.shape
+    fig, axes = plt.subplots(1, H, figsize=(4.2 * H, 4.6), constrained_layout=True)
+    for h, ax in enumerate(axes):
+        im = ax.imshow(weights[h], vmin=0, vmax=1, cmap="viridis")
+        ax.set_title(f"head {h}: {HEAD_NAMES[h]}")
+        ax.set_xticks(range(L), tokens, rotation=90)
+        ax.set_yticks(range(L), tokens)
+        ax.set_xlabel("key")
+        if h == 0:
+            ax.set_ylabel("query")
+    fig.colorbar(im, ax=axes, shrink=0.8, label="attention weight")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+if __name__ == "__main__":
+    run(os.environ.get("ATTNPY_DEMO_DIR", "attnpy-demo"))

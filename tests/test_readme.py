@@ -1,0 +1,17 @@
+"""The README's quick start runs and says what it shows."""
+import re
+from pathlib import Path
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def test_quick_start_runs_and_shapes_match_the_comments():
+    text = README.read_text()
+    block = text.split("## Quick start", 1)[1]
+    code = re.search(r"```python\n(.*?)```", block, re.S).group(1)
+    ns = {}
+    exec(compile(code, "README quick start", "exec"), ns)
+    assert ns["out"].shape == (2, 4, 10, 8)
+    assert ns["weights"].shape == (2, 4, 10, 12)
+    assert ns["res"].output.shape == (2, 1, 10, 16)
+    assert ns["res"].weights is None
