@@ -1,30 +1,66 @@
 /*
- * attn_core.c -- scaled dot-product attention over strided views.
- * See attn_core.h for the problem and the conventions.
+ * attn_core.c -- scaled dot-product attention and the multi-head layer over
+ * strided views. See attn_core.h for the problem and the conventions.
  */
 #include "attn_core.h"
 
 #include <math.h>
 #include <stdlib.h>
+#include <string.h>
 
 #define ATTN_CAT_(a, b) a##_##b
 #define ATTN_CAT(a, b) ATTN_CAT_(a, b)
 
-/* Where one (batch, head) problem lives in each tensor. */
+/* Where one (batch, head) problem lives in each tensor. NULL = absent. */
 typedef struct {
-    const char *q, *k, *v, *mask; /* mask is NULL without a mask */
-    char *out, *weights;          /* weights is NULL on the streaming path */
+    int64_t index;                  /* the problem's number: b * num_heads + h */
+    const char *q, *k, *v, *mask, *mask2;
+    char *out, *weights, *scores, *logits, *dropout_mask, *dropped;
 } attn_head;
 
-/* Is key j hidden from query row i by the causal mask or a bool mask?
-   (Bool mask: nonzero = attend, as in torch's SDPA.) */
+/* Does a bool mask of this kind hide the element at p? */
+static inline int attn_bool_hides(attn_mask_kind kind, const char *p)
+{
+    if (kind == ATTN_MASK_BOOL) return *(const unsigned char *)p == 0;
+    if (kind == ATTN_MASK_BOOL_BLOCK) return *(const unsigned char *)p != 0;
+    return 0;
+}
+
+/* Is key j hidden from query row i by the causal mask or a bool mask? */
 static inline int attn_blocked(const attn_sdpa_args *a, const attn_head *hd,
                                int64_t i, int64_t j)
 {
     if (a->is_causal && j > i) return 1;
-    if (a->mask_kind == ATTN_MASK_BOOL)
-        return *(const unsigned char *)(hd->mask + i * a->mask.row + j * a->mask.col) == 0;
-    return 0;
+    if (j >= a->S - a->extra_keys) return 0; /* bias_k / zero key: never masked */
+    return attn_bool_hides(a->mask_kind, hd->mask + i * a->mask.row + j * a->mask.col) ||
+           attn_bool_hides(a->mask2_kind, hd->mask2 + i * a->mask2.row + j * a->mask2.col);
+}
+
+/*
+ * Dropout decisions from a counter-based hash (the splitmix64 finaliser):
+ * element `index` is kept when a uniform number in [0, 1) drawn from
+ * (seed, index) is >= p. No generator state: any thread can decide any
+ * element, and the same seed gives the same mask.
+ */
+int attn_dropout_keep(uint64_t seed, uint64_t index, double p)
+{
+    uint64_t z = seed + (index + 1) * 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z ^= z >> 31;
+    double u = (double)(z >> 11) * 0x1.0p-53;
+    return u >= p;
+}
+
+/* The factor dropout multiplies weight (i, j) by: 0, or 1 / (1 - p). */
+static inline double attn_dropout_factor(const attn_sdpa_args *a, const attn_head *hd,
+                                         int64_t i, int64_t j)
+{
+    if (a->dropout_p <= 0.0) return 1.0;
+    uint64_t index = ((uint64_t)hd->index * (uint64_t)a->L + (uint64_t)i) * (uint64_t)a->S +
+                     (uint64_t)j;
+    return attn_dropout_keep(a->dropout_seed, index, a->dropout_p) ? 1.0 / (1.0 - a->dropout_p)
+                                                                    : 0.0;
 }
 
 #define T float
@@ -39,6 +75,12 @@ static inline int attn_blocked(const attn_sdpa_args *a, const attn_head *hd,
 #undef T
 #undef SFX
 
+/* base + offset, or NULL when the tensor is absent. */
+static inline char *attn_at(char *base, int64_t offset)
+{
+    return base ? base + offset : NULL;
+}
+
 /*
  * Problem p = b * num_heads + h: unravel the batch index b over batch_shape
  * (C order) and add index * stride in every tensor. Query head h reads
@@ -46,34 +88,44 @@ static inline int attn_blocked(const attn_sdpa_args *a, const attn_head *hd,
  */
 static void attn_locate(const attn_sdpa_args *a, int64_t p, attn_head *hd)
 {
+    enum { Q, K, V, M, M2, OUT, W, SC, LG, DM, DR, NT };
+    const attn_view *views[NT] = {&a->q, &a->k, &a->v, &a->mask, &a->mask2, &a->out,
+                                  &a->weights, &a->scores, &a->logits, &a->dropout_mask,
+                                  &a->dropped};
     int64_t h = p % a->num_heads, b = p / a->num_heads;
     int64_t h_kv = h / (a->num_heads / a->num_kv_heads);
-    int64_t oq = h * a->q.head, ok = h_kv * a->k.head, ov = h_kv * a->v.head;
-    int64_t om = h * a->mask.head, oo = h * a->out.head, ow = h * a->weights.head;
+    int64_t off[NT];
+    for (int t = 0; t < NT; t++) off[t] = (t == K || t == V ? h_kv : h) * views[t]->head;
     for (int d = a->nbatch - 1; d >= 0; d--) {
         int64_t idx = b % a->batch_shape[d];
         b /= a->batch_shape[d];
-        oq += idx * a->q.batch[d];
-        ok += idx * a->k.batch[d];
-        ov += idx * a->v.batch[d];
-        om += idx * a->mask.batch[d];
-        oo += idx * a->out.batch[d];
-        ow += idx * a->weights.batch[d];
+        for (int t = 0; t < NT; t++) off[t] += idx * views[t]->batch[d];
     }
-    hd->q = a->q.data + oq;
-    hd->k = a->k.data + ok;
-    hd->v = a->v.data + ov;
-    hd->mask = a->mask_kind == ATTN_MASK_NONE ? NULL : a->mask.data + om;
-    hd->out = a->out.data + oo;
-    hd->weights = a->weights.data ? a->weights.data + ow : NULL;
+    hd->index = p;
+    hd->q = a->q.data + off[Q];
+    hd->k = a->k.data + off[K];
+    hd->v = a->v.data + off[V];
+    hd->mask = a->mask_kind == ATTN_MASK_NONE ? NULL : a->mask.data + off[M];
+    hd->mask2 = a->mask2_kind == ATTN_MASK_NONE ? NULL : a->mask2.data + off[M2];
+    hd->out = a->out.data + off[OUT];
+    hd->weights = attn_at(a->weights.data, off[W]);
+    hd->scores = attn_at(a->scores.data, off[SC]);
+    hd->logits = attn_at(a->logits.data, off[LG]);
+    hd->dropout_mask = attn_at(a->dropout_mask.data, off[DM]);
+    hd->dropped = attn_at(a->dropped.data, off[DR]);
 }
 
 int attn_sdpa(const attn_sdpa_args *a)
 {
     if (a->nbatch < 0 || a->nbatch > ATTN_MAX_DIMS || a->num_heads < 0 ||
         a->num_kv_heads <= 0 || a->num_heads % a->num_kv_heads != 0 || a->L < 0 ||
-        a->S < 0 || a->E < 0 || a->Ev < 0 || !a->q.data || !a->k.data || !a->v.data ||
-        !a->out.data || (a->mask_kind != ATTN_MASK_NONE && !a->mask.data) ||
+        a->S < 0 || a->E < 0 || a->Ev < 0 || a->extra_keys < 0 || a->extra_keys > a->S ||
+        !a->q.data || !a->k.data || !a->v.data || !a->out.data ||
+        (a->mask_kind != ATTN_MASK_NONE && !a->mask.data) ||
+        (a->mask2_kind != ATTN_MASK_NONE && !a->mask2.data) ||
+        (!a->weights.data && (a->scores.data || a->logits.data || a->dropout_mask.data ||
+                              a->dropped.data)) ||
+        !(a->dropout_p >= 0.0 && a->dropout_p <= 1.0) ||
         (a->dtype != ATTN_FLOAT32 && a->dtype != ATTN_FLOAT64))
         return ATTN_EINVAL;
 
@@ -97,5 +149,101 @@ int attn_sdpa(const attn_sdpa_args *a)
         }
     }
     free(work);
+    return ATTN_OK;
+}
+
+int attn_linear(const attn_linear_args *p)
+{
+    if (p->N < 0 || p->M < 0 || p->K < 0 || p->O < 0 || !p->x.data || !p->w.data ||
+        !p->y.data || (p->dtype != ATTN_FLOAT32 && p->dtype != ATTN_FLOAT64))
+        return ATTN_EINVAL;
+    if (p->dtype == ATTN_FLOAT32) attn_linear_f32(p);
+    else attn_linear_f64(p);
+    return ATTN_OK;
+}
+
+/* Rows S.. of k and v (per batch n): bias_k / bias_v, then zeros. */
+static void attn_append_kv(const attn_mha_args *m)
+{
+    const int64_t kw = m->num_kv_heads * m->head_dim, vw = m->num_kv_heads * m->head_dim_v;
+    void (*copy)(char *, int64_t, const char *, int64_t, int64_t) =
+        m->dtype == ATTN_FLOAT32 ? attn_copy_row_f32 : attn_copy_row_f64;
+    int64_t row = m->S;
+    for (int64_t n = 0; n < m->N; n++) {
+        char *k = m->k.data + n * m->k.batch, *v = m->v.data + n * m->v.batch;
+        if (m->bias_k.data) {
+            copy(k + row * m->k.row, m->k.col, m->bias_k.data, m->bias_k.stride, kw);
+            copy(v + row * m->v.row, m->v.col, m->bias_v.data, m->bias_v.stride, vw);
+        }
+        if (m->add_zero_attn) {
+            int64_t z = row + (m->bias_k.data ? 1 : 0);
+            copy(k + z * m->k.row, m->k.col, NULL, 0, kw);
+            copy(v + z * m->v.row, m->v.col, NULL, 0, vw);
+        }
+    }
+}
+
+/* A projection of the layer: y = x W^T + b. */
+static int attn_project(const attn_mha_args *m, int64_t M, int64_t K, int64_t O,
+                        attn_view3 x, attn_view3 w, attn_vec b, attn_view3 y)
+{
+    attn_linear_args p = {.dtype = m->dtype, .N = m->N, .M = M, .K = K, .O = O,
+                          .x = x, .w = w, .y = y, .b = b};
+    return attn_linear(&p);
+}
+
+/* The head split: (N, rows, H*D) seen as (N, H, rows, D), a view. */
+static attn_view attn_heads_of(attn_view3 x, int64_t head_dim)
+{
+    attn_view view;
+    memset(&view, 0, sizeof view);
+    view.data = x.data;
+    view.batch[0] = x.batch;
+    view.head = head_dim * x.col;
+    view.row = x.row;
+    view.col = x.col;
+    return view;
+}
+
+int attn_mha(attn_mha_args *m)
+{
+    if (m->num_heads <= 0 || m->num_kv_heads <= 0 || m->num_heads % m->num_kv_heads != 0 ||
+        m->N < 0 || m->L < 0 || m->S < 0 || m->head_dim < 0 || m->head_dim_v < 0 ||
+        (m->bias_k.data == NULL) != (m->bias_v.data == NULL))
+        return ATTN_EINVAL;
+    const int64_t H = m->num_heads, Hkv = m->num_kv_heads, D = m->head_dim, Dv = m->head_dim_v;
+    const int64_t extra = (m->bias_k.data ? 1 : 0) + (m->add_zero_attn ? 1 : 0);
+    int status;
+
+    /* 1. projections */
+    if ((status = attn_project(m, m->L, m->qdim, H * D, m->query, m->w_q, m->b_q, m->q)) ||
+        (status = attn_project(m, m->S, m->kdim, Hkv * D, m->key, m->w_k, m->b_k, m->k)) ||
+        (status = attn_project(m, m->S, m->vdim, Hkv * Dv, m->value, m->w_v, m->b_v, m->v)))
+        return status;
+
+    /* 2. bias_k / bias_v and the zero key, as extra key positions */
+    attn_append_kv(m);
+
+    /* 3. attention per head, on views: heads in, heads out into concat */
+    attn_sdpa_args *a = &m->attn;
+    a->dtype = m->dtype;
+    a->nbatch = 1;
+    a->batch_shape[0] = m->N;
+    a->num_heads = H;
+    a->num_kv_heads = Hkv;
+    a->L = m->L;
+    a->S = m->S + extra;
+    a->E = D;
+    a->Ev = Dv;
+    a->extra_keys = extra;
+    a->q = attn_heads_of(m->q, D);
+    a->k = attn_heads_of(m->k, D);
+    a->v = attn_heads_of(m->v, Dv);
+    a->out = attn_heads_of(m->concat, Dv);
+    if ((status = attn_sdpa(a))) return status;
+
+    /* 4. output projection */
+    if (m->w_out.data)
+        return attn_project(m, m->L, H * Dv, m->out_dim, m->concat, m->w_out, m->b_out, m->out);
     return ATTN_OK;
 }

@@ -28,8 +28,10 @@ typedef enum { ATTN_FLOAT32 = 0, ATTN_FLOAT64 = 1 } attn_dtype;
 
 typedef enum {
     ATTN_MASK_NONE = 0,
-    ATTN_MASK_BOOL = 1, /* one byte per element, nonzero = attend (torch SDPA) */
-    ATTN_MASK_ADD = 2   /* same dtype as q; added to the scores */
+    ATTN_MASK_BOOL = 1,       /* one byte per element, nonzero = attend (torch SDPA) */
+    ATTN_MASK_ADD = 2,        /* same dtype as q; added to the scores */
+    ATTN_MASK_BOOL_BLOCK = 3  /* one byte per element, nonzero = do NOT attend
+                                 (torch.nn.MultiheadAttention's polarity) */
 } attn_mask_kind;
 
 /* Status codes returned by the core. */
@@ -57,12 +59,32 @@ typedef struct {
     int64_t L, S, E, Ev;                /* query rows, key rows, q/k width, v width */
     double scale;                       /* multiplies q k^T */
     int is_causal;                      /* mask out key j > query i (top-left) */
-    attn_mask_kind mask_kind;
     attn_view q, k, v;                  /* inputs, read only */
-    attn_view mask;                     /* read when mask_kind != ATTN_MASK_NONE */
+
+    /* Two masks, both applied (MultiheadAttention's attn_mask and
+       key_padding_mask; SDPA uses the first). Each is read when its kind is
+       not ATTN_MASK_NONE, and covers keys j < S - extra_keys only: the last
+       extra_keys keys (bias_k, the zero key) are never masked. */
+    attn_mask_kind mask_kind, mask2_kind;
+    attn_view mask, mask2;
+    int64_t extra_keys;
+
+    /* Dropout on the weights, after the softmax: key j of row i is kept with
+       probability 1 - dropout_p, decided by a hash of (dropout_seed, element
+       index), so the result does not depend on threads or call order; kept
+       weights are scaled by 1 / (1 - dropout_p). */
+    double dropout_p;
+    uint64_t dropout_seed;
+
     attn_view out;                      /* written: (batch..., Hq, L, Ev) */
-    attn_view weights;                  /* written when data != NULL: (batch..., Hq, L, S);
+    attn_view weights;                  /* written when data != NULL: (batch..., Hq, L, S),
+                                           the softmax (before dropout);
                                            data == NULL selects the streaming path */
+    /* The trace, each written when data != NULL (needs weights.data): */
+    attn_view scores;                   /* q k^T, unscaled, unmasked */
+    attn_view logits;                   /* scale * q k^T + masks: the softmax's input */
+    attn_view dropout_mask;             /* one byte per element: 1 = kept */
+    attn_view dropped;                  /* weights after dropout: what multiplies v */
 } attn_sdpa_args;
 
 /*
@@ -77,5 +99,75 @@ int attn_sdpa(const attn_sdpa_args *args);
 
 /* Number of key rows the streaming kernel scores at a time. */
 #define ATTN_KEY_BLOCK 64
+
+/* Is element `index` kept by dropout with probability 1 - p under `seed`? */
+int attn_dropout_keep(uint64_t seed, uint64_t index, double p);
+
+/* ------------------------------------------------------------------------ */
+/* Linear layers and the multi-head attention layer.                         */
+
+/* A batch of matrices (batch, row, col); byte strides. */
+typedef struct {
+    char *data;
+    int64_t batch, row, col;
+} attn_view3;
+
+/* A vector; data == NULL means absent (no bias). */
+typedef struct {
+    char *data;
+    int64_t stride;
+} attn_vec;
+
+/*
+ * y = x W^T + b, as torch.nn.Linear: for every batch n and row l,
+ *     y[n][l][o] = b[o] + sum_i x[n][l][i] W[o][i]
+ * x (N, M, K), W (O, K) as a view3 with batch stride unused, y (N, M, O).
+ */
+typedef struct {
+    attn_dtype dtype;
+    int64_t N, M, K, O;
+    attn_view3 x, w, y;
+    attn_vec b;
+} attn_linear_args;
+
+int attn_linear(const attn_linear_args *args);
+
+/*
+ * Multi-head attention, as torch.nn.MultiheadAttention computes it:
+ *
+ *   q = query W_q^T + b_q          (N, L, H*D)
+ *   k = key   W_k^T + b_k          (N, S, Hkv*D)
+ *   v = value W_v^T + b_v          (N, S, Hkv*Dv)
+ *   k, v += one row bias_k, bias_v          (add_bias_kv)
+ *   k, v += one row of zeros                (add_zero_attn)
+ *   per head h: o_h = attention(q_h, k_h', v_h')   h' = h / (H / Hkv)
+ *   concat = [o_1 ... o_H]         (N, L, H*Dv)
+ *   out = concat W_o^T + b_o       (N, L, out_dim)  (skipped when w_out.data == NULL)
+ *
+ * torch's layer has D = Dv = E / H and qdim = out_dim = E; the textbook
+ * single head (attnpy.self_attention) has H = 1, D = d_k, Dv = d_v, no W_o.
+ * The heads are strided views of q, k, v and concat: splitting and merging
+ * them copies nothing. q, k, v, concat and out are buffers the caller
+ * allocated, S' = S + add_bias_kv + add_zero_attn rows for k and v. The
+ * attention itself is attn_sdpa with `attn`'s masks (as (N, H, L, S) views),
+ * scale, dropout, weights and trace views; attn_mha fills in the rest.
+ */
+typedef struct {
+    attn_dtype dtype;
+    int64_t N, L, S;                    /* batch, query length, key length */
+    int64_t qdim, kdim, vdim;           /* widths of the inputs */
+    int64_t num_heads, num_kv_heads;    /* H, Hkv (Hkv divides H) */
+    int64_t head_dim, head_dim_v;       /* D, Dv */
+    int64_t out_dim;                    /* rows of W_o */
+    attn_view3 query, key, value;       /* inputs */
+    attn_view3 w_q, w_k, w_v, w_out;    /* (out, in) as in torch; batch stride unused */
+    attn_vec b_q, b_k, b_v, b_out;
+    attn_vec bias_k, bias_v;            /* data != NULL: add_bias_kv */
+    int add_zero_attn;
+    attn_view3 q, k, v, concat, out;    /* written */
+    attn_sdpa_args attn;                /* masks, scale, dropout, weights, trace */
+} attn_mha_args;
+
+int attn_mha(attn_mha_args *args);
 
 #endif /* ATTN_CORE_H */

@@ -153,6 +153,63 @@ static void fill_view(attn_view *view, char *data, const npy_intp *strides, int 
     view->col = strides[nd - 1];
 }
 
+/* A status from the core as a Python exception; 0 when there is none. */
+static int raise_for_status(int status)
+{
+    if (status == ATTN_OK) return 0;
+    if (status == ATTN_ENOMEM) PyErr_NoMemory();
+    else PyErr_Format(PyExc_SystemError, "attnpy core rejected its arguments (status %d)", status);
+    return -1;
+}
+
+/*
+ * A mask argument, as a new reference: bool, or the inputs' float dtype,
+ * broadcastable to target (nd dims; target_desc names them in messages).
+ * true_attends gives the bool polarity: 1 = SDPA's (True = attend), 0 =
+ * MultiheadAttention's (True = masked out). Fills *kind and the padded strides.
+ */
+static PyArrayObject *get_mask(PyObject *obj, const char *name, int typenum, int nd,
+                               const npy_intp *target, const char *target_desc,
+                               int true_attends, attn_mask_kind *kind, npy_intp *strides)
+{
+    char s1[SHAPE_BUF], s2[SHAPE_BUF];
+    npy_intp dims[NPY_MAXDIMS];
+    PyArrayObject *mask = as_array(obj, name, -1);
+    if (!mask) return NULL;
+    if (!PyArray_Check(obj) && PyArray_TYPE(mask) != NPY_BOOL) {
+        /* a float list: cast to the inputs' dtype */
+        Py_SETREF(mask, (PyArrayObject *)PyArray_Cast(mask, typenum));
+        if (!mask) return NULL;
+    }
+    if (PyArray_TYPE(mask) != NPY_BOOL && PyArray_TYPE(mask) != typenum) {
+        PyErr_Format(PyExc_TypeError,
+                     "%s must be bool (True = %s) or %s like query (added to the scores); got %s",
+                     name, true_attends ? "attend" : "masked out",
+                     typenum == NPY_FLOAT ? "float32" : "float64", dtype_name(mask));
+        goto fail;
+    }
+    if (PyArray_TYPE(mask) != NPY_BOOL && check_float(mask, name)) goto fail;
+    int ok = PyArray_NDIM(mask) <= nd;
+    if (ok) {
+        pad_to(mask, nd, dims, strides);
+        for (int d = 0; d < nd; d++)
+            if (dims[d] != 1 && dims[d] != target[d]) ok = 0;
+    }
+    if (!ok) {
+        PyErr_Format(PyExc_ValueError, "%s of shape %s does not broadcast to %s = %s", name,
+                     fmt_shape(mask, s1, SHAPE_BUF), target_desc,
+                     fmt_dims(target, nd, s2, SHAPE_BUF));
+        goto fail;
+    }
+    *kind = PyArray_TYPE(mask) != NPY_BOOL ? ATTN_MASK_ADD
+            : true_attends               ? ATTN_MASK_BOOL
+                                         : ATTN_MASK_BOOL_BLOCK;
+    return mask;
+fail:
+    Py_DECREF(mask);
+    return NULL;
+}
+
 /* ------------------------------------------------------------------------ */
 /* scaled_dot_product_attention                                              */
 
@@ -312,7 +369,8 @@ attnpy_sdpa(PyObject *Py_UNUSED(module), PyObject *args, PyObject *kwargs)
     if (num_kv_heads == 0) num_kv_heads = 1; /* no heads at all: nothing to compute */
 
     /* --- the mask --------------------------------------------------------- */
-    npy_intp m_dims[NPY_MAXDIMS], m_strides[NPY_MAXDIMS];
+    npy_intp m_strides[NPY_MAXDIMS];
+    attn_mask_kind mask_kind = ATTN_MASK_NONE;
     if (mask_o != Py_None) {
         if (is_causal) {
             PyErr_SetString(PyExc_ValueError,
@@ -321,34 +379,9 @@ attnpy_sdpa(PyObject *Py_UNUSED(module), PyObject *args, PyObject *kwargs)
                             "or use is_causal alone");
             goto done;
         }
-        if (!(mask = as_array(mask_o, "attn_mask", -1))) goto done;
-        if (!PyArray_Check(mask_o) && PyArray_TYPE(mask) != NPY_BOOL) {
-            /* a float list: cast to the inputs' dtype */
-            PyArrayObject *cast = (PyArrayObject *)PyArray_Cast(mask, typenum);
-            Py_SETREF(mask, cast);
-            if (!mask) goto done;
-        }
-        if (PyArray_TYPE(mask) != NPY_BOOL && PyArray_TYPE(mask) != typenum) {
-            PyErr_Format(PyExc_TypeError,
-                         "attn_mask must be bool (True = attend) or %s like query "
-                         "(added to the scores); got %s",
-                         typenum == NPY_FLOAT ? "float32" : "float64", dtype_name(mask));
+        if (!(mask = get_mask(mask_o, "attn_mask", typenum, nd, w_dims,
+                              "the weights' shape (..., Hq, L, S)", 1, &mask_kind, m_strides)))
             goto done;
-        }
-        if (PyArray_TYPE(mask) != NPY_BOOL && check_float(mask, "attn_mask")) goto done;
-        int ok = PyArray_NDIM(mask) <= nd;
-        if (ok) {
-            pad_to(mask, nd, m_dims, m_strides);
-            for (int d = 0; d < nd; d++)
-                if (m_dims[d] != 1 && m_dims[d] != w_dims[d]) ok = 0;
-        }
-        if (!ok) {
-            PyErr_Format(PyExc_ValueError,
-                         "attn_mask of shape %s does not broadcast to the weights' shape "
-                         "(..., Hq, L, S) = %s",
-                         fmt_shape(mask, s1, SHAPE_BUF), fmt_dims(w_dims, nd, s2, SHAPE_BUF));
-            goto done;
-        }
     }
 
     /* --- outputs ------------------------------------------------------------ */
@@ -413,7 +446,7 @@ attnpy_sdpa(PyObject *Py_UNUSED(module), PyObject *args, PyObject *kwargs)
     fill_view(&a.k, PyArray_BYTES(k), strides[1], nd);
     fill_view(&a.v, PyArray_BYTES(v), strides[2], nd);
     if (mask) {
-        a.mask_kind = PyArray_TYPE(mask) == NPY_BOOL ? ATTN_MASK_BOOL : ATTN_MASK_ADD;
+        a.mask_kind = mask_kind;
         fill_view(&a.mask, PyArray_BYTES(mask), m_strides, nd);
     }
     npy_intp o_strides[NPY_MAXDIMS];
@@ -429,14 +462,7 @@ attnpy_sdpa(PyObject *Py_UNUSED(module), PyObject *args, PyObject *kwargs)
     Py_BEGIN_ALLOW_THREADS
     status = attn_sdpa(&a);
     Py_END_ALLOW_THREADS
-    if (status == ATTN_ENOMEM) {
-        PyErr_NoMemory();
-        goto done;
-    }
-    if (status != ATTN_OK) {
-        PyErr_Format(PyExc_SystemError, "attnpy core rejected its arguments (status %d)", status);
-        goto done;
-    }
+    if (raise_for_status(status)) goto done;
     result = Py_BuildValue("(OO)", out, weights ? (PyObject *)weights : Py_None);
 
 done:
@@ -449,6 +475,294 @@ done:
     return result;
 }
 
+
+/* ------------------------------------------------------------------------ */
+/* multihead_attention                                                       */
+
+/* An optional parameter: None, or an array of typenum with exactly the given
+   shape (nd <= 2), aligned; a new reference in *out (NULL for None). */
+static int get_param(PyObject *obj, const char *name, int typenum, int nd, npy_intp d0,
+                     npy_intp d1, int allow_none, PyArrayObject **out)
+{
+    char s1[SHAPE_BUF], s2[SHAPE_BUF];
+    npy_intp want[2] = {d0, d1};
+    *out = NULL;
+    if (obj == Py_None) {
+        if (allow_none) return 0;
+        PyErr_Format(PyExc_TypeError, "%s is required; got None", name);
+        return -1;
+    }
+    if (!(*out = as_array(obj, name, typenum)) || check_float(*out, name)) goto fail;
+    if (PyArray_TYPE(*out) != typenum) {
+        PyErr_Format(PyExc_TypeError, "%s must have dtype %s like query; got %s", name,
+                     typenum == NPY_FLOAT ? "float32" : "float64", dtype_name(*out));
+        goto fail;
+    }
+    int same = PyArray_NDIM(*out) == nd;
+    for (int d = 0; same && d < nd; d++) same = PyArray_DIM(*out, d) == want[d];
+    if (!same) {
+        PyErr_Format(PyExc_ValueError, "%s must have shape %s; got %s", name,
+                     fmt_dims(want, nd, s1, SHAPE_BUF), fmt_shape(*out, s2, SHAPE_BUF));
+        goto fail;
+    }
+    return 0;
+fail:
+    Py_CLEAR(*out);
+    return -1;
+}
+
+static attn_view3 view3_of(PyArrayObject *arr)
+{
+    attn_view3 v = {NULL, 0, 0, 0};
+    if (!arr) return v;
+    int nd = PyArray_NDIM(arr);
+    v.data = PyArray_BYTES(arr);
+    v.batch = nd == 3 ? PyArray_STRIDE(arr, 0) : 0;
+    v.row = PyArray_STRIDE(arr, nd - 2);
+    v.col = PyArray_STRIDE(arr, nd - 1);
+    return v;
+}
+
+static attn_vec vec_of(PyArrayObject *arr)
+{
+    attn_vec v = {NULL, 0};
+    if (arr) {
+        v.data = PyArray_BYTES(arr);
+        v.stride = PyArray_STRIDE(arr, 0);
+    }
+    return v;
+}
+
+/* (N, H, L, S') arrays as core views. */
+static attn_view view4_of(PyArrayObject *arr)
+{
+    attn_view v;
+    memset(&v, 0, sizeof v);
+    if (!arr) return v;
+    v.data = PyArray_BYTES(arr);
+    v.batch[0] = PyArray_STRIDE(arr, 0);
+    v.head = PyArray_STRIDE(arr, 1);
+    v.row = PyArray_STRIDE(arr, 2);
+    v.col = PyArray_STRIDE(arr, 3);
+    return v;
+}
+
+/*
+ * The multi-head layer (attnpy.MultiheadAttention and attnpy.self_attention
+ * call this after putting the inputs in (N, L, E) order, as views).
+ * Returns (output, weights or None, trace dict or None).
+ */
+static PyObject *
+attnpy_mha(PyObject *Py_UNUSED(module), PyObject *args, PyObject *kwargs)
+{
+    static char *kwlist[] = {"query", "key", "value", "w_q", "w_k", "w_v", "b_q", "b_k", "b_v",
+                             "w_out", "b_out", "bias_k", "bias_v", "num_heads", "num_kv_heads",
+                             "add_zero_attn", "attn_mask", "key_padding_mask",
+                             "mask_true_attends", "is_causal", "scale", "dropout_p", "seed",
+                             "need_weights", "trace", NULL};
+    PyObject *o[13], *attn_mask_o, *kpm_o, *scale_o;
+    Py_ssize_t H, Hkv;
+    int add_zero_attn, true_attends, is_causal, need_weights, want_trace;
+    double dropout_p;
+    unsigned long long seed;
+
+    enum { Q, K, V, WQ, WK, WV, BQ, BK, BV, WO, BO, BIASK, BIASV, NIN };
+    PyArrayObject *in[NIN] = {NULL};
+    PyArrayObject *mask = NULL, *kpm = NULL;
+    enum { PQ, PK, PV, CONCAT, OUT, WEIGHTS, SCORES, LOGITS, DMASK, DROPPED, NOUT };
+    PyArrayObject *buf[NOUT] = {NULL};
+    PyObject *result = NULL, *trace = NULL;
+    char s1[SHAPE_BUF], s2[SHAPE_BUF];
+    attn_mha_args m;
+    memset(&m, 0, sizeof m);
+
+    if (!PyArg_ParseTupleAndKeywords(
+            args, kwargs, "OOOOOOOOOOOOOnnpOOppOdKpp:multihead_attention", kwlist, &o[Q], &o[K],
+            &o[V], &o[WQ], &o[WK], &o[WV], &o[BQ], &o[BK], &o[BV], &o[WO], &o[BO], &o[BIASK],
+            &o[BIASV], &H, &Hkv, &add_zero_attn, &attn_mask_o, &kpm_o, &true_attends, &is_causal, &scale_o,
+            &dropout_p, &seed, &need_weights, &want_trace))
+        return NULL;
+
+    /* --- inputs (N, L, qdim), (N, S, kdim), (N, S, vdim) ---------------------- */
+    int cast_to = PyArray_Check(o[Q]) ? PyArray_TYPE((PyArrayObject *)o[Q]) : NPY_DOUBLE;
+    const char *names[3] = {"query", "key", "value"};
+    for (int i = Q; i <= V; i++) {
+        if (!(in[i] = as_array(o[i], names[i], cast_to)) || check_float(in[i], names[i])) goto done;
+        if (PyArray_NDIM(in[i]) != 3) {
+            PyErr_Format(PyExc_ValueError, "%s must be 3-D (N, length, features) here; got %s",
+                         names[i], fmt_shape(in[i], s1, SHAPE_BUF));
+            goto done;
+        }
+    }
+    const int typenum = PyArray_TYPE(in[Q]);
+    if (PyArray_TYPE(in[K]) != typenum || PyArray_TYPE(in[V]) != typenum) {
+        PyErr_Format(PyExc_TypeError,
+                     "query, key and value must have the same dtype; got query %s, key %s, value %s",
+                     dtype_name(in[Q]), dtype_name(in[K]), dtype_name(in[V]));
+        goto done;
+    }
+    const npy_intp N = PyArray_DIM(in[Q], 0), L = PyArray_DIM(in[Q], 1);
+    const npy_intp qdim = PyArray_DIM(in[Q], 2);
+    const npy_intp S = PyArray_DIM(in[K], 1), kdim = PyArray_DIM(in[K], 2);
+    const npy_intp vdim = PyArray_DIM(in[V], 2);
+    if (PyArray_DIM(in[K], 0) != N || PyArray_DIM(in[V], 0) != N || PyArray_DIM(in[V], 1) != S) {
+        PyErr_Format(PyExc_ValueError,
+                     "key and value must have the batch size of query (N=%ld) and the same "
+                     "length S; got key %s, value %s",
+                     (long)N, fmt_shape(in[K], s1, SHAPE_BUF), fmt_shape(in[V], s2, SHAPE_BUF));
+        goto done;
+    }
+
+    /* --- parameters -------------------------------------------------------- */
+    if (H <= 0 || Hkv <= 0 || H % Hkv != 0) {
+        PyErr_Format(PyExc_ValueError,
+                     "num_heads (%zd) must be a positive multiple of num_kv_heads (%zd)", H, Hkv);
+        goto done;
+    }
+    PyArrayObject *wq_probe = PyArray_Check(o[WQ]) ? (PyArrayObject *)o[WQ] : NULL;
+    PyArrayObject *wv_probe = PyArray_Check(o[WV]) ? (PyArrayObject *)o[WV] : NULL;
+    if (!wq_probe || !wv_probe || PyArray_NDIM(wq_probe) != 2 || PyArray_NDIM(wv_probe) != 2 ||
+        PyArray_DIM(wq_probe, 0) % H != 0 || PyArray_DIM(wv_probe, 0) % Hkv != 0) {
+        PyErr_Format(PyExc_ValueError,
+                     "q_proj_weight and v_proj_weight must be 2-D arrays whose rows divide into "
+                     "num_heads=%zd and num_kv_heads=%zd heads",
+                     H, Hkv);
+        goto done;
+    }
+    const npy_intp D = PyArray_DIM(wq_probe, 0) / H, Dv = PyArray_DIM(wv_probe, 0) / Hkv;
+    const int has_out = o[WO] != Py_None;
+    const npy_intp out_dim = has_out && PyArray_Check(o[WO]) && PyArray_NDIM((PyArrayObject *)o[WO]) == 2
+                                 ? PyArray_DIM((PyArrayObject *)o[WO], 0) : H * Dv;
+    if (get_param(o[WQ], "q_proj_weight", typenum, 2, H * D, qdim, 0, &in[WQ]) ||
+        get_param(o[WK], "k_proj_weight", typenum, 2, Hkv * D, kdim, 0, &in[WK]) ||
+        get_param(o[WV], "v_proj_weight", typenum, 2, Hkv * Dv, vdim, 0, &in[WV]) ||
+        get_param(o[BQ], "q bias (in_proj_bias[:E])", typenum, 1, H * D, 0, 1, &in[BQ]) ||
+        get_param(o[BK], "k bias (in_proj_bias)", typenum, 1, Hkv * D, 0, 1, &in[BK]) ||
+        get_param(o[BV], "v bias (in_proj_bias)", typenum, 1, Hkv * Dv, 0, 1, &in[BV]) ||
+        get_param(o[WO], "out_proj.weight", typenum, 2, out_dim, H * Dv, 1, &in[WO]) ||
+        get_param(o[BO], "out_proj.bias", typenum, 1, out_dim, 0, 1, &in[BO]) ||
+        get_param(o[BIASK], "bias_k", typenum, 1, Hkv * D, 0, 1, &in[BIASK]) ||
+        get_param(o[BIASV], "bias_v", typenum, 1, Hkv * Dv, 0, 1, &in[BIASV]))
+        goto done;
+    if (!in[WO] && in[BO]) {
+        PyErr_SetString(PyExc_ValueError, "out_proj.bias given without out_proj.weight");
+        goto done;
+    }
+    if (!in[BIASK] != !in[BIASV]) {
+        PyErr_SetString(PyExc_ValueError, "bias_k and bias_v must be given together (add_bias_kv)");
+        goto done;
+    }
+    if (!(dropout_p >= 0.0 && dropout_p <= 1.0)) {
+        PyErr_Format(PyExc_ValueError, "dropout must be in [0, 1]; got %g", dropout_p);
+        goto done;
+    }
+    double scale = 1.0 / sqrt((double)D);
+    if (scale_o != Py_None) {
+        scale = PyFloat_AsDouble(scale_o);
+        if (scale == -1.0 && PyErr_Occurred()) {
+            PyErr_Format(PyExc_TypeError, "scale must be a float or None; got %.200s",
+                         Py_TYPE(scale_o)->tp_name);
+            goto done;
+        }
+    }
+
+    /* --- masks, as (N, H, L, S) ---------------------------------------------- */
+    npy_intp target[4] = {N, H, L, S}, m_strides[NPY_MAXDIMS], k_strides[NPY_MAXDIMS];
+    attn_mask_kind mask_kind = ATTN_MASK_NONE, kpm_kind = ATTN_MASK_NONE;
+    if (attn_mask_o != Py_None &&
+        !(mask = get_mask(attn_mask_o, "attn_mask", typenum, 4, target, "(N, num_heads, L, S)",
+                          true_attends, &mask_kind, m_strides)))
+        goto done;
+    if (kpm_o != Py_None &&
+        !(kpm = get_mask(kpm_o, "key_padding_mask", typenum, 4, target, "(N, 1, 1, S)",
+                         true_attends, &kpm_kind, k_strides)))
+        goto done;
+
+    /* --- buffers the core writes ------------------------------------------------ */
+    const npy_intp S2 = S + (in[BIASK] ? 1 : 0) + (add_zero_attn ? 1 : 0);
+    npy_intp dq[3] = {N, L, H * D}, dk[3] = {N, S2, Hkv * D}, dv[3] = {N, S2, Hkv * Dv};
+    npy_intp dc[3] = {N, L, H * Dv}, dout[3] = {N, L, out_dim}, dw[4] = {N, H, L, S2};
+    const int want_maps = need_weights || want_trace, dropout = dropout_p > 0.0;
+    if (!(buf[PQ] = (PyArrayObject *)PyArray_EMPTY(3, dq, typenum, 0)) ||
+        !(buf[PK] = (PyArrayObject *)PyArray_EMPTY(3, dk, typenum, 0)) ||
+        !(buf[PV] = (PyArrayObject *)PyArray_EMPTY(3, dv, typenum, 0)) ||
+        !(buf[CONCAT] = (PyArrayObject *)PyArray_EMPTY(3, dc, typenum, 0)) ||
+        (in[WO] && !(buf[OUT] = (PyArrayObject *)PyArray_EMPTY(3, dout, typenum, 0))) ||
+        (want_maps && !(buf[WEIGHTS] = (PyArrayObject *)PyArray_EMPTY(4, dw, typenum, 0))) ||
+        (want_maps && dropout &&
+         !(buf[DROPPED] = (PyArrayObject *)PyArray_EMPTY(4, dw, typenum, 0))) ||
+        (want_trace && !(buf[SCORES] = (PyArrayObject *)PyArray_EMPTY(4, dw, typenum, 0))) ||
+        (want_trace && !(buf[LOGITS] = (PyArrayObject *)PyArray_EMPTY(4, dw, typenum, 0))) ||
+        (want_trace && dropout &&
+         !(buf[DMASK] = (PyArrayObject *)PyArray_EMPTY(4, dw, NPY_BOOL, 0))))
+        goto done;
+    if (!in[WO]) {
+        buf[OUT] = buf[CONCAT];
+        Py_INCREF(buf[OUT]);
+    }
+
+    /* --- describe and run --------------------------------------------------------- */
+    m.dtype = typenum == NPY_FLOAT ? ATTN_FLOAT32 : ATTN_FLOAT64;
+    m.N = N; m.L = L; m.S = S;
+    m.qdim = qdim; m.kdim = kdim; m.vdim = vdim;
+    m.num_heads = H; m.num_kv_heads = Hkv;
+    m.head_dim = D; m.head_dim_v = Dv; m.out_dim = out_dim;
+    m.query = view3_of(in[Q]); m.key = view3_of(in[K]); m.value = view3_of(in[V]);
+    m.w_q = view3_of(in[WQ]); m.w_k = view3_of(in[WK]); m.w_v = view3_of(in[WV]);
+    m.w_out = view3_of(in[WO]);
+    m.b_q = vec_of(in[BQ]); m.b_k = vec_of(in[BK]); m.b_v = vec_of(in[BV]); m.b_out = vec_of(in[BO]);
+    m.bias_k = vec_of(in[BIASK]); m.bias_v = vec_of(in[BIASV]);
+    m.add_zero_attn = add_zero_attn;
+    m.q = view3_of(buf[PQ]); m.k = view3_of(buf[PK]); m.v = view3_of(buf[PV]);
+    m.concat = view3_of(buf[CONCAT]); m.out = view3_of(buf[OUT]);
+    m.attn.scale = scale;
+    m.attn.is_causal = is_causal;
+    m.attn.dropout_p = dropout_p;
+    m.attn.dropout_seed = (uint64_t)seed;
+    if (mask) {
+        m.attn.mask_kind = mask_kind;
+        fill_view(&m.attn.mask, PyArray_BYTES(mask), m_strides, 4);
+    }
+    if (kpm) {
+        m.attn.mask2_kind = kpm_kind;
+        fill_view(&m.attn.mask2, PyArray_BYTES(kpm), k_strides, 4);
+    }
+    m.attn.weights = view4_of(buf[WEIGHTS]);
+    m.attn.scores = view4_of(buf[SCORES]);
+    m.attn.logits = view4_of(buf[LOGITS]);
+    m.attn.dropout_mask = view4_of(buf[DMASK]);
+    m.attn.dropped = view4_of(buf[DROPPED]);
+
+    int status;
+    Py_BEGIN_ALLOW_THREADS
+    status = attn_mha(&m);
+    Py_END_ALLOW_THREADS
+    if (raise_for_status(status)) goto done;
+
+    if (want_trace) {
+        PyObject *none = Py_None;
+        trace = Py_BuildValue(
+            "{sOsOsOsOsOsOsOsOsOsO}", "q", buf[PQ], "k", buf[PK], "v", buf[PV], "scores",
+            buf[SCORES], "logits", buf[LOGITS], "weights", buf[WEIGHTS], "dropout_mask",
+            buf[DMASK] ? (PyObject *)buf[DMASK] : none, "dropped_weights",
+            buf[DROPPED] ? (PyObject *)buf[DROPPED] : none, "concat", buf[CONCAT], "output",
+            buf[OUT]);
+        if (!trace) goto done;
+    }
+    PyObject *weights_out = !need_weights ? Py_None
+                            : dropout    ? (PyObject *)buf[DROPPED]
+                                         : (PyObject *)buf[WEIGHTS];
+    result = Py_BuildValue("(OOO)", buf[OUT], weights_out, trace ? trace : Py_None);
+
+done:
+    for (int i = 0; i < NIN; i++) Py_XDECREF(in[i]);
+    for (int i = 0; i < NOUT; i++) Py_XDECREF(buf[i]);
+    Py_XDECREF(mask);
+    Py_XDECREF(kpm);
+    Py_XDECREF(trace);
+    return result;
+}
+
 /* ------------------------------------------------------------------------ */
 
 static PyMethodDef attnpy_methods[] = {
@@ -458,6 +772,9 @@ static PyMethodDef attnpy_methods[] = {
      "is_causal=False, scale=None, enable_gqa=False, *, need_weights=True, out=None)\n"
      "--\n\nThe C entry point; see attnpy.scaled_dot_product_attention. "
      "Returns (output, weights or None)."},
+    {"multihead_attention", (PyCFunction)(void (*)(void))attnpy_mha, METH_VARARGS | METH_KEYWORDS,
+     "The multi-head layer on (N, L, E) inputs; see attnpy.MultiheadAttention. "
+     "Returns (output, weights or None, trace dict or None)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -1,0 +1,522 @@
+"""MultiheadAttention and self_attention: parameters, layouts, result types.
+
+Everything numeric happens in the C core (one call per forward). This module
+holds the parameters under torch's names, turns the caller's layout into
+(N, L, E) views (never copies), and names what comes back.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from . import _core
+
+__all__ = ["MultiheadAttention", "MultiheadAttentionResult", "Trace", "self_attention"]
+
+
+@dataclass(frozen=True)
+class Trace:
+    """Every stage of one forward pass, as the core wrote it. Read-only arrays.
+
+    Shapes are batch-first, with the batch axis dropped for unbatched input.
+    ``H`` heads, ``Hkv`` key/value heads, ``D = E // H``, ``S' = S +
+    add_bias_kv + add_zero_attn`` (bias_k and the zero key are the last key
+    rows).
+
+    Attributes
+    ----------
+    q : ndarray, shape (N, H, L, D)
+        Projected queries, split into heads (``query @ W_q.T + b_q``).
+    k : ndarray, shape (N, Hkv, S', D)
+        Projected keys, with the bias_k and zero rows when enabled.
+    v : ndarray, shape (N, Hkv, S', D)
+        Projected values, likewise.
+    scores : ndarray, shape (N, H, L, S')
+        Raw ``q @ k.T`` per head: unscaled, unmasked.
+    logits : ndarray, shape (N, H, L, S')
+        What the softmax sees: ``scale * scores + masks`` (``-inf`` where a
+        bool mask forbids).
+    weights : ndarray, shape (N, H, L, S')
+        The softmax of the logits, before dropout.
+    dropout_mask : ndarray of bool, shape (N, H, L, S'), or None
+        True where dropout kept the weight (training with dropout only).
+    dropped_weights : ndarray, shape (N, H, L, S'), or None
+        ``weights * dropout_mask / (1 - p)``: what multiplies ``v``.
+    head_outputs : ndarray, shape (N, H, L, D)
+        Each head's ``weights @ v``.
+    concat : ndarray, shape (N, L, E)
+        The heads merged side by side (the same memory as head_outputs).
+    output : ndarray, shape (N, L, E)
+        ``concat @ out_proj.weight.T + out_proj.bias``.
+    """
+
+    q: np.ndarray
+    k: np.ndarray
+    v: np.ndarray
+    scores: np.ndarray
+    logits: np.ndarray
+    weights: np.ndarray
+    dropout_mask: Optional[np.ndarray]
+    dropped_weights: Optional[np.ndarray]
+    head_outputs: np.ndarray
+    concat: np.ndarray
+    output: np.ndarray
+
+
+@dataclass(frozen=True)
+class MultiheadAttentionResult:
+    """What a multi-head call returns. Unpacks like torch: ``out, weights = res``.
+
+    Attributes
+    ----------
+    output : ndarray, shape (N, L, E), (L, N, E) or (L, E)
+        In the caller's layout (batch_first, unbatched).
+    weights : ndarray, shape (N, H, L, S'), (N, L, S') or None
+        Per head, or averaged over heads with ``average_attn_weights=True``.
+    weights_after_dropout : bool
+        True when ``weights`` are the post-dropout weights (training mode
+        with dropout, as torch returns them); the trace has both.
+    trace : Trace or None
+        With ``trace=True``: every stage.
+    """
+
+    output: np.ndarray
+    weights: Optional[np.ndarray]
+    weights_after_dropout: bool = False
+    trace: Optional[Trace] = None
+
+    def __iter__(self):
+        return iter((self.output, self.weights))
+
+
+# ---------------------------------------------------------------------------
+# helpers
+
+
+def _as_input(x, name, dtype):
+    """An ndarray as it is (checked, never copied); other array-likes converted."""
+    if not isinstance(x, np.ndarray):
+        x = np.asarray(x, dtype=dtype)
+    if x.dtype != dtype:
+        raise TypeError(
+            f"{name} has dtype {x.dtype} but the layer computes in {np.dtype(dtype)}; "
+            f"pass {name}.astype(np.{np.dtype(dtype)}) or build the layer with dtype={x.dtype}")
+    return x
+
+
+def _readonly(a):
+    if a is None:
+        return None
+    a = a.view()
+    a.flags.writeable = False
+    return a
+
+
+def _heads(x, num_heads):
+    """(N, L, H*D) seen as (N, H, L, D): a view, no copy."""
+    N, L, HD = x.shape
+    return x.reshape(N, L, num_heads, HD // num_heads).transpose(0, 2, 1, 3)
+
+
+def _make_trace(raw, num_heads, num_kv_heads, unbatched):
+    if raw is None:
+        return None
+    pick = (lambda a: a[0]) if unbatched else (lambda a: a)
+    fields = dict(
+        q=_heads(raw["q"], num_heads),
+        k=_heads(raw["k"], num_kv_heads),
+        v=_heads(raw["v"], num_kv_heads),
+        scores=raw["scores"], logits=raw["logits"], weights=raw["weights"],
+        dropout_mask=raw["dropout_mask"], dropped_weights=raw["dropped_weights"],
+        head_outputs=_heads(raw["concat"], num_heads),
+        concat=raw["concat"], output=raw["output"])
+    return Trace(**{name: _readonly(pick(a)) if a is not None else None
+                    for name, a in fields.items()})
+
+
+def _check_int(name, n, minimum=1):
+    if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer)):
+        raise TypeError(f"{name} must be an int; got {type(n).__name__}")
+    if n < minimum:
+        raise ValueError(f"{name} must be >= {minimum}; got {n}")
+    return int(n)
+
+
+def _float_dtype(dtype):
+    dt = np.dtype(dtype)
+    if dt not in (np.float32, np.float64):
+        raise TypeError(f"dtype must be float32 or float64; got {dt}")
+    return dt
+
+
+# ---------------------------------------------------------------------------
+# MultiheadAttention
+
+
+class MultiheadAttention:
+    r"""Multi-head attention, argument for argument ``torch.nn.MultiheadAttention``.
+
+    .. math::
+        \mathrm{MultiHead}(Q, K, V) = \mathrm{Concat}(\mathrm{head}_1, \dots,
+        \mathrm{head}_H) W^O, \quad \mathrm{head}_h = \mathrm{softmax}\Big(
+        \frac{Q W^Q_h (K W^K_h)^T}{\sqrt{D}} + M\Big) V W^V_h
+
+    Parameters
+    ----------
+    embed_dim : int
+        E, the width of queries and of the output.
+    num_heads : int
+        H; must divide ``embed_dim`` (head width ``D = E // H``).
+    dropout : float, default 0.0
+        Dropout probability on the attention weights, in training mode only.
+    bias : bool, default True
+        Biases on the input and output projections.
+    add_bias_kv : bool, default False
+        Append the learned ``bias_k`` / ``bias_v`` as one extra key/value.
+    add_zero_attn : bool, default False
+        Append a key/value of zeros (after bias_k/bias_v).
+    kdim, vdim : int, optional
+        Widths of key and value inputs; default ``embed_dim``. When both
+        equal ``embed_dim`` the projections are packed in ``in_proj_weight``.
+    batch_first : bool, default True
+        Inputs and output are ``(N, L, E)``; with False, ``(L, N, E)``.
+        **Differs from torch's default (False) on purpose**; ``from_torch``
+        copies the module's setting.
+    num_kv_heads : int, optional
+        Hkv key/value heads for grouped-query (Hkv < H) or multi-query
+        (Hkv = 1) attention: head ``h`` uses key/value head ``h // (H //
+        Hkv)``. Default ``num_heads`` (torch's layer). Key and value
+        projections then have ``Hkv * D`` rows.
+    dtype : float32 or float64
+        The dtype of the parameters and of the computation.
+    seed : int, optional
+        Seeds the initialisation and the dropout masks.
+
+    Notes
+    -----
+    Conventions follow ``torch.nn.MultiheadAttention``, which differ from
+    :func:`attnpy.scaled_dot_product_attention`'s:
+
+    - bool ``attn_mask`` and ``key_padding_mask``: **True = NOT allowed**;
+      float masks are added to the scores;
+    - ``attn_mask`` is ``(L, S)`` or ``(N * num_heads, L, S)`` (entry
+      ``n * num_heads + h``); ``(N, num_heads, L, S)`` is accepted too;
+    - scaling by ``1 / sqrt(D)``.
+
+    Defaults that differ from torch on purpose: ``batch_first=True``,
+    ``average_attn_weights=False`` (per-head maps are the point), and fully
+    masked rows give zero weights and a zero attention output (torch's
+    weights path gives NaN there).
+    """
+
+    def __init__(self, embed_dim, num_heads, dropout=0.0, bias=True, add_bias_kv=False,
+                 add_zero_attn=False, kdim=None, vdim=None, batch_first=True,
+                 num_kv_heads=None, dtype=np.float32, seed=None):
+        self.embed_dim = _check_int("embed_dim", embed_dim)
+        self.num_heads = _check_int("num_heads", num_heads)
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
+        self.num_kv_heads = self.num_heads if num_kv_heads is None else _check_int(
+            "num_kv_heads", num_kv_heads)
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads "
+                             f"({num_kv_heads})")
+        self.kdim = self.embed_dim if kdim is None else _check_int("kdim", kdim)
+        self.vdim = self.embed_dim if vdim is None else _check_int("vdim", vdim)
+        if isinstance(dropout, (bool, np.bool_)) or not isinstance(dropout, (int, float, np.floating, np.integer)):
+            raise TypeError(f"dropout must be a float; got {type(dropout).__name__}")
+        if not 0.0 <= float(dropout) <= 1.0:
+            raise ValueError(f"dropout must be in [0, 1]; got {dropout}")
+        self.dropout = float(dropout)
+        self.bias = bool(bias)
+        self.add_bias_kv = bool(add_bias_kv)
+        self.add_zero_attn = bool(add_zero_attn)
+        self.batch_first = bool(batch_first)
+        self.dtype = _float_dtype(dtype)
+        self.head_dim = self.embed_dim // self.num_heads
+        self._qkv_same_embed_dim = self.kdim == self.embed_dim and self.vdim == self.embed_dim
+        self.training = False
+        self._rng = np.random.default_rng(seed)
+        self._params = {}
+        self._reset_parameters()
+
+    # -- parameters ---------------------------------------------------------
+
+    def _shapes(self):
+        """torch's state_dict names and shapes for this configuration."""
+        E, kvE = self.embed_dim, self.num_kv_heads * self.head_dim
+        shapes = {}
+        if self._qkv_same_embed_dim:
+            shapes["in_proj_weight"] = (E + 2 * kvE, E)
+        else:
+            shapes["q_proj_weight"] = (E, E)
+            shapes["k_proj_weight"] = (kvE, self.kdim)
+            shapes["v_proj_weight"] = (kvE, self.vdim)
+        if self.bias:
+            shapes["in_proj_bias"] = (E + 2 * kvE,)
+        if self.add_bias_kv:
+            shapes["bias_k"] = (1, 1, kvE)
+            shapes["bias_v"] = (1, 1, kvE)
+        shapes["out_proj.weight"] = (E, E)
+        if self.bias:
+            shapes["out_proj.bias"] = (E,)
+        return shapes
+
+    def _reset_parameters(self):
+        """torch's initialisation: xavier-uniform in-projection, kaiming-uniform
+        (a = sqrt(5)) out-projection, zero biases, xavier-normal bias_k/bias_v."""
+        rng, p = self._rng, {}
+        for name, shape in self._shapes().items():
+            if name.endswith("proj_weight"):
+                fan_out, fan_in = shape
+                bound = math.sqrt(6.0 / (fan_in + fan_out))
+                p[name] = rng.uniform(-bound, bound, shape)
+            elif name == "out_proj.weight":
+                bound = 1.0 / math.sqrt(shape[1])
+                p[name] = rng.uniform(-bound, bound, shape)
+            elif name in ("bias_k", "bias_v"):
+                p[name] = rng.normal(0.0, math.sqrt(2.0 / (2 * shape[2])), shape)
+            else:
+                p[name] = np.zeros(shape)
+        self._params = {k: v.astype(self.dtype) for k, v in p.items()}
+
+    def state_dict(self):
+        """The parameters under torch's names. The arrays themselves, not copies."""
+        return dict(self._params)
+
+    def parameters(self):
+        """The parameter arrays, in place: ``p -= lr * g`` updates the layer."""
+        return list(self._params.values())
+
+    def load_state_dict(self, state_dict):
+        """Load parameters by torch's names (NumPy arrays or torch tensors).
+
+        Every key of this configuration must be present, no other key, each
+        with the right shape; values are copied in the layer's dtype.
+        """
+        shapes = self._shapes()
+        missing = sorted(set(shapes) - set(state_dict))
+        unexpected = sorted(set(state_dict) - set(shapes))
+        if missing or unexpected:
+            raise KeyError(f"state_dict keys do not match this layer: missing {missing}, "
+                           f"unexpected {unexpected}")
+        new = {}
+        for name, shape in shapes.items():
+            value = state_dict[name]
+            if hasattr(value, "detach"):  # a torch tensor
+                value = value.detach().cpu().numpy()
+            value = np.asarray(value)
+            if value.shape != shape:
+                raise ValueError(f"state_dict[{name!r}] must have shape {shape}; got {value.shape}")
+            if not (np.issubdtype(value.dtype, np.floating) or np.issubdtype(value.dtype, np.integer)):
+                raise TypeError(f"state_dict[{name!r}] must be a float array; got {value.dtype}")
+            new[name] = np.array(value, dtype=self.dtype, copy=True)
+        self._params = new
+
+    @classmethod
+    def from_torch(cls, module):
+        """A layer with the weights and every option of a ``torch.nn.MultiheadAttention``."""
+        weight = module.out_proj.weight
+        dtype = {"torch.float32": np.float32, "torch.float64": np.float64}.get(str(weight.dtype))
+        if dtype is None:
+            raise TypeError(f"module parameters must be float32 or float64; got {weight.dtype}")
+        layer = cls(module.embed_dim, module.num_heads, dropout=module.dropout,
+                    bias=module.in_proj_bias is not None, add_bias_kv=module.bias_k is not None,
+                    add_zero_attn=module.add_zero_attn, kdim=module.kdim, vdim=module.vdim,
+                    batch_first=module.batch_first, dtype=dtype)
+        layer.load_state_dict(module.state_dict())
+        layer.train(module.training)
+        return layer
+
+    def train(self, mode=True):
+        """Training mode: dropout applies. Returns self."""
+        self.training = bool(mode)
+        return self
+
+    def eval(self):
+        """Evaluation mode (the default): no dropout. Returns self."""
+        return self.train(False)
+
+    def __repr__(self):
+        return (f"MultiheadAttention(embed_dim={self.embed_dim}, num_heads={self.num_heads}, "
+                f"num_kv_heads={self.num_kv_heads}, dropout={self.dropout}, "
+                f"batch_first={self.batch_first}, dtype={self.dtype}, "
+                f"{'training' if self.training else 'eval'})")
+
+    def _projections(self):
+        """W_q, W_k, W_v, b_q, b_k, b_v as views of the stored parameters."""
+        p, E = self._params, self.embed_dim
+        kvE = self.num_kv_heads * self.head_dim
+        if self._qkv_same_embed_dim:
+            w = p["in_proj_weight"]
+            w_q, w_k, w_v = w[:E], w[E:E + kvE], w[E + kvE:]
+        else:
+            w_q, w_k, w_v = p["q_proj_weight"], p["k_proj_weight"], p["v_proj_weight"]
+        b = p.get("in_proj_bias")
+        b_q, b_k, b_v = (None, None, None) if b is None else (b[:E], b[E:E + kvE], b[E + kvE:])
+        return w_q, w_k, w_v, b_q, b_k, b_v
+
+    # -- forward --------------------------------------------------------------
+
+    def __call__(self, query, key=None, value=None, key_padding_mask=None, need_weights=True,
+                 attn_mask=None, average_attn_weights=False, is_causal=False, trace=False):
+        """Attend from ``query`` to ``key``/``value``.
+
+        Parameters
+        ----------
+        query : array_like, shape (N, L, E), (L, N, E) if not batch_first, or (L, E)
+        key : array_like, shape (N, S, kdim), (S, N, kdim) or (S, kdim), optional
+            Default: ``query`` (self-attention).
+        value : array_like, shape (N, S, vdim), (S, N, vdim) or (S, vdim), optional
+            Default: ``key``.
+        key_padding_mask : array_like, shape (N, S) or (S,), optional
+            bool **True = ignore this key**, or float added to the scores.
+        need_weights : bool, default True
+            Return the attention weights. With False (and no trace) the
+            attention streams over keys and no L x S map is built.
+        attn_mask : array_like, shape (L, S), (N * num_heads, L, S) or (N, num_heads, L, S), optional
+            bool **True = NOT allowed**, or float added to the scores.
+        average_attn_weights : bool, default False
+            Average the returned weights over heads (torch's default is True).
+        is_causal : bool, default False
+            A hint, as in torch: it requires ``attn_mask`` (which is then used
+            as given) and raises without one.
+        trace : bool, default False
+            Also return every stage (see :class:`Trace`).
+
+        Returns
+        -------
+        MultiheadAttentionResult
+        """
+        dtype = self.dtype
+        query = _as_input(query, "query", dtype)
+        key = query if key is None else _as_input(key, "key", dtype)
+        value = key if value is None else _as_input(value, "value", dtype)
+        if is_causal and attn_mask is None:
+            raise ValueError("is_causal=True is a hint that needs attn_mask (as in torch); pass "
+                             "attn_mask=attnpy.causal_mask(L, S)")
+
+        unbatched = query.ndim == 2
+        want = 2 if unbatched else 3
+        for name, x in (("query", query), ("key", key), ("value", value)):
+            if x.ndim != want:
+                raise ValueError(f"{name} must be {want}-D like query "
+                                 f"({'unbatched (L, E)' if unbatched else 'batched'}); "
+                                 f"got shape {x.shape}")
+        if unbatched:
+            query, key, value = query[None], key[None], value[None]
+        elif not self.batch_first:
+            query, key, value = (x.swapaxes(0, 1) for x in (query, key, value))
+        N, L, _ = query.shape
+        S = key.shape[1]
+        H = self.num_heads
+
+        if key_padding_mask is not None:
+            key_padding_mask = np.asarray(key_padding_mask) if not isinstance(
+                key_padding_mask, np.ndarray) else key_padding_mask
+            expected = (S,) if unbatched else (N, S)
+            if key_padding_mask.shape != expected:
+                raise ValueError(f"key_padding_mask must have shape (N, S) = {expected}; "
+                                 f"got {key_padding_mask.shape}")
+            key_padding_mask = key_padding_mask.reshape(N, 1, 1, S)   # a view
+        if attn_mask is not None:
+            attn_mask = np.asarray(attn_mask) if not isinstance(attn_mask, np.ndarray) else attn_mask
+            shapes = {(L, S), (N * H, L, S), (N, H, L, S)}
+            if attn_mask.shape not in shapes:
+                raise ValueError(f"attn_mask must have shape (L, S) = {(L, S)}, "
+                                 f"(N*num_heads, L, S) = {(N * H, L, S)} or (N, num_heads, L, S); "
+                                 f"got {attn_mask.shape}")
+            if attn_mask.ndim == 3:
+                attn_mask = attn_mask.reshape(N, H, L, S)   # splits axis 0: always a view
+
+        dropout_p = self.dropout if self.training else 0.0
+        seed = int(self._rng.integers(0, 2**63)) if dropout_p > 0 else 0
+        w_q, w_k, w_v, b_q, b_k, b_v = self._projections()
+        p = self._params
+        bias_k = p["bias_k"].reshape(-1) if "bias_k" in p else None
+        bias_v = p["bias_v"].reshape(-1) if "bias_v" in p else None
+        out, weights, raw = _core.multihead_attention(
+            query, key, value, w_q, w_k, w_v, b_q, b_k, b_v,
+            p["out_proj.weight"], p.get("out_proj.bias"), bias_k, bias_v,
+            H, self.num_kv_heads, self.add_zero_attn, attn_mask, key_padding_mask,
+            False, False, None, dropout_p, seed, need_weights, trace)
+
+        if weights is not None and average_attn_weights:
+            weights = weights.mean(axis=1)
+        if unbatched:
+            out = out[0]
+            weights = None if weights is None else weights[0]
+        elif not self.batch_first:
+            out = out.swapaxes(0, 1)
+        return MultiheadAttentionResult(
+            output=out, weights=weights,
+            weights_after_dropout=weights is not None and dropout_p > 0,
+            trace=_make_trace(raw, H, self.num_kv_heads, unbatched))
+
+    forward = __call__
+
+
+# ---------------------------------------------------------------------------
+# the textbook single head
+
+
+def self_attention(x, w_q, w_k, w_v, *, attn_mask=None, is_causal=False, scale=None,
+                   trace=False):
+    r"""Single-head self-attention as the course books write it (Vaswani et al.).
+
+    .. math:: Q = X W_q,\; K = X W_k,\; V = X W_v,\quad
+              \mathrm{out} = \mathrm{softmax}\Big(\frac{Q K^T}{\sqrt{d_k}} + M\Big) V
+
+    Parameters
+    ----------
+    x : array_like, shape (L, d_model) or (N, L, d_model)
+    w_q, w_k : array_like, shape (d_model, d_k)
+        Multiplied on the right (``X W``), the textbook orientation; torch's
+        Linear stores the transpose.
+    w_v : array_like, shape (d_model, d_v)
+    attn_mask : array_like, broadcastable to (N, L, L), optional
+        bool **True = attend** (SDPA's polarity), or float added.
+    is_causal : bool, default False
+        Query ``i`` sees keys ``j <= i``.
+    scale : float, optional
+        Default ``1 / sqrt(d_k)``.
+    trace : bool, default False
+        Also return Q, K, V, scores, logits and weights (single head: the
+        head axis is kept, ``H = 1``).
+
+    Returns
+    -------
+    MultiheadAttentionResult
+        ``output (…, L, d_v)``, ``weights (…, L, L)``, and the trace.
+    """
+    x = x if isinstance(x, np.ndarray) else np.asarray(x, dtype=np.float64)
+    dtype = x.dtype
+    w_q, w_k, w_v = (_as_input(w, name, dtype) for w, name in
+                     ((w_q, "w_q"), (w_k, "w_k"), (w_v, "w_v")))
+    if x.ndim not in (2, 3):
+        raise ValueError(f"x must have shape (L, d_model) or (N, L, d_model); got {x.shape}")
+    for name, w in (("w_q", w_q), ("w_k", w_k), ("w_v", w_v)):
+        if w.ndim != 2 or w.shape[0] != x.shape[-1]:
+            raise ValueError(f"{name} must have shape (d_model, d) = ({x.shape[-1]}, d); "
+                             f"got {w.shape}")
+    if w_k.shape[1] != w_q.shape[1]:
+        raise ValueError(f"w_q and w_k must have the same width d_k; got {w_q.shape} and {w_k.shape}")
+    if is_causal and attn_mask is not None:
+        raise ValueError("attn_mask and is_causal=True cannot both be given; pass one")
+    unbatched = x.ndim == 2
+    xb = x[None] if unbatched else x
+    if attn_mask is not None and not isinstance(attn_mask, np.ndarray):
+        attn_mask = np.asarray(attn_mask)
+    if attn_mask is not None and attn_mask.ndim == 3:
+        attn_mask = attn_mask[:, None]          # (N, L, S) -> (N, 1, L, S), a view
+    out, weights, raw = _core.multihead_attention(
+        xb, xb, xb, w_q.T, w_k.T, w_v.T, None, None, None, None, None, None, None,
+        1, 1, False, attn_mask, None, True, bool(is_causal), scale, 0.0, 0, True, trace)
+    weights = weights[:, 0]
+    if unbatched:
+        out, weights = out[0], weights[0]
+    return MultiheadAttentionResult(output=out, weights=weights,
+                                    trace=_make_trace(raw, 1, 1, unbatched))
