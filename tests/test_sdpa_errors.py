@@ -1,0 +1,311 @@
+"""Bad arguments: the right exception, a message naming the argument, no crash.
+
+Every case in BATTERY is one call that must raise. Each is a pytest case, and
+the whole battery also runs once in a fresh interpreter (a crash there shows
+up as a non-zero return code instead of taking pytest down). Every case also
+checks that the inputs it passed are bit-identical afterwards.
+"""
+import os
+import subprocess
+import sys
+import zlib
+from dataclasses import dataclass
+from typing import Callable, Tuple
+
+import numpy as np
+import pytest
+
+import attnpy
+from reference import sdpa_reference
+
+sdpa = attnpy.scaled_dot_product_attention
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def rng_for(name):
+    return np.random.default_rng(zlib.crc32(name.encode()))
+
+
+def arr(name, shape, dtype=np.float32):
+    return rng_for(f"{name}{shape}").standard_normal(shape).astype(dtype)
+
+
+def qkv(dtype=np.float32, q=(2, 3, 4, 8), k=(2, 3, 5, 8), v=(2, 3, 5, 6)):
+    """Valid query, key, value: output (2, 3, 4, 6), weights (2, 3, 4, 5)."""
+    return arr("q", q, dtype), arr("k", k, dtype), arr("v", v, dtype)
+
+
+# --------------------------------------------------------------------------
+# the battery
+
+
+@dataclass(frozen=True)
+class Bad:
+    id: str
+    build: Callable[[], Tuple[Callable, tuple, dict]]  # -> (function, args, kwargs)
+    exc: object  # an exception type or a tuple of them
+    names: Tuple[str, ...]  # substrings the message must contain
+
+
+def bad_sdpa(id, exc, names, **overrides):
+    """A case calling sdpa on valid float32 inputs with some arguments replaced."""
+    def build():
+        q, k, v = qkv()
+        args = dict(query=q, key=k, value=v)
+        args.update({name: f() if callable(f) else f for name, f in overrides.items()})
+        q, k, v = args.pop("query"), args.pop("key"), args.pop("value")
+        return sdpa, (q, k, v), args
+    return Bad(id, build, exc, names)
+
+
+def lazy(f, *a, **kw):
+    return lambda: f(*a, **kw)
+
+
+def out_view(kind):
+    """A would-be out array for the (2, 3, 4, 6) float32 output."""
+    if kind == "fortran":
+        return np.zeros((2, 3, 4, 6), np.float32, order="F")
+    if kind == "stepped":
+        return np.zeros((2, 3, 4, 12), np.float32)[..., ::2]
+    if kind == "reversed":
+        return np.zeros((2, 3, 4, 6), np.float32)[::-1]
+    if kind == "readonly":
+        o = np.zeros((2, 3, 4, 6), np.float32)
+        o.flags.writeable = False
+        return o
+    raise ValueError(kind)
+
+
+def unaligned(a):
+    """A copy of a whose data pointer is off by one byte from its dtype's alignment."""
+    buf = np.zeros(a.nbytes + 1, dtype=np.uint8)
+    u = buf[1:].view(a.dtype).reshape(a.shape)
+    u[...] = a
+    assert not u.flags.aligned
+    return u
+
+
+def build_out_aliases_query():
+    q = arr("q", (2, 3, 4, 8))
+    k, v = arr("k", (2, 3, 5, 8)), arr("v", (2, 3, 5, 8))
+    return sdpa, (q, k, v), dict(out=q)  # would overwrite the query
+
+
+OUT_ERR = (ValueError, TypeError)
+
+BATTERY = [
+    # shapes
+    bad_sdpa("query_1d", ValueError, ("query",), query=lazy(arr, "q", (8,))),
+    bad_sdpa("query_0d", ValueError, ("query",), query=lambda: np.float32(1.0)),
+    bad_sdpa("key_1d", ValueError, ("key",), key=lazy(arr, "k", (8,))),
+    bad_sdpa("value_1d", ValueError, ("value",), value=lazy(arr, "v", (6,))),
+    bad_sdpa("E_mismatch", ValueError, ("key",), key=lazy(arr, "k", (2, 3, 5, 7))),
+    bad_sdpa("S_mismatch", ValueError, ("value",), value=lazy(arr, "v", (2, 3, 6, 6))),
+    bad_sdpa("batch_not_broadcast_key", ValueError, ("query", "key"),
+             key=lazy(arr, "k", (4, 3, 5, 8))),
+    bad_sdpa("batch_not_broadcast_value", ValueError, ("value",),
+             value=lazy(arr, "v", (5, 3, 5, 6))),
+    bad_sdpa("heads_differ_without_gqa", ValueError, ("key",),
+             key=lazy(arr, "k", (2, 2, 5, 8))),
+    # dtypes
+    bad_sdpa("query_int64_ndarray", TypeError, ("query", "float32", "float64"),
+             query=lambda: np.arange(64, dtype=np.int64).reshape(2, 1, 4, 8)),
+    bad_sdpa("key_int64_ndarray", TypeError, ("key", "float32", "float64"),
+             key=lambda: np.ones((2, 3, 5, 8), dtype=np.int64)),
+    bad_sdpa("query_bool_ndarray", TypeError, ("query",),
+             query=lambda: np.ones((2, 3, 4, 8), dtype=bool)),
+    bad_sdpa("value_float16", TypeError, ("value",), value=lazy(arr, "v", (2, 3, 5, 6), np.float16)),
+    bad_sdpa("mix_query_float64", TypeError, ("query",),
+             query=lazy(arr, "q", (2, 3, 4, 8), np.float64)),
+    bad_sdpa("mix_key_float64", TypeError, ("key",), key=lazy(arr, "k", (2, 3, 5, 8), np.float64)),
+    bad_sdpa("mix_value_float64", TypeError, ("value",),
+             value=lazy(arr, "v", (2, 3, 5, 6), np.float64)),
+    # an ndarray is read in place, never copied: a layout that cannot be read as is
+    bad_sdpa("key_big_endian", (TypeError, ValueError), ("key",),
+             key=lambda: arr("k", (2, 3, 5, 8)).astype(">f4")),
+    bad_sdpa("query_unaligned", (TypeError, ValueError), ("query",),
+             query=lambda: unaligned(arr("q", (2, 3, 4, 8)))),
+    bad_sdpa("query_complex", TypeError, ("query",),
+             query=lambda: arr("q", (2, 3, 4, 8)).astype(np.complex64)),
+    bad_sdpa("query_complex_list", TypeError, ("query",),
+             query=lambda: [[1 + 1j, 2.0], [0.5j, 1.0]]),
+    # attn_mask
+    bad_sdpa("mask_int32", TypeError, ("attn_mask",),
+             attn_mask=lambda: np.ones((4, 5), dtype=np.int32)),
+    bad_sdpa("mask_float64_for_float32", TypeError, ("attn_mask",),
+             attn_mask=lambda: np.zeros((4, 5), dtype=np.float64)),
+    Bad("mask_float32_for_float64",
+        lambda: (sdpa, qkv(np.float64), dict(attn_mask=np.zeros((4, 5), np.float32))),
+        TypeError, ("attn_mask",)),
+    bad_sdpa("mask_shape_S_plus_1", ValueError, ("attn_mask",),
+             attn_mask=lambda: np.ones((4, 6), dtype=bool)),
+    bad_sdpa("mask_shape_L_plus_1", ValueError, ("attn_mask",),
+             attn_mask=lambda: np.zeros((5, 5), dtype=np.float32)),
+    bad_sdpa("mask_shape_heads", ValueError, ("attn_mask",),
+             attn_mask=lambda: np.ones((4, 4, 5), dtype=bool)),
+    bad_sdpa("mask_shape_1d_wrong", ValueError, ("attn_mask",),
+             attn_mask=lambda: np.ones((4,), dtype=bool)),
+    bad_sdpa("mask_too_many_dims", ValueError, ("attn_mask",),
+             attn_mask=lambda: np.ones((7, 2, 3, 4, 5), dtype=bool)),
+    bad_sdpa("mask_and_is_causal", ValueError, ("attn_mask", "is_causal"),
+             attn_mask=lambda: np.ones((4, 5), dtype=bool), is_causal=True),
+    # enable_gqa
+    bad_sdpa("gqa_6_vs_4", ValueError, ("enable_gqa",), query=lazy(arr, "q", (2, 6, 4, 8)),
+             key=lazy(arr, "k", (2, 4, 5, 8)), value=lazy(arr, "v", (2, 4, 5, 6)),
+             enable_gqa=True),
+    bad_sdpa("gqa_key_value_heads_differ", ValueError, ("value",),
+             query=lazy(arr, "q", (2, 4, 4, 8)), key=lazy(arr, "k", (2, 2, 5, 8)),
+             value=lazy(arr, "v", (2, 4, 5, 6)), enable_gqa=True),
+    # scalars
+    bad_sdpa("dropout_0.1", ValueError, ("dropout_p", "MultiheadAttention"), dropout_p=0.1),
+    bad_sdpa("dropout_1.0", ValueError, ("dropout_p", "MultiheadAttention"), dropout_p=1.0),
+    bad_sdpa("dropout_str", TypeError, ("dropout_p",), dropout_p="x"),
+    bad_sdpa("scale_str", TypeError, ("scale",), scale="x"),
+    bad_sdpa("scale_list", TypeError, ("scale",), scale=lambda: [0.5]),
+    # out=
+    bad_sdpa("out_wrong_shape", OUT_ERR, ("out",), out=lambda: np.zeros((2, 3, 4, 5), np.float32)),
+    bad_sdpa("out_missing_dim", OUT_ERR, ("out",), out=lambda: np.zeros((3, 4, 6), np.float32)),
+    bad_sdpa("out_wrong_dtype", OUT_ERR, ("out",), out=lambda: np.zeros((2, 3, 4, 6), np.float64)),
+    bad_sdpa("out_fortran", OUT_ERR, ("out",), out=lazy(out_view, "fortran")),
+    bad_sdpa("out_stepped", OUT_ERR, ("out",), out=lazy(out_view, "stepped")),
+    bad_sdpa("out_reversed", OUT_ERR, ("out",), out=lazy(out_view, "reversed")),
+    bad_sdpa("out_readonly", OUT_ERR, ("out",), out=lazy(out_view, "readonly")),
+    bad_sdpa("out_list", OUT_ERR, ("out",), out=lambda: np.zeros((2, 3, 4, 6)).tolist()),
+    Bad("out_aliases_query", build_out_aliases_query, OUT_ERR, ("out",)),
+    # causal_mask
+    Bad("causal_mask_bad_align", lambda: (attnpy.causal_mask, (4, 6), dict(align="diagonal")),
+        ValueError, ("align",)),
+    Bad("causal_mask_bad_align_case", lambda: (attnpy.causal_mask, (4,), dict(align="TOP_LEFT")),
+        ValueError, ("align",)),
+    Bad("causal_mask_negative_L", lambda: (attnpy.causal_mask, (-1, 4), {}), ValueError, ("L",)),
+    Bad("causal_mask_int_dtype", lambda: (attnpy.causal_mask, (3,), dict(dtype=np.int32)),
+        (TypeError, ValueError), ("dtype",)),
+]
+
+
+# --------------------------------------------------------------------------
+# running one case
+
+
+def _arrays_in(args, kwargs):
+    return [a for a in list(args) + list(kwargs.values()) if isinstance(a, np.ndarray)]
+
+
+def _root(a):
+    while isinstance(a.base, np.ndarray):
+        a = a.base
+    return a
+
+
+def check_bad(case):
+    """Run one case; return None if it behaved, else a description of what went wrong."""
+    fn, args, kwargs = case.build()
+    arrays = _arrays_in(args, kwargs)
+    before = [_root(a).tobytes() for a in arrays]
+    try:
+        result = fn(*args, **kwargs)
+    except case.exc as e:
+        msg = str(e)
+        missing = [n for n in case.names if n not in msg]
+        if missing:
+            return f"{case.id}: message {msg!r} does not mention {missing}"
+    except Exception as e:  # the wrong type
+        return f"{case.id}: expected {case.exc}, got {type(e).__name__}: {e}"
+    else:
+        return f"{case.id}: expected {case.exc}, no exception (returned {type(result).__name__})"
+    for a, b in zip(arrays, before):
+        if _root(a).tobytes() != b:
+            return f"{case.id}: an input was modified on the error path"
+    return None
+
+
+def run_battery():
+    """Run every case; exit 1 listing the failures (used by the subprocess test)."""
+    failures = [f for f in map(check_bad, BATTERY) if f is not None]
+    for f in failures:
+        print(f)
+    print(f"battery: {len(BATTERY) - len(failures)} ok, {len(failures)} failed")
+    sys.exit(1 if failures else 0)
+
+
+@pytest.mark.parametrize("case", BATTERY, ids=[c.id for c in BATTERY])
+def test_bad_argument(case):
+    problem = check_bad(case)
+    assert problem is None, problem
+
+
+def test_battery_in_subprocess_does_not_crash():
+    proc = subprocess.run(
+        [sys.executable, "-c", "import test_sdpa_errors as t; t.run_battery()"],
+        cwd=HERE, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.returncode, proc.stdout[-3000:], proc.stderr[-3000:])
+    assert f"battery: {len(BATTERY)} ok, 0 failed" in proc.stdout
+
+
+def test_battery_case_ids_are_unique():
+    ids = [c.id for c in BATTERY]
+    assert len(ids) == len(set(ids))
+
+
+# --------------------------------------------------------------------------
+# what is accepted
+
+
+def test_valid_baseline_for_the_battery():
+    """The battery's inputs are valid as given: each case breaks only its own argument."""
+    q, k, v = qkv()
+    res = sdpa(q, k, v, attn_mask=np.ones((4, 5), dtype=bool), dropout_p=0.0, scale=0.5,
+               out=np.zeros((2, 3, 4, 6), np.float32))
+    assert res.output.shape == (2, 3, 4, 6) and res.weights.shape == (2, 3, 4, 5)
+    res = sdpa(*qkv(np.float64), attn_mask=np.zeros((4, 5), np.float64))
+    assert res.output.dtype == np.float64
+    res = sdpa(arr("q", (2, 4, 4, 8)), arr("k", (2, 2, 5, 8)), arr("v", (2, 2, 5, 6)),
+               enable_gqa=True)
+    assert res.output.shape == (2, 4, 4, 6)
+    assert attnpy.causal_mask(4, 6, align="bottom_right").shape == (4, 6)
+
+
+def _lists(shape_q=(2, 3, 4), shape_k=(2, 5, 4), shape_v=(2, 5, 3)):
+    rng = rng_for("lists")
+    return [rng.standard_normal(s).tolist() for s in (shape_q, shape_k, shape_v)]
+
+
+@pytest.mark.parametrize("shapes", [((2, 3, 4), (2, 5, 4), (2, 5, 3)), ((3, 4), (5, 4), (5, 2))],
+                         ids=["3d", "2d"])
+def test_lists_as_inputs_match_arrays(shapes):
+    ql, kl, vl = _lists(*shapes)
+    res = sdpa(ql, kl, vl)
+    expected = sdpa(np.array(ql), np.array(kl), np.array(vl))
+    assert res.output.dtype == expected.output.dtype == np.float64
+    np.testing.assert_array_equal(res.output, expected.output)
+    np.testing.assert_array_equal(res.weights, expected.weights)
+    ref_out, ref_w = sdpa_reference(ql, kl, vl)
+    np.testing.assert_allclose(res.output, ref_out, atol=1e-12, rtol=1e-12)
+    np.testing.assert_allclose(res.weights, ref_w, atol=1e-12, rtol=1e-12)
+
+
+def test_list_masks_match_array_masks():
+    ql, kl, vl = _lists()
+    q, k, v = np.array(ql), np.array(kl), np.array(vl)
+    bool_mask = rng_for("list-mask").random((3, 5)) < 0.7
+    float_mask = rng_for("list-fmask").standard_normal((3, 5))
+    for m in (bool_mask, float_mask):
+        res = sdpa(q, k, v, attn_mask=m.tolist())
+        expected = sdpa(q, k, v, attn_mask=m)
+        np.testing.assert_array_equal(res.output, expected.output)
+        np.testing.assert_array_equal(res.weights, expected.weights)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+def test_inputs_bit_identical_after_successful_calls(dtype):
+    q, k, v = qkv(dtype)
+    mask = np.where(rng_for("m").random((4, 5)) < 0.7, 0, -np.inf).astype(dtype)
+    mask[1] = -np.inf  # a fully masked row
+    arrays = [q, k, v, mask]
+    copies = [a.copy() for a in arrays]
+    for kwargs in (dict(attn_mask=mask), dict(attn_mask=mask, need_weights=False),
+                   dict(is_causal=True), dict(out=np.empty((2, 3, 4, 6), dtype))):
+        sdpa(q, k, v, **kwargs)
+        for a, c in zip(arrays, copies):
+            assert np.array_equal(a, c) and a.tobytes() == c.tobytes()
