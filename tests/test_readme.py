@@ -15,3 +15,13 @@ def test_quick_start_runs_and_shapes_match_the_comments():
     assert ns["weights"].shape == (2, 4, 10, 12)
     assert ns["res"].output.shape == (2, 1, 10, 16)
     assert ns["res"].weights is None
+
+
+def test_trace_table_lists_exactly_the_trace_fields():
+    import dataclasses
+
+    import attnpy
+
+    table = README.read_text().split("### The trace", 1)[1].split("\n## ", 1)[0]
+    documented = re.findall(r"^\| `(\w+)` \|", table, re.M)
+    assert documented == [f.name for f in dataclasses.fields(attnpy.Trace)]
