@@ -23,8 +23,9 @@ setup() {
 
 c_tests() {
     mkdir -p build
-    ${CC:-cc} -std=c11 -O2 -g -Wall -Wextra -Werror -pedantic \
-        csrc/attn_core.c csrc/test_core.c -lm -o build/test_core
+    ${CC:-cc} -std=c11 -O2 -g -pthread -ffp-contract=fast -Wall -Wextra -Werror \
+        csrc/attn_core.c csrc/attn_fast.c csrc/attn_parallel.c csrc/test_core.c \
+        -lm -o build/test_core
     ./build/test_core
 }
 

@@ -3,9 +3,12 @@
 A C core computes attention directly on NumPy buffers, without copies, and
 hands back every intermediate map.
 """
+from ._config import (get_kernel, get_num_threads, set_kernel, set_num_threads,
+                      supported_kernels, use_kernel)
 from ._mha import MultiheadAttention, MultiheadAttentionResult, Trace, self_attention
 from ._sdpa import AttentionResult, causal_mask, scaled_dot_product_attention
 
 __all__ = ["AttentionResult", "MultiheadAttention", "MultiheadAttentionResult", "Trace",
-           "causal_mask", "scaled_dot_product_attention", "self_attention"]
+           "causal_mask", "get_kernel", "get_num_threads", "scaled_dot_product_attention",
+           "self_attention", "set_kernel", "set_num_threads", "supported_kernels", "use_kernel"]
 __version__ = "0.1.0"

@@ -2,39 +2,11 @@
  * attn_core.c -- scaled dot-product attention and the multi-head layer over
  * strided views. See attn_core.h for the problem and the conventions.
  */
-#include "attn_core.h"
+#include "attn_internal.h"
 
-#include <math.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
-
-#define ATTN_CAT_(a, b) a##_##b
-#define ATTN_CAT(a, b) ATTN_CAT_(a, b)
-
-/* Where one (batch, head) problem lives in each tensor. NULL = absent. */
-typedef struct {
-    int64_t index;                  /* the problem's number: b * num_heads + h */
-    const char *q, *k, *v, *mask, *mask2;
-    char *out, *weights, *scores, *logits, *dropout_mask, *dropped;
-} attn_head;
-
-/* Does a bool mask of this kind hide the element at p? */
-static inline int attn_bool_hides(attn_mask_kind kind, const char *p)
-{
-    if (kind == ATTN_MASK_BOOL) return *(const unsigned char *)p == 0;
-    if (kind == ATTN_MASK_BOOL_BLOCK) return *(const unsigned char *)p != 0;
-    return 0;
-}
-
-/* Is key j hidden from query row i by the causal mask or a bool mask? */
-static inline int attn_blocked(const attn_sdpa_args *a, const attn_head *hd,
-                               int64_t i, int64_t j)
-{
-    if (a->is_causal && j > i) return 1;
-    if (j >= a->S - a->extra_keys) return 0; /* bias_k / zero key: never masked */
-    return attn_bool_hides(a->mask_kind, hd->mask + i * a->mask.row + j * a->mask.col) ||
-           attn_bool_hides(a->mask2_kind, hd->mask2 + i * a->mask2.row + j * a->mask2.col);
-}
 
 /*
  * Dropout decisions from a counter-based hash (the splitmix64 finaliser):
@@ -115,6 +87,71 @@ static void attn_locate(const attn_sdpa_args *a, int64_t p, attn_head *hd)
     hd->dropped = attn_at(a->dropped.data, off[DR]);
 }
 
+/* ------------------------------------------------------------------------ */
+/* Choosing a kernel, and the parallel loop                                   */
+
+static atomic_int kernel_choice = ATTN_KERNEL_AUTO;
+
+int attn_set_kernel(attn_kernel kernel)
+{
+    if (!attn_kernel_supported(kernel)) return ATTN_EINVAL;
+    atomic_store(&kernel_choice, (int)kernel);
+    return ATTN_OK;
+}
+
+attn_kernel attn_get_kernel(void)
+{
+    attn_kernel k = (attn_kernel)atomic_load(&kernel_choice);
+    if (k != ATTN_KERNEL_AUTO) return k;
+    if (attn_kernel_supported(ATTN_KERNEL_AVX512)) return ATTN_KERNEL_AVX512;
+    if (attn_kernel_supported(ATTN_KERNEL_AVX2)) return ATTN_KERNEL_AVX2;
+    return ATTN_KERNEL_BASELINE;
+}
+
+/* One call's work: items are (problem, block of query rows) for the fast
+   kernels, whole problems for the reference kernel. */
+typedef struct {
+    const attn_sdpa_args *a;
+    attn_kernel kernel;
+    int64_t blocks;    /* query blocks per problem */
+    char *work;        /* per-thread workspaces, work_size bytes each */
+    size_t work_size;
+} attn_sdpa_job;
+
+static void attn_sdpa_item(void *ctx, int64_t item, int thread)
+{
+    const attn_sdpa_job *job = ctx;
+    const attn_sdpa_args *a = job->a;
+    void *work = job->work + (size_t)thread * job->work_size;
+    attn_head hd;
+    if (job->kernel == ATTN_KERNEL_REFERENCE) {
+        attn_locate(a, item, &hd);
+        if (a->dtype == ATTN_FLOAT32) {
+            if (hd.weights) attn_head_reference_f32(a, &hd, work);
+            else attn_head_streaming_f32(a, &hd, work);
+        } else {
+            if (hd.weights) attn_head_reference_f64(a, &hd, work);
+            else attn_head_streaming_f64(a, &hd, work);
+        }
+        return;
+    }
+    /* the last query blocks first: under a causal mask they cost the most */
+    int64_t block = job->blocks - 1 - item % job->blocks;
+    int64_t i0 = block * ATTN_FAST_BR;
+    attn_locate(a, item / job->blocks, &hd);
+    attn_fast_rows(job->kernel, a, &hd, i0, a->L - i0 < ATTN_FAST_BR ? a->L - i0 : ATTN_FAST_BR,
+                   work);
+}
+
+/* Can the fast kernels do this call? float32, no trace, no dropout, and a
+   weights buffer (if any) with unit column stride. */
+static int attn_fast_applies(const attn_sdpa_args *a)
+{
+    return a->dtype == ATTN_FLOAT32 && a->dropout_p == 0.0 && !a->scores.data &&
+           !a->logits.data && !a->dropout_mask.data && !a->dropped.data &&
+           (!a->weights.data || a->weights.col == (int64_t)sizeof(float));
+}
+
 int attn_sdpa(const attn_sdpa_args *a)
 {
     if (a->nbatch < 0 || a->nbatch > ATTN_MAX_DIMS || a->num_heads < 0 ||
@@ -133,22 +170,36 @@ int attn_sdpa(const attn_sdpa_args *a)
     for (int d = 0; d < a->nbatch; d++) nproblems *= a->batch_shape[d];
     if (nproblems == 0 || a->L == 0 || (a->Ev == 0 && !a->weights.data)) return ATTN_OK;
 
-    /* workspace: a key block of scores and one output row, in double */
-    double *work = malloc((size_t)(ATTN_KEY_BLOCK + a->Ev) * sizeof(double));
-    if (!work) return ATTN_ENOMEM;
-
-    for (int64_t p = 0; p < nproblems; p++) {
-        attn_head hd;
-        attn_locate(a, p, &hd);
-        if (a->dtype == ATTN_FLOAT32) {
-            if (hd.weights) attn_head_reference_f32(a, &hd, work);
-            else attn_head_streaming_f32(a, &hd, work);
-        } else {
-            if (hd.weights) attn_head_reference_f64(a, &hd, work);
-            else attn_head_streaming_f64(a, &hd, work);
-        }
+    attn_sdpa_job job = {.a = a, .kernel = attn_get_kernel(), .blocks = 1};
+    if (!attn_fast_applies(a)) job.kernel = ATTN_KERNEL_REFERENCE;
+    int64_t items = nproblems;
+    if (job.kernel != ATTN_KERNEL_REFERENCE) {
+        job.blocks = (a->L + ATTN_FAST_BR - 1) / ATTN_FAST_BR;
+        items = nproblems * job.blocks;
+        job.work_size = attn_fast_workspace(a) * sizeof(float);
+    } else {
+        /* a key block of scores and one output row, in double */
+        job.work_size = (size_t)(ATTN_KEY_BLOCK + a->Ev) * sizeof(double);
     }
-    free(work);
+    job.work_size = (job.work_size + 63) / 64 * 64; /* threads apart by a cache line */
+
+    /* small problems stay on the calling thread: waking others costs more */
+    double flops = 2.0 * (double)nproblems * (double)a->L * (double)a->S * (double)(a->E + a->Ev);
+    int threads = flops < 2e5 ? 1 : attn_get_num_threads();
+    if (threads > items) threads = (int)items;
+
+    job.work = malloc(job.work_size * (size_t)threads);
+    if (!job.work && job.kernel != ATTN_KERNEL_REFERENCE) {
+        /* the fast kernels' tiles did not fit: the reference needs far less */
+        job.kernel = ATTN_KERNEL_REFERENCE;
+        job.blocks = 1;
+        items = nproblems;
+        job.work_size = (size_t)(ATTN_KEY_BLOCK + a->Ev) * sizeof(double);
+        job.work = malloc(job.work_size * (size_t)threads);
+    }
+    if (!job.work) return ATTN_ENOMEM;
+    attn_parallel_for(items, threads, attn_sdpa_item, &job);
+    free(job.work);
     return ATTN_OK;
 }
 

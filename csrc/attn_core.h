@@ -104,6 +104,33 @@ int attn_sdpa(const attn_sdpa_args *args);
 int attn_dropout_keep(uint64_t seed, uint64_t index, double p);
 
 /* ------------------------------------------------------------------------ */
+/* Kernels and threads                                                       */
+
+/*
+ * Which kernel computes float32 attention. AUTO: the fastest this CPU runs.
+ * REFERENCE: the readable kernel of attn_kernels.inc (float64 always uses
+ * it, and so do the trace and dropout). BASELINE, AVX2, AVX512: the tiled
+ * kernels of attn_fast.inc built for x86-64's baseline SSE2, AVX2+FMA and
+ * AVX-512F. Setting one the CPU lacks returns ATTN_EINVAL.
+ */
+typedef enum {
+    ATTN_KERNEL_AUTO = 0,
+    ATTN_KERNEL_REFERENCE = 1,
+    ATTN_KERNEL_BASELINE = 2,
+    ATTN_KERNEL_AVX2 = 3,
+    ATTN_KERNEL_AVX512 = 4
+} attn_kernel;
+
+int attn_kernel_supported(attn_kernel kernel);
+int attn_set_kernel(attn_kernel kernel);
+attn_kernel attn_get_kernel(void); /* what AUTO resolves to on this CPU */
+
+/* Threads used by the core: n >= 1, or 0 for the default (OMP_NUM_THREADS
+   if set, else the CPUs online). */
+int attn_set_num_threads(int n);
+int attn_get_num_threads(void);
+
+/* ------------------------------------------------------------------------ */
 /* Linear layers and the multi-head attention layer.                         */
 
 /* A batch of matrices (batch, row, col); byte strides. */

@@ -764,6 +764,67 @@ done:
 }
 
 /* ------------------------------------------------------------------------ */
+/* threads and kernels                                                       */
+
+static PyObject *attnpy_set_num_threads(PyObject *Py_UNUSED(module), PyObject *arg)
+{
+    long n = PyLong_AsLong(arg);
+    if (n == -1 && PyErr_Occurred()) {
+        PyErr_Format(PyExc_TypeError, "n must be an int; got %.200s", Py_TYPE(arg)->tp_name);
+        return NULL;
+    }
+    if (n < 0 || attn_set_num_threads((int)n) != ATTN_OK) {
+        PyErr_Format(PyExc_ValueError, "n must be between 1 and 256 (0: the default); got %ld", n);
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *attnpy_get_num_threads(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(arg))
+{
+    return PyLong_FromLong(attn_get_num_threads());
+}
+
+static const char *kernel_names[] = {"auto", "reference", "baseline", "avx2", "avx512"};
+
+static PyObject *attnpy_set_kernel(PyObject *Py_UNUSED(module), PyObject *arg)
+{
+    const char *name = PyUnicode_Check(arg) ? PyUnicode_AsUTF8(arg) : NULL;
+    if (!name) {
+        PyErr_Format(PyExc_TypeError, "kernel must be a str; got %.200s", Py_TYPE(arg)->tp_name);
+        return NULL;
+    }
+    for (int k = 0; k < (int)(sizeof kernel_names / sizeof kernel_names[0]); k++) {
+        if (strcmp(name, kernel_names[k]) != 0) continue;
+        if (attn_set_kernel((attn_kernel)k) != ATTN_OK) {
+            PyErr_Format(PyExc_ValueError, "kernel %s is not supported by this CPU", name);
+            return NULL;
+        }
+        Py_RETURN_NONE;
+    }
+    PyErr_Format(PyExc_ValueError,
+                 "kernel must be 'auto', 'reference', 'baseline', 'avx2' or 'avx512'; got %R", arg);
+    return NULL;
+}
+
+static PyObject *attnpy_get_kernel(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(arg))
+{
+    return PyUnicode_FromString(kernel_names[attn_get_kernel()]);
+}
+
+static PyObject *attnpy_supported_kernels(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(arg))
+{
+    PyObject *list = PyList_New(0);
+    for (int k = 1; list && k < (int)(sizeof kernel_names / sizeof kernel_names[0]); k++) {
+        if (!attn_kernel_supported((attn_kernel)k)) continue;
+        PyObject *name = PyUnicode_FromString(kernel_names[k]);
+        if (!name || PyList_Append(list, name) < 0) Py_CLEAR(list);
+        Py_XDECREF(name);
+    }
+    return list;
+}
+
+/* ------------------------------------------------------------------------ */
 
 static PyMethodDef attnpy_methods[] = {
     {"scaled_dot_product_attention", (PyCFunction)(void (*)(void))attnpy_sdpa,
@@ -775,6 +836,11 @@ static PyMethodDef attnpy_methods[] = {
     {"multihead_attention", (PyCFunction)(void (*)(void))attnpy_mha, METH_VARARGS | METH_KEYWORDS,
      "The multi-head layer on (N, L, E) inputs; see attnpy.MultiheadAttention. "
      "Returns (output, weights or None, trace dict or None)."},
+    {"set_num_threads", attnpy_set_num_threads, METH_O, "Threads the core uses (0: default)."},
+    {"get_num_threads", attnpy_get_num_threads, METH_NOARGS, "Threads the core uses."},
+    {"set_kernel", attnpy_set_kernel, METH_O, "Force a float32 kernel ('auto' to choose)."},
+    {"get_kernel", attnpy_get_kernel, METH_NOARGS, "The float32 kernel in use."},
+    {"supported_kernels", attnpy_supported_kernels, METH_NOARGS, "Kernels this CPU runs."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -350,10 +350,32 @@ int main(void)
         {"broadcast key/value",  3, 2, 2, 4,  5,   4,  3,  MASK_ADD,  0, 0, 1},
         {"long keys",            1, 1, 1, 3,  300, 16, 8,  MASK_NONE, 1, 1, 0},
         {"no keys",              1, 1, 1, 3,  0,   4,  4,  MASK_NONE, 0, 0, 0},
+        {"threads, causal",      2, 3, 3, 100, 150, 32, 16, MASK_NONE, 1, 0, 0},
+        {"threads, bool mask",   2, 2, 1, 70, 300, 24, 40, MASK_BOOL, 0, 1, 0},
+        {"threads, float mask",  1, 4, 2, 65, 129, 64, 64, MASK_ADD,  0, 0, 1},
     };
-    for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++)
-        for (int f32 = 0; f32 < 2; f32++)
-            for (int streaming = 0; streaming < 2; streaming++) run_case(&cases[c], f32, streaming);
+    /* every kernel this CPU can run, on one thread and on three */
+    const attn_kernel kernels[] = {ATTN_KERNEL_REFERENCE, ATTN_KERNEL_BASELINE, ATTN_KERNEL_AVX2,
+                                   ATTN_KERNEL_AVX512};
+    const char *kernel_names[] = {"reference", "baseline", "avx2", "avx512"};
+    for (size_t kk = 0; kk < sizeof kernels / sizeof kernels[0]; kk++) {
+        if (attn_set_kernel(kernels[kk]) != ATTN_OK) {
+            printf("(kernel %s: not supported by this CPU, not run)\n", kernel_names[kk]);
+            continue;
+        }
+        for (int threads = 1; threads <= 3; threads += 2) {
+            attn_set_num_threads(threads);
+            int failed_before = n_failed;
+            for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++)
+                for (int f32 = 0; f32 < 2; f32++)
+                    for (int streaming = 0; streaming < 2; streaming++)
+                        run_case(&cases[c], f32, streaming);
+            if (n_failed > failed_before)
+                printf("  (the failures above: kernel %s, %d threads)\n", kernel_names[kk], threads);
+        }
+    }
+    attn_set_kernel(ATTN_KERNEL_AUTO);
+    attn_set_num_threads(0);
     test_mha();
     test_rejects_bad_args();
     printf("%d passed, %d failed\n", n_passed, n_failed);

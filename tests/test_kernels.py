@@ -1,0 +1,149 @@
+"""Every kernel, at several thread counts, computes the same attention.
+
+float32 has four kernels (the reference and the tiled kernel built for the
+x86-64 baseline, AVX2 and AVX-512); each one this CPU supports is forced in
+turn and checked on the whole SDPA parity matrix and on cases large enough to
+span several query and key tiles and to run on several threads. float64
+always runs the reference kernel (covered by the parity suite).
+"""
+import numpy as np
+import pytest
+
+import attnpy
+import test_sdpa_parity as parity
+from reference import sdpa_reference
+
+KERNELS = attnpy.supported_kernels()
+THREADS = [1, 3]
+
+
+@pytest.fixture
+def kernel_and_threads(request):
+    kernel, threads = request.param
+    attnpy.set_kernel(kernel)
+    attnpy.set_num_threads(threads)
+    yield kernel, threads
+    attnpy.set_kernel("auto")
+    attnpy.set_num_threads(0)
+
+
+SETTINGS = [pytest.param((k, t), id=f"{k}-{t}threads") for k in KERNELS for t in THREADS]
+FLOAT32_CASES = [c for c in parity.CASES if c.values[1] == np.float32]
+
+
+def test_all_four_kernels_exist_on_this_machine():
+    """The CI machine has AVX-512: every dispatch path is exercised here."""
+    assert {"reference", "baseline", "avx2"} <= set(KERNELS)
+    import platform
+    if platform.machine() == "x86_64":
+        flags = open("/proc/cpuinfo").read()
+        if " avx512f " in flags:
+            assert "avx512" in KERNELS
+
+
+@pytest.mark.parametrize("kernel_and_threads", SETTINGS, indirect=True)
+def test_parity_matrix_under_kernel(kernel_and_threads):
+    for case in FLOAT32_CASES:
+        parity.test_parity(*case.values)
+
+
+def big_case(rng, shape_q, shape_k, Ev, mask=None, **kw):
+    q = rng.standard_normal(shape_q, dtype=np.float32)
+    k = rng.standard_normal(shape_k, dtype=np.float32)
+    v = rng.standard_normal(shape_k[:-1] + (Ev,), dtype=np.float32)
+    return q, k, v, dict(attn_mask=mask, **kw)
+
+
+def big_cases():
+    rng = np.random.default_rng(7)
+    L, S = 100, 300
+    bool_mask = rng.random((2, 1, L, S)) > 0.3
+    bool_mask[:, :, 5] = False                       # a fully masked row
+    float_mask = rng.standard_normal((L, S)).astype(np.float32)
+    float_mask[:, 200:260] = -np.inf                 # a fully masked key block
+    k_storage = rng.standard_normal((2, 4, 64, S), dtype=np.float32)
+    yield "plain", big_case(rng, (2, 4, L, 64), (2, 4, S, 64), 64)
+    yield "causal_L<S", big_case(rng, (2, 4, L, 64), (2, 4, S, 64), 48, is_causal=True)
+    yield "causal_L>S", big_case(rng, (1, 2, S, 32), (1, 2, L, 32), 16, is_causal=True)
+    yield "bool_mask", big_case(rng, (2, 4, L, 64), (2, 4, S, 64), 64, mask=bool_mask)
+    yield "float_mask", big_case(rng, (2, 4, L, 40), (2, 4, S, 40), 24, mask=float_mask)
+    yield "gqa", big_case(rng, (2, 8, L, 64), (2, 2, S, 64), 64, enable_gqa=True)
+    q, _, v, kw = big_case(rng, (2, 4, L, 64), (2, 4, S, 64), 64)
+    yield "transposed_key", (q, k_storage.swapaxes(-1, -2), v, kw)
+    yield "odd_sizes", big_case(rng, (3, 33, 7), (3, 129, 7), 5)
+
+
+BIG = list(big_cases())
+
+
+@pytest.mark.parametrize("kernel_and_threads", SETTINGS, indirect=True)
+@pytest.mark.parametrize("need_weights", [True, False], ids=["weights", "noweights"])
+@pytest.mark.parametrize("name, case", BIG, ids=[name for name, _ in BIG])
+def test_tiles_and_threads(kernel_and_threads, need_weights, name, case):
+    q, k, v, kw = case
+    res = attnpy.scaled_dot_product_attention(q, k, v, need_weights=need_weights, **kw)
+    ref_out, ref_w = sdpa_reference(q, k, v, **kw)
+    np.testing.assert_allclose(res.output, ref_out, atol=1e-5, rtol=1e-5)
+    dead = ref_w.sum(-1) == 0
+    assert np.all(res.output[dead] == 0)
+    if need_weights:
+        np.testing.assert_allclose(res.weights, ref_w, atol=1e-6, rtol=1e-5)
+        assert np.all(res.weights[ref_w == 0] == 0), "masked keys must get exactly zero"
+
+
+@pytest.mark.parametrize("kernel", [k for k in KERNELS if k != "reference"])
+def test_fast_kernel_against_reference_kernel(kernel):
+    """The fast kernels are checked against the readable one, case by case."""
+    for name, (q, k, v, kw) in BIG:
+        with attnpy.use_kernel("reference"):
+            ref = attnpy.scaled_dot_product_attention(q, k, v, **kw)
+        with attnpy.use_kernel(kernel):
+            fast = attnpy.scaled_dot_product_attention(q, k, v, **kw)
+        np.testing.assert_allclose(fast.output, ref.output, atol=2e-6, rtol=1e-5, err_msg=name)
+        np.testing.assert_allclose(fast.weights, ref.weights, atol=1e-6, rtol=1e-5, err_msg=name)
+
+
+def test_results_do_not_depend_on_thread_count():
+    """Each work item owns its rows, so threads change nothing, bit for bit."""
+    _, (q, k, v, kw) = BIG[1]
+    outs = []
+    for threads in (1, 2, 3, 5):
+        attnpy.set_num_threads(threads)
+        outs.append(attnpy.scaled_dot_product_attention(q, k, v, **kw))
+    attnpy.set_num_threads(0)
+    for r in outs[1:]:
+        np.testing.assert_array_equal(r.output, outs[0].output)
+        np.testing.assert_array_equal(r.weights, outs[0].weights)
+
+
+def test_non_finite_values_at_masked_keys_do_not_leak():
+    """A NaN in the value row of a masked key has zero weight and is not read,
+    in every kernel (the fast ones take a careful path for such blocks)."""
+    rng = np.random.default_rng(3)
+    q, k, v = (rng.standard_normal((1, 2, 40, 16), dtype=np.float32) for _ in range(3))
+    v[..., 7, :] = np.nan
+    mask = np.ones((40, 40), bool)
+    mask[:, 7] = False
+    for kernel in KERNELS:
+        with attnpy.use_kernel(kernel):
+            for nw in (True, False):
+                out = attnpy.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                                          need_weights=nw).output
+                assert np.isfinite(out).all(), kernel
+
+
+def test_set_kernel_and_threads_errors():
+    with pytest.raises(ValueError, match="kernel"):
+        attnpy.set_kernel("sse9")
+    with pytest.raises(TypeError, match="kernel"):
+        attnpy.set_kernel(3)
+    with pytest.raises(ValueError):
+        attnpy.set_num_threads(-1)
+    with pytest.raises(TypeError):
+        attnpy.set_num_threads("2")
+    attnpy.set_num_threads(2)
+    assert attnpy.get_num_threads() == 2
+    attnpy.set_num_threads(0)
+    with attnpy.use_kernel("reference"):
+        assert attnpy.get_kernel() == "reference"
+    assert attnpy.get_kernel() == KERNELS[-1]
