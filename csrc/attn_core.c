@@ -203,13 +203,55 @@ int attn_sdpa(const attn_sdpa_args *a)
     return ATTN_OK;
 }
 
+/* A linear layer's work: items are (batch, block of rows, block of outputs). */
+typedef struct {
+    const attn_linear_args *p;
+    attn_kernel kernel;
+    int64_t row_blocks, col_blocks;
+    char *work;
+    size_t work_size;
+} attn_linear_job;
+
+static void attn_linear_item(void *ctx, int64_t item, int thread)
+{
+    const attn_linear_job *job = ctx;
+    const attn_linear_args *p = job->p;
+    int64_t cb = item % job->col_blocks, rest = item / job->col_blocks;
+    int64_t rb = rest % job->row_blocks, n = rest / job->row_blocks;
+    int64_t l0 = rb * ATTN_FAST_BR, o0 = cb * ATTN_LINEAR_BC;
+    int64_t nr = p->M - l0 < ATTN_FAST_BR ? p->M - l0 : ATTN_FAST_BR;
+    int64_t no = p->O - o0 < ATTN_LINEAR_BC ? p->O - o0 : ATTN_LINEAR_BC;
+    if (job->kernel != ATTN_KERNEL_REFERENCE)
+        attn_fast_linear_block(job->kernel, p, n, l0, nr, o0, no,
+                               (float *)(job->work + (size_t)thread * job->work_size));
+    else if (p->dtype == ATTN_FLOAT32)
+        attn_linear_block_f32(p, n, l0, nr, o0, no);
+    else
+        attn_linear_block_f64(p, n, l0, nr, o0, no);
+}
+
 int attn_linear(const attn_linear_args *p)
 {
     if (p->N < 0 || p->M < 0 || p->K < 0 || p->O < 0 || !p->x.data || !p->w.data ||
         !p->y.data || (p->dtype != ATTN_FLOAT32 && p->dtype != ATTN_FLOAT64))
         return ATTN_EINVAL;
-    if (p->dtype == ATTN_FLOAT32) attn_linear_f32(p);
-    else attn_linear_f64(p);
+    attn_linear_job job = {.p = p, .kernel = attn_get_kernel()};
+    if (p->dtype != ATTN_FLOAT32) job.kernel = ATTN_KERNEL_REFERENCE;
+    job.row_blocks = (p->M + ATTN_FAST_BR - 1) / ATTN_FAST_BR;
+    job.col_blocks = (p->O + ATTN_LINEAR_BC - 1) / ATTN_LINEAR_BC;
+    int64_t items = p->N * job.row_blocks * job.col_blocks;
+    if (items == 0) return ATTN_OK;
+
+    double flops = 2.0 * (double)p->N * (double)p->M * (double)p->K * (double)p->O;
+    int threads = flops < 2e5 ? 1 : attn_get_num_threads();
+    if (threads > items) threads = (int)items;
+    if (job.kernel != ATTN_KERNEL_REFERENCE) {
+        job.work_size = (attn_fast_linear_workspace(p) * sizeof(float) + 63) / 64 * 64;
+        job.work = malloc(job.work_size * (size_t)threads);
+        if (!job.work) job.kernel = ATTN_KERNEL_REFERENCE; /* needs no workspace */
+    }
+    attn_parallel_for(items, threads, attn_linear_item, &job);
+    free(job.work);
     return ATTN_OK;
 }
 

@@ -64,6 +64,22 @@ size_t attn_fast_workspace(const attn_sdpa_args *a)
     return BR * E + E * BC + BC * Evp + BR * BC + BR * Evp;
 }
 
+size_t attn_fast_linear_workspace(const attn_linear_args *p)
+{
+    size_t K = (size_t)p->K;
+    return BR * K + K * BC + BR * BC;
+}
+
+void attn_fast_linear_block(attn_kernel kernel, const attn_linear_args *p, int64_t n,
+                            int64_t l0, int64_t nr, int64_t o0, int64_t no, float *ws)
+{
+    switch (kernel) {
+    case ATTN_KERNEL_AVX512: linear_block_avx512(p, n, l0, nr, o0, no, ws); break;
+    case ATTN_KERNEL_AVX2: linear_block_avx2(p, n, l0, nr, o0, no, ws); break;
+    default: linear_block_base(p, n, l0, nr, o0, no, ws); break;
+    }
+}
+
 void attn_fast_rows(attn_kernel kernel, const attn_sdpa_args *a, const attn_head *hd,
                     int64_t i0, int64_t nr, float *ws)
 {

@@ -67,4 +67,9 @@ size_t attn_fast_workspace(const attn_sdpa_args *a); /* floats per thread */
 void attn_fast_rows(attn_kernel kernel, const attn_sdpa_args *a, const attn_head *hd,
                     int64_t i0, int64_t nr, float *workspace);
 
+#define ATTN_LINEAR_BC 128 /* output columns per linear work item */
+size_t attn_fast_linear_workspace(const attn_linear_args *p); /* floats per thread */
+void attn_fast_linear_block(attn_kernel kernel, const attn_linear_args *p, int64_t n,
+                            int64_t l0, int64_t nr, int64_t o0, int64_t no, float *workspace);
+
 #endif /* ATTN_INTERNAL_H */

@@ -9,7 +9,8 @@ import attnpy
 
 def test_other_python_threads_run_during_a_long_call():
     rng = np.random.default_rng(0)
-    q, k, v = (rng.standard_normal((8, 1024, 64)).astype(np.float32) for _ in range(3))
+    # large enough to take a while even on the fast kernels (about 17 GFLOP)
+    q, k, v = (rng.standard_normal((16, 2048, 64), dtype=np.float32) for _ in range(3))
     window = {}
 
     def worker():

@@ -147,3 +147,29 @@ def test_set_kernel_and_threads_errors():
     with attnpy.use_kernel("reference"):
         assert attnpy.get_kernel() == "reference"
     assert attnpy.get_kernel() == KERNELS[-1]
+
+
+@pytest.mark.parametrize("kernel_and_threads", SETTINGS, indirect=True)
+def test_projections_under_kernel(kernel_and_threads):
+    """The multi-head layer's linear layers (x W^T + b) in every kernel:
+    several row and column blocks (L = 70 > 32 rows, E = 160 > 128 columns),
+    against float64 NumPy on the same float32 numbers."""
+    E, H = 160, 5
+    mha = attnpy.MultiheadAttention(E, H, kdim=48, vdim=24, seed=3)
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((2, 70, E), dtype=np.float32)
+    kv_k = rng.standard_normal((2, 50, 48), dtype=np.float32)
+    kv_v = rng.standard_normal((2, 50, 24), dtype=np.float32)
+    t = mha(x, kv_k, kv_v, trace=True).trace
+    sd = {k: v.astype(np.float64) for k, v in mha.state_dict().items()}
+    b = sd["in_proj_bias"]
+    q = x.astype(np.float64) @ sd["q_proj_weight"].T + b[:E]
+    k = kv_k.astype(np.float64) @ sd["k_proj_weight"].T + b[E:2 * E]
+    v = kv_v.astype(np.float64) @ sd["v_proj_weight"].T + b[2 * E:]
+    out = t.concat.astype(np.float64) @ sd["out_proj.weight"].T + sd["out_proj.bias"]
+
+    def heads(a):
+        return a.reshape(a.shape[0], a.shape[1], H, E // H).transpose(0, 2, 1, 3)
+    for name, mine, exact in (("q", t.q, heads(q)), ("k", t.k, heads(k)), ("v", t.v, heads(v)),
+                              ("output", t.output, out)):
+        np.testing.assert_allclose(mine, exact, atol=2e-5, rtol=1e-5, err_msg=name)
