@@ -125,6 +125,11 @@ int attn_kernel_supported(attn_kernel kernel);
 int attn_set_kernel(attn_kernel kernel);
 attn_kernel attn_get_kernel(void); /* what AUTO resolves to on this CPU */
 
+/* The float32 FMA throughput of `threads` threads running the selected
+   kernel's vectors (iters rounds each), in GFLOP/s: the peak the benchmark
+   compares against. */
+double attn_fma_peak_gflops(int threads, int64_t iters);
+
 /* Threads used by the core: n >= 1, or 0 for the default (OMP_NUM_THREADS
    if set, else the CPUs online). */
 int attn_set_num_threads(int n);

@@ -7,6 +7,7 @@
 #include "attn_internal.h"
 
 #include <stdint.h>
+#include <time.h>
 
 #define BR ATTN_FAST_BR /* query rows per tile */
 #define BC 128          /* keys per tile */
@@ -97,4 +98,40 @@ void attn_fast_rows(attn_kernel kernel, const attn_sdpa_args *a, const attn_head
         else flash_rows_base(a, hd, i0, nr, ws);
         break;
     }
+}
+
+/* ------------------------------------------------------------------------ */
+/* FMA peak                                                                  */
+
+typedef struct {
+    attn_kernel kernel;
+    int64_t iters;
+    volatile float seed, sink;
+} attn_fma_job;
+
+static void attn_fma_item(void *ctx, int64_t item, int thread)
+{
+    (void)item;
+    (void)thread;
+    attn_fma_job *job = ctx;
+    float r;
+    switch (job->kernel) {
+    case ATTN_KERNEL_AVX512: r = fma_loop_avx512(job->iters, job->seed); break;
+    case ATTN_KERNEL_AVX2: r = fma_loop_avx2(job->iters, job->seed); break;
+    default: r = fma_loop_base(job->iters, job->seed); break;
+    }
+    job->sink += r; /* racy on purpose: only keeps the result alive */
+}
+
+double attn_fma_peak_gflops(int threads, int64_t iters)
+{
+    attn_fma_job job = {.kernel = attn_get_kernel(), .iters = iters, .seed = 1.0f};
+    if (job.kernel == ATTN_KERNEL_REFERENCE) job.kernel = ATTN_KERNEL_BASELINE;
+    int vlen = job.kernel == ATTN_KERNEL_AVX512 ? 16 : job.kernel == ATTN_KERNEL_AVX2 ? 8 : 4;
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    attn_parallel_for(threads, threads, attn_fma_item, &job);
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    double seconds = (double)(t1.tv_sec - t0.tv_sec) + 1e-9 * (double)(t1.tv_nsec - t0.tv_nsec);
+    return (double)threads * (double)iters * 12.0 * vlen * 2.0 / seconds / 1e9;
 }

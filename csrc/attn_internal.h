@@ -62,7 +62,7 @@ void attn_parallel_for(int64_t n, int max_threads,
                        void (*fn)(void *ctx, int64_t item, int thread), void *ctx);
 
 /* Fast float32 kernels (attn_fast.c). */
-#define ATTN_FAST_BR 32  /* query rows per work item */
+#define ATTN_FAST_BR 128  /* query rows per work item */
 size_t attn_fast_workspace(const attn_sdpa_args *a); /* floats per thread */
 void attn_fast_rows(attn_kernel kernel, const attn_sdpa_args *a, const attn_head *hd,
                     int64_t i0, int64_t nr, float *workspace);

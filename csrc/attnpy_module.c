@@ -785,6 +785,22 @@ static PyObject *attnpy_get_num_threads(PyObject *Py_UNUSED(module), PyObject *P
     return PyLong_FromLong(attn_get_num_threads());
 }
 
+static PyObject *attnpy_fma_peak(PyObject *Py_UNUSED(module), PyObject *args)
+{
+    int threads;
+    long long iters;
+    if (!PyArg_ParseTuple(args, "iL:fma_peak", &threads, &iters)) return NULL;
+    if (threads < 1 || threads > 256 || iters < 1) {
+        PyErr_SetString(PyExc_ValueError, "fma_peak needs 1 <= threads <= 256 and iters >= 1");
+        return NULL;
+    }
+    double gflops;
+    Py_BEGIN_ALLOW_THREADS
+    gflops = attn_fma_peak_gflops(threads, (int64_t)iters);
+    Py_END_ALLOW_THREADS
+    return PyFloat_FromDouble(gflops);
+}
+
 static const char *kernel_names[] = {"auto", "reference", "baseline", "avx2", "avx512"};
 
 static PyObject *attnpy_set_kernel(PyObject *Py_UNUSED(module), PyObject *arg)
@@ -841,6 +857,8 @@ static PyMethodDef attnpy_methods[] = {
     {"set_kernel", attnpy_set_kernel, METH_O, "Force a float32 kernel ('auto' to choose)."},
     {"get_kernel", attnpy_get_kernel, METH_NOARGS, "The float32 kernel in use."},
     {"supported_kernels", attnpy_supported_kernels, METH_NOARGS, "Kernels this CPU runs."},
+    {"fma_peak", attnpy_fma_peak, METH_VARARGS,
+     "fma_peak(threads, iters): float32 FMA GFLOP/s of the selected kernel's vectors."},
     {NULL, NULL, 0, NULL},
 };
 
