@@ -21,17 +21,17 @@ def get_num_threads():
 
 
 def set_kernel(name):
-    """Choose the float32 kernel: ``"auto"`` (the fastest this CPU runs),
+    """Choose the kernel: ``"auto"`` (the fastest this CPU runs),
     ``"reference"`` (the readable one students read), or ``"baseline"``,
-    ``"avx2"``, ``"avx512"`` (the tiled kernels for each instruction set).
-    float64, the trace and dropout always use the reference kernel."""
+    ``"avx2"``, ``"avx512"`` (the tiled kernels for each instruction set, in
+    float32 and float64). The trace and dropout always use the reference."""
     global _choice
     _core.set_kernel(name)
     _choice = name
 
 
 def get_kernel():
-    """The float32 kernel in use (what ``"auto"`` chose)."""
+    """The kernel in use (what ``"auto"`` chose)."""
     return _core.get_kernel()
 
 

@@ -143,13 +143,13 @@ static void attn_sdpa_item(void *ctx, int64_t item, int thread)
                    work);
 }
 
-/* Can the fast kernels do this call? float32, no trace, no dropout, and a
-   weights buffer (if any) with unit column stride. */
+/* Can the fast kernels do this call? No trace, no dropout, and a weights
+   buffer (if any) with unit column stride. */
 static int attn_fast_applies(const attn_sdpa_args *a)
 {
-    return a->dtype == ATTN_FLOAT32 && a->dropout_p == 0.0 && !a->scores.data &&
-           !a->logits.data && !a->dropout_mask.data && !a->dropped.data &&
-           (!a->weights.data || a->weights.col == (int64_t)sizeof(float));
+    int64_t elem = a->dtype == ATTN_FLOAT64 ? (int64_t)sizeof(double) : (int64_t)sizeof(float);
+    return a->dropout_p == 0.0 && !a->scores.data && !a->logits.data && !a->dropout_mask.data &&
+           !a->dropped.data && (!a->weights.data || a->weights.col == elem);
 }
 
 int attn_sdpa(const attn_sdpa_args *a)
@@ -176,7 +176,7 @@ int attn_sdpa(const attn_sdpa_args *a)
     if (job.kernel != ATTN_KERNEL_REFERENCE) {
         job.blocks = (a->L + ATTN_FAST_BR - 1) / ATTN_FAST_BR;
         items = nproblems * job.blocks;
-        job.work_size = attn_fast_workspace(a) * sizeof(float);
+        job.work_size = attn_fast_workspace(a);
     } else {
         /* a key block of scores and one output row, in double */
         job.work_size = (size_t)(ATTN_KEY_BLOCK + a->Ev) * sizeof(double);
@@ -223,7 +223,7 @@ static void attn_linear_item(void *ctx, int64_t item, int thread)
     int64_t no = p->O - o0 < ATTN_LINEAR_BC ? p->O - o0 : ATTN_LINEAR_BC;
     if (job->kernel != ATTN_KERNEL_REFERENCE)
         attn_fast_linear_block(job->kernel, p, n, l0, nr, o0, no,
-                               (float *)(job->work + (size_t)thread * job->work_size));
+                               job->work + (size_t)thread * job->work_size);
     else if (p->dtype == ATTN_FLOAT32)
         attn_linear_block_f32(p, n, l0, nr, o0, no);
     else
@@ -236,7 +236,6 @@ int attn_linear(const attn_linear_args *p)
         !p->y.data || (p->dtype != ATTN_FLOAT32 && p->dtype != ATTN_FLOAT64))
         return ATTN_EINVAL;
     attn_linear_job job = {.p = p, .kernel = attn_get_kernel()};
-    if (p->dtype != ATTN_FLOAT32) job.kernel = ATTN_KERNEL_REFERENCE;
     job.row_blocks = (p->M + ATTN_FAST_BR - 1) / ATTN_FAST_BR;
     job.col_blocks = (p->O + ATTN_LINEAR_BC - 1) / ATTN_LINEAR_BC;
     int64_t items = p->N * job.row_blocks * job.col_blocks;
@@ -246,7 +245,7 @@ int attn_linear(const attn_linear_args *p)
     int threads = flops < 2e5 ? 1 : attn_get_num_threads();
     if (threads > items) threads = (int)items;
     if (job.kernel != ATTN_KERNEL_REFERENCE) {
-        job.work_size = (attn_fast_linear_workspace(p) * sizeof(float) + 63) / 64 * 64;
+        job.work_size = (attn_fast_linear_workspace(p) + 63) / 64 * 64;
         job.work = malloc(job.work_size * (size_t)threads);
         if (!job.work) job.kernel = ATTN_KERNEL_REFERENCE; /* needs no workspace */
     }

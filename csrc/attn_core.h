@@ -107,11 +107,11 @@ int attn_dropout_keep(uint64_t seed, uint64_t index, double p);
 /* Kernels and threads                                                       */
 
 /*
- * Which kernel computes float32 attention. AUTO: the fastest this CPU runs.
- * REFERENCE: the readable kernel of attn_kernels.inc (float64 always uses
- * it, and so do the trace and dropout). BASELINE, AVX2, AVX512: the tiled
- * kernels of attn_fast.inc built for x86-64's baseline SSE2, AVX2+FMA and
- * AVX-512F. Setting one the CPU lacks returns ATTN_EINVAL.
+ * Which kernel computes attention and linear layers. AUTO: the fastest this
+ * CPU runs. REFERENCE: the readable kernel of attn_kernels.inc (the trace and
+ * dropout always use it). BASELINE, AVX2, AVX512: the tiled kernels of
+ * attn_fast.inc built for x86-64's baseline SSE2, AVX2+FMA and AVX-512F,
+ * float32 and float64. Setting one the CPU lacks returns ATTN_EINVAL.
  */
 typedef enum {
     ATTN_KERNEL_AUTO = 0,

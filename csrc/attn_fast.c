@@ -1,6 +1,6 @@
 /*
- * attn_fast.c -- the fast float32 kernels, built for three instruction sets
- * from one source (attn_fast.inc) and chosen at run time. Release builds do
+ * attn_fast.c -- the fast kernels, built for three instruction sets and two
+ * element types from one source (attn_fast.inc) and chosen at run time. Release builds do
  * not depend on -march: each copy carries its own target attribute, and
  * attn_kernel_supported() asks the CPU which copies it can run.
  */
@@ -12,34 +12,104 @@
 #define BR ATTN_FAST_BR /* query rows per tile */
 #define BC 128          /* keys per tile */
 
+/* Each instruction set, each element type. VLEN: elements per vector. */
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx2,fma")
 #define ISA avx512
-#define VLEN 16
 #define MR 8
+#define T float
+#define SFX f32
+#define ATTN_F64 0
+#define ATTN_INT int32_t
+#define ATTN_UINT uint32_t
+#define VLEN 16
 #include "attn_fast.inc"
-#undef ISA
+#undef T
+#undef SFX
+#undef ATTN_F64
+#undef ATTN_INT
+#undef ATTN_UINT
 #undef VLEN
+#define T double
+#define SFX f64
+#define ATTN_F64 1
+#define ATTN_INT int64_t
+#define ATTN_UINT uint64_t
+#define VLEN 8
+#include "attn_fast.inc"
+#undef T
+#undef SFX
+#undef ATTN_F64
+#undef ATTN_INT
+#undef ATTN_UINT
+#undef VLEN
+#undef ISA
 #undef MR
 #pragma GCC pop_options
 
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 #define ISA avx2
-#define VLEN 8
 #define MR 4
+#define T float
+#define SFX f32
+#define ATTN_F64 0
+#define ATTN_INT int32_t
+#define ATTN_UINT uint32_t
+#define VLEN 8
 #include "attn_fast.inc"
-#undef ISA
+#undef T
+#undef SFX
+#undef ATTN_F64
+#undef ATTN_INT
+#undef ATTN_UINT
 #undef VLEN
+#define T double
+#define SFX f64
+#define ATTN_F64 1
+#define ATTN_INT int64_t
+#define ATTN_UINT uint64_t
+#define VLEN 4
+#include "attn_fast.inc"
+#undef T
+#undef SFX
+#undef ATTN_F64
+#undef ATTN_INT
+#undef ATTN_UINT
+#undef VLEN
+#undef ISA
 #undef MR
 #pragma GCC pop_options
 
 #define ISA base
-#define VLEN 4
 #define MR 4
+#define T float
+#define SFX f32
+#define ATTN_F64 0
+#define ATTN_INT int32_t
+#define ATTN_UINT uint32_t
+#define VLEN 4
 #include "attn_fast.inc"
-#undef ISA
+#undef T
+#undef SFX
+#undef ATTN_F64
+#undef ATTN_INT
+#undef ATTN_UINT
 #undef VLEN
+#define T double
+#define SFX f64
+#define ATTN_F64 1
+#define ATTN_INT int64_t
+#define ATTN_UINT uint64_t
+#define VLEN 2
+#include "attn_fast.inc"
+#undef T
+#undef SFX
+#undef ATTN_F64
+#undef ATTN_INT
+#undef ATTN_UINT
+#undef VLEN
+#undef ISA
 #undef MR
 
 int attn_kernel_supported(attn_kernel kernel)
@@ -62,41 +132,47 @@ size_t attn_fast_workspace(const attn_sdpa_args *a)
     /* Qp (BR x E), Kt (E x BC), Vp (BC x Evp), S (BR x BC), O (BR x Evp);
        Evp rounded for the widest vectors */
     size_t E = (size_t)a->E, Evp = (size_t)attn_round_up(a->Ev, 32);
-    return BR * E + E * BC + BC * Evp + BR * BC + BR * Evp;
+    size_t elem = a->dtype == ATTN_FLOAT64 ? sizeof(double) : sizeof(float);
+    return (BR * E + E * BC + BC * Evp + BR * BC + BR * Evp) * elem;
 }
 
 size_t attn_fast_linear_workspace(const attn_linear_args *p)
 {
     size_t K = (size_t)p->K;
-    return BR * K + K * BC + BR * BC;
+    size_t elem = p->dtype == ATTN_FLOAT64 ? sizeof(double) : sizeof(float);
+    return (BR * K + K * BC + BR * BC) * elem;
 }
 
+/* One name per (instruction set, element type): pick the function. */
+#define ATTN_PICK(fn, kernel, sfx)                                    \
+    ((kernel) == ATTN_KERNEL_AVX512 ? fn##_avx512_##sfx                \
+     : (kernel) == ATTN_KERNEL_AVX2 ? fn##_avx2_##sfx : fn##_base_##sfx)
+
 void attn_fast_linear_block(attn_kernel kernel, const attn_linear_args *p, int64_t n,
-                            int64_t l0, int64_t nr, int64_t o0, int64_t no, float *ws)
+                            int64_t l0, int64_t nr, int64_t o0, int64_t no, void *ws)
 {
-    switch (kernel) {
-    case ATTN_KERNEL_AVX512: linear_block_avx512(p, n, l0, nr, o0, no, ws); break;
-    case ATTN_KERNEL_AVX2: linear_block_avx2(p, n, l0, nr, o0, no, ws); break;
-    default: linear_block_base(p, n, l0, nr, o0, no, ws); break;
+    if (p->dtype == ATTN_FLOAT64) {
+        void (*fn)(const attn_linear_args *, int64_t, int64_t, int64_t, int64_t, int64_t,
+                   double *) = ATTN_PICK(linear_block, kernel, f64);
+        fn(p, n, l0, nr, o0, no, ws);
+    } else {
+        void (*fn)(const attn_linear_args *, int64_t, int64_t, int64_t, int64_t, int64_t,
+                   float *) = ATTN_PICK(linear_block, kernel, f32);
+        fn(p, n, l0, nr, o0, no, ws);
     }
 }
 
 void attn_fast_rows(attn_kernel kernel, const attn_sdpa_args *a, const attn_head *hd,
-                    int64_t i0, int64_t nr, float *ws)
+                    int64_t i0, int64_t nr, void *ws)
 {
-    switch (kernel) {
-    case ATTN_KERNEL_AVX512:
-        if (hd->weights) weights_rows_avx512(a, hd, i0, nr, ws);
-        else flash_rows_avx512(a, hd, i0, nr, ws);
-        break;
-    case ATTN_KERNEL_AVX2:
-        if (hd->weights) weights_rows_avx2(a, hd, i0, nr, ws);
-        else flash_rows_avx2(a, hd, i0, nr, ws);
-        break;
-    default:
-        if (hd->weights) weights_rows_base(a, hd, i0, nr, ws);
-        else flash_rows_base(a, hd, i0, nr, ws);
-        break;
+    if (a->dtype == ATTN_FLOAT64) {
+        void (*fn)(const attn_sdpa_args *, const attn_head *, int64_t, int64_t, double *) =
+            hd->weights ? ATTN_PICK(weights_rows, kernel, f64) : ATTN_PICK(flash_rows, kernel, f64);
+        fn(a, hd, i0, nr, ws);
+    } else {
+        void (*fn)(const attn_sdpa_args *, const attn_head *, int64_t, int64_t, float *) =
+            hd->weights ? ATTN_PICK(weights_rows, kernel, f32) : ATTN_PICK(flash_rows, kernel, f32);
+        fn(a, hd, i0, nr, ws);
     }
 }
 
@@ -116,9 +192,9 @@ static void attn_fma_item(void *ctx, int64_t item, int thread)
     attn_fma_job *job = ctx;
     float r;
     switch (job->kernel) {
-    case ATTN_KERNEL_AVX512: r = fma_loop_avx512(job->iters, job->seed); break;
-    case ATTN_KERNEL_AVX2: r = fma_loop_avx2(job->iters, job->seed); break;
-    default: r = fma_loop_base(job->iters, job->seed); break;
+    case ATTN_KERNEL_AVX512: r = fma_loop_avx512_f32(job->iters, job->seed); break;
+    case ATTN_KERNEL_AVX2: r = fma_loop_avx2_f32(job->iters, job->seed); break;
+    default: r = fma_loop_base_f32(job->iters, job->seed); break;
     }
     job->sink += r; /* racy on purpose: only keeps the result alive */
 }

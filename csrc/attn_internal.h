@@ -41,19 +41,6 @@ static inline int attn_blocked(const attn_sdpa_args *a, const attn_head *hd, int
            attn_bool_hides(a->mask2_kind, hd->mask2 + i * a->mask2.row + j * a->mask2.col);
 }
 
-/* The float masks' sum at (i, j), for float32 masks (the fast kernels). */
-static inline double attn_mask_sum_f32(const attn_sdpa_args *a, const attn_head *hd, int64_t i,
-                                       int64_t j)
-{
-    double add = 0.0;
-    if (j >= a->S - a->extra_keys) return add;
-    if (a->mask_kind == ATTN_MASK_ADD)
-        add += *(const float *)(hd->mask + i * a->mask.row + j * a->mask.col);
-    if (a->mask2_kind == ATTN_MASK_ADD)
-        add += *(const float *)(hd->mask2 + i * a->mask2.row + j * a->mask2.col);
-    return add;
-}
-
 static inline int64_t attn_round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
 /* Thread pool (attn_parallel.c): fn(ctx, item, thread) for every item, on at
@@ -61,15 +48,15 @@ static inline int64_t attn_round_up(int64_t n, int64_t m) { return (n + m - 1) /
 void attn_parallel_for(int64_t n, int max_threads,
                        void (*fn)(void *ctx, int64_t item, int thread), void *ctx);
 
-/* Fast float32 kernels (attn_fast.c). */
+/* Fast kernels (attn_fast.c), float32 and float64. */
 #define ATTN_FAST_BR 128  /* query rows per work item */
-size_t attn_fast_workspace(const attn_sdpa_args *a); /* floats per thread */
+size_t attn_fast_workspace(const attn_sdpa_args *a); /* bytes per thread */
 void attn_fast_rows(attn_kernel kernel, const attn_sdpa_args *a, const attn_head *hd,
-                    int64_t i0, int64_t nr, float *workspace);
+                    int64_t i0, int64_t nr, void *workspace);
 
 #define ATTN_LINEAR_BC 128 /* output columns per linear work item */
-size_t attn_fast_linear_workspace(const attn_linear_args *p); /* floats per thread */
+size_t attn_fast_linear_workspace(const attn_linear_args *p); /* bytes per thread */
 void attn_fast_linear_block(attn_kernel kernel, const attn_linear_args *p, int64_t n,
-                            int64_t l0, int64_t nr, int64_t o0, int64_t no, float *workspace);
+                            int64_t l0, int64_t nr, int64_t o0, int64_t no, void *workspace);
 
 #endif /* ATTN_INTERNAL_H */

@@ -1,10 +1,10 @@
 """Every kernel, at several thread counts, computes the same attention.
 
-float32 has four kernels (the reference and the tiled kernel built for the
-x86-64 baseline, AVX2 and AVX-512); each one this CPU supports is forced in
-turn and checked on the whole SDPA parity matrix and on cases large enough to
-span several query and key tiles and to run on several threads. float64
-always runs the reference kernel (covered by the parity suite).
+There are four kernels (the reference and the tiled kernel built for the
+x86-64 baseline, AVX2 and AVX-512), each for float32 and float64; each one
+this CPU supports is forced in turn and checked on the whole SDPA parity
+matrix (both dtypes, the parity suite's tolerances) and on cases large enough
+to span several query and key tiles and to run on several threads.
 """
 import numpy as np
 import pytest
@@ -28,7 +28,7 @@ def kernel_and_threads(request):
 
 
 SETTINGS = [pytest.param((k, t), id=f"{k}-{t}threads") for k in KERNELS for t in THREADS]
-FLOAT32_CASES = [c for c in parity.CASES if c.values[1] == np.float32]
+ALL_CASES = list(parity.CASES)
 
 
 def test_all_four_kernels_exist_on_this_machine():
@@ -43,7 +43,7 @@ def test_all_four_kernels_exist_on_this_machine():
 
 @pytest.mark.parametrize("kernel_and_threads", SETTINGS, indirect=True)
 def test_parity_matrix_under_kernel(kernel_and_threads):
-    for case in FLOAT32_CASES:
+    for case in ALL_CASES:
         parity.test_parity(*case.values)
 
 
@@ -52,6 +52,14 @@ def big_case(rng, shape_q, shape_k, Ev, mask=None, **kw):
     k = rng.standard_normal(shape_k, dtype=np.float32)
     v = rng.standard_normal(shape_k[:-1] + (Ev,), dtype=np.float32)
     return q, k, v, dict(attn_mask=mask, **kw)
+
+
+def as_float64(case):
+    q, k, v, kw = case
+    mask = kw.get("attn_mask")
+    if mask is not None and mask.dtype == np.float32:
+        kw = dict(kw, attn_mask=mask.astype(np.float64))
+    return q.astype(np.float64), k.astype(np.float64), v.astype(np.float64), kw
 
 
 def big_cases():
@@ -78,16 +86,18 @@ BIG = list(big_cases())
 
 @pytest.mark.parametrize("kernel_and_threads", SETTINGS, indirect=True)
 @pytest.mark.parametrize("need_weights", [True, False], ids=["weights", "noweights"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("name, case", BIG, ids=[name for name, _ in BIG])
-def test_tiles_and_threads(kernel_and_threads, need_weights, name, case):
-    q, k, v, kw = case
+def test_tiles_and_threads(kernel_and_threads, dtype, need_weights, name, case):
+    q, k, v, kw = case if dtype == np.float32 else as_float64(case)
     res = attnpy.scaled_dot_product_attention(q, k, v, need_weights=need_weights, **kw)
     ref_out, ref_w = sdpa_reference(q, k, v, **kw)
-    np.testing.assert_allclose(res.output, ref_out, atol=1e-5, rtol=1e-5)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == np.float32 else dict(atol=1e-12, rtol=1e-12)
+    np.testing.assert_allclose(res.output, ref_out, **tol)
     dead = ref_w.sum(-1) == 0
     assert np.all(res.output[dead] == 0)
     if need_weights:
-        np.testing.assert_allclose(res.weights, ref_w, atol=1e-6, rtol=1e-5)
+        np.testing.assert_allclose(res.weights, ref_w, **tol)
         assert np.all(res.weights[ref_w == 0] == 0), "masked keys must get exactly zero"
 
 
