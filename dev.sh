@@ -2,6 +2,7 @@
 # The two README commands live here:
 #   bash dev.sh demo   set everything up from a fresh clone, run the demo
 #   bash dev.sh test   set everything up from a fresh clone, run every test (C and Python)
+#   bash dev.sh bench  set everything up, run the benchmark (writes bench/results.md, .png)
 # "Set up" means: a virtual environment in .venv, the pinned dependencies,
 # and the C extension built in place with -Wall -Wextra -Werror.
 set -euo pipefail
@@ -39,8 +40,12 @@ case "${1:-}" in
         c_tests
         "$VENV/bin/python" -m pytest -q tests "${@:2}"
         ;;
+    bench)
+        setup
+        "$VENV/bin/python" bench/bench.py "${@:2}"
+        ;;
     *)
-        echo "usage: bash dev.sh demo|test [args...]" >&2
+        echo "usage: bash dev.sh demo|test|bench [args...]" >&2
         exit 2
         ;;
 esac

@@ -1,0 +1,22 @@
+"""The benchmark script runs (quick mode: tiny rows) and writes its table.
+
+Not a performance test: times are never asserted. It keeps bench/bench.py
+from rotting as the API changes.
+"""
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_quick_benchmark_writes_results(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench.py"), "--quick",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = (tmp_path / "results.md").read_text()
+    assert "measured fp32 FMA peak" in table
+    assert "Geometric-mean speed-up over torch" in table
+    for label in ("B=1 H=1 L=8 D=4", "causal", "+w", "f64", "MHA", "mem"):
+        assert label in table, label
+    assert (tmp_path / "results.png").stat().st_size > 10_000
