@@ -2,9 +2,11 @@
 
     python bench/bench.py [--quick] [--threads N] [--out DIR]
 
-Every row times attnpy and its peers with the same thread count, in
-interleaved rounds (attnpy, torch, NumPy, attnpy, ...), so that the noise of a
-shared machine falls on all of them alike; medians are reported. The script
+Every row times attnpy and its peers with the same thread count, in rounds
+of blocks (a few attnpy calls, a few torch calls, a few NumPy calls, again),
+so that the noise of a shared machine falls on all of them alike. Before each
+block the other libraries' thread pools are given time to go idle (see
+time_row); medians are reported. The script
 measures the machine's float32 FMA peak itself and writes results.md and
 results.png into --out (default: bench/).
 
@@ -185,11 +187,23 @@ def _status_kib(field_name):
     return None
 
 
+def _malloc_trim():
+    """Give the C heap's free memory back to the OS (glibc), so that a call's
+    allocations show up as new pages rather than reuse what earlier calls freed."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def peak_extra_mib(fn):
-    """Peak RSS growth during one call: the high-water mark is reset first
-    (/proc/self/clear_refs), so this is what the call itself needed,
-    outputs included. None where the kernel does not allow the reset."""
+    """Peak RSS growth during one call: the heap is trimmed and the high-water
+    mark reset first (/proc/self/clear_refs), so this is what the call itself
+    needed, outputs included. None where the kernel does not allow the reset."""
     gc.collect()
+    _malloc_trim()
+    time.sleep(SETTLE)
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -203,21 +217,34 @@ def peak_extra_mib(fn):
     return (peak - before) / 1024.0
 
 
+SETTLE = 0.15  # seconds: other libraries' thread pools stop spinning (OpenBLAS needs ~0.1 s)
+
+
 def time_row(row, calls, budget):
-    """Interleaved rounds; returns {name: median seconds}."""
+    """Rounds of blocks: each round runs a block of calls of each library in
+    turn. Before a block the script sleeps SETTLE seconds and makes one
+    untimed call: thread pools (attnpy's, torch's OpenMP, OpenBLAS) keep
+    spinning after a call, and on a small machine one NumPy call halves the
+    speed of whatever runs in the next few tens of milliseconds.
+    Returns ({name: median seconds}, timed calls per library)."""
     for fn in calls.values():   # warm up: first-touch, thread pools, caches
         fn()
     t0 = time.perf_counter()
     calls["attnpy"]()
     first = time.perf_counter() - t0
-    reps = row.reps or max(3, min(50, int(budget / max(first, 1e-6) / len(calls))))
+    per_lib = row.reps or max(3, min(40, int(budget / max(first, 1e-6) / len(calls))))
+    rounds = 3 if per_lib >= 6 else 1
+    block = max(1, per_lib // rounds)
     times = {name: [] for name in calls}
-    for _ in range(reps):
+    for _ in range(rounds):
         for name, fn in calls.items():
-            t0 = time.perf_counter()
+            time.sleep(SETTLE)
             fn()
-            times[name].append(time.perf_counter() - t0)
-    return {name: sorted(ts)[len(ts) // 2] for name, ts in times.items()}, reps
+            for _ in range(block):
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+    return {name: sorted(ts)[len(ts) // 2] for name, ts in times.items()}, rounds * block
 
 
 def machine_description(np, torch, attnpy, peak, threads):
@@ -264,7 +291,8 @@ def write_outputs(rows, machine, peak, out, quick):
     if quick:
         lines += ["**Quick mode** (tiny rows, a check that the script runs; not results).", ""]
     lines += [f"- {k}: {v}" for k, v in machine.items()]
-    lines += ["", "Times are medians of interleaved rounds. Speed-up = peer time / attnpy "
+    lines += ["", "Times are medians over rounds of blocks of calls, each block after a "
+              "pause that lets the other libraries' thread pools go idle. Speed-up = peer time / attnpy "
               "time (> 1: attnpy faster). GFLOP/s count the two products, 4·B·H·L·S·D, "
               "the lower triangle only for causal rows; multi-head rows add the four "
               "projections. Peak % is attnpy's GFLOP/s over the measured FMA peak. Memory "

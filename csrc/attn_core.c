@@ -185,7 +185,7 @@ int attn_sdpa(const attn_sdpa_args *a)
 
     /* small problems stay on the calling thread: waking others costs more */
     double flops = 2.0 * (double)nproblems * (double)a->L * (double)a->S * (double)(a->E + a->Ev);
-    int threads = flops < 2e5 ? 1 : attn_get_num_threads();
+    int threads = attn_threads_for(flops);
     if (threads > items) threads = (int)items;
 
     job.work = malloc(job.work_size * (size_t)threads);
@@ -242,7 +242,7 @@ int attn_linear(const attn_linear_args *p)
     if (items == 0) return ATTN_OK;
 
     double flops = 2.0 * (double)p->N * (double)p->M * (double)p->K * (double)p->O;
-    int threads = flops < 2e5 ? 1 : attn_get_num_threads();
+    int threads = attn_threads_for(flops);
     if (threads > items) threads = (int)items;
     if (job.kernel != ATTN_KERNEL_REFERENCE) {
         job.work_size = (attn_fast_linear_workspace(p) + 63) / 64 * 64;

@@ -48,6 +48,18 @@ static inline int64_t attn_round_up(int64_t n, int64_t m) { return (n + m - 1) /
 void attn_parallel_for(int64_t n, int max_threads,
                        void (*fn)(void *ctx, int64_t item, int thread), void *ctx);
 
+/* Is a worker awake (spinning, or working)? Waking a sleeping one costs
+   up to ~0.5 ms: small jobs are better done on the calling thread then. */
+int attn_parallel_awake(void);
+
+/* How many threads a job of `flops` floating-point operations should use. */
+static inline int attn_threads_for(double flops)
+{
+    if (flops < 2e5) return 1;                            /* ~ a few microseconds */
+    if (flops < 2e7 && !attn_parallel_awake()) return 1;  /* less than a wake-up */
+    return attn_get_num_threads();
+}
+
 /* Fast kernels (attn_fast.c), float32 and float64. */
 #define ATTN_FAST_BR 128  /* query rows per work item */
 size_t attn_fast_workspace(const attn_sdpa_args *a); /* bytes per thread */

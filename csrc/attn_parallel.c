@@ -1,19 +1,32 @@
 /*
  * attn_parallel.c -- a small thread pool for the core's parallel loops.
  *
- * attn_parallel_for(n, fn, ctx) calls fn(ctx, item) for item = 0 .. n-1 on
- * up to attn_get_num_threads() threads (the caller is one of them). Items
- * are handed out one at a time from an atomic counter, so uneven items
+ * attn_parallel_for(n, max_threads, fn, ctx) calls fn(ctx, item, thread) for
+ * item = 0 .. n-1 on up to max_threads threads (the caller is thread 0).
+ * Items are handed out one at a time from an atomic counter, so uneven items
  * (causal rows) balance themselves. Every item writes its own outputs, so
  * results do not depend on the thread count.
  *
- * - One parallel loop runs at a time; a caller that finds the pool busy (a
- *   second Python thread calling attnpy) runs its loop alone, unblocked.
- * - Workers are started on first use and kept; after fork() the child has
- *   none, and starts its own on first use (pthread_atfork).
- * - A worker that finishes a loop spins for a short while (ATTN_SPIN_NS)
- *   watching for the next one before it sleeps: waking a sleeping thread
- *   costs tens of microseconds, as much as a small attention call.
+ * The join protocol. Waking a sleeping thread costs up to a few milliseconds
+ * on a virtual machine, far more than a small attention call, so the caller
+ * never waits for a worker that has not started:
+ *   - the caller publishes the job (a new generation) and works on it;
+ *   - a worker that sees the new generation *joins* it (a counter in
+ *     pool_state) before it touches the job, and leaves it when done;
+ *   - when the items run out the caller *closes* the job and waits only for
+ *     the workers that joined. A worker that wakes after that finds the job
+ *     closed and goes back to waiting, without touching it.
+ * pool_state holds the generation (high 32 bits), a closed bit and the
+ * number of workers inside; joining is a compare-and-swap on it, so a worker
+ * can never join a job that is closed or that is not the one it saw.
+ *
+ * A worker spins for ATTN_SPIN_NS after a job, watching for the next one,
+ * before it sleeps on a condition variable.
+ *
+ * One parallel loop runs at a time; a caller that finds the pool busy (a
+ * second Python thread calling attnpy) runs its loop alone. Workers are
+ * started on first use and kept; after fork() the child has none and starts
+ * its own on first use (pthread_atfork).
  */
 #include "attn_internal.h"
 
@@ -24,7 +37,11 @@
 #include <unistd.h>
 
 #define ATTN_MAX_THREADS 256
-#define ATTN_SPIN_NS 200000 /* 0.2 ms */
+#define ATTN_SPIN_NS 1000000 /* a worker watches for the next job for 1 ms */
+
+#define STATE_CLOSED (UINT64_C(1) << 31)
+#define STATE_INSIDE (STATE_CLOSED - 1)   /* low 31 bits: workers inside the job */
+#define STATE_GEN(s) ((uint32_t)((s) >> 32))
 
 typedef struct {
     void (*fn)(void *ctx, int64_t item, int thread);
@@ -33,19 +50,27 @@ typedef struct {
     atomic_llong next;
 } attn_job;
 
-static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER; /* guards the fields below */
-static pthread_cond_t pool_wake = PTHREAD_COND_INITIALIZER;
-static pthread_cond_t pool_done = PTHREAD_COND_INITIALIZER;
+static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER; /* sleeping and waking */
+static pthread_cond_t pool_wake = PTHREAD_COND_INITIALIZER;  /* a new job */
+static pthread_cond_t pool_done = PTHREAD_COND_INITIALIZER;  /* the last worker left */
 static pthread_mutex_t run_lock = PTHREAD_MUTEX_INITIALIZER;  /* one loop at a time */
-static int pool_workers;            /* workers started */
-static int pool_sleeping;           /* workers waiting on pool_wake */
-static atomic_int pool_active;      /* workers taking part in the current job */
-static atomic_int pool_busy;        /* workers still working on it */
-static atomic_long pool_generation; /* bumped for each job (release: job published) */
-static attn_job *_Atomic pool_job;
+
+static int pool_workers;                /* workers started (under pool_lock) */
+static int pool_sleeping;               /* workers waiting on pool_wake (under pool_lock) */
 static long worker_start[ATTN_MAX_THREADS]; /* the generation a new worker waits past */
-static int num_threads;      /* 0: not chosen yet */
+static atomic_long pool_generation;     /* bumped to publish a job */
+static atomic_int pool_active;          /* workers (by id) asked to help with it */
+static attn_job *_Atomic pool_job;      /* valid while a worker is inside the job */
+static _Atomic uint64_t pool_state;     /* generation | closed | workers inside */
+static int num_threads;                 /* 0: not chosen yet (under pool_lock) */
 static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
+
+static int64_t attn_now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
 
 static void attn_run_items(attn_job *job, int thread)
 {
@@ -54,13 +79,6 @@ static void attn_run_items(attn_job *job, int thread)
         if (item >= job->n) return;
         job->fn(job->ctx, item, thread);
     }
-}
-
-static int64_t attn_now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
 }
 
 /* Wait until pool_generation differs from seen: spin first, then sleep. */
@@ -81,21 +99,36 @@ static long attn_wait_generation(long seen)
     return g;
 }
 
+/* Enter job generation g if it is still open; 1 on success. */
+static int attn_join(long g)
+{
+    uint64_t s = atomic_load(&pool_state);
+    while (STATE_GEN(s) == (uint32_t)g && !(s & STATE_CLOSED))
+        if (atomic_compare_exchange_weak(&pool_state, &s, s + 1)) return 1;
+    return 0;
+}
+
+static void attn_leave(void)
+{
+    uint64_t s = atomic_fetch_sub(&pool_state, 1) - 1;
+    if ((s & STATE_CLOSED) && (s & STATE_INSIDE) == 0) { /* the caller may be asleep */
+        pthread_mutex_lock(&pool_lock);
+        pthread_cond_signal(&pool_done);
+        pthread_mutex_unlock(&pool_lock);
+    }
+}
+
 static void *attn_worker(void *arg)
 {
     int id = (int)(intptr_t)arg;
     pthread_mutex_lock(&pool_lock);
-    long seen = worker_start[id]; /* the generation before the job it was started for */
+    long seen = worker_start[id];
     pthread_mutex_unlock(&pool_lock);
     for (;;) {
         seen = attn_wait_generation(seen);
-        if (id >= atomic_load(&pool_active)) continue; /* not needed for this job */
+        if (id >= atomic_load(&pool_active) || !attn_join(seen)) continue;
         attn_run_items(atomic_load(&pool_job), id + 1);
-        if (atomic_fetch_sub(&pool_busy, 1) == 1) {
-            pthread_mutex_lock(&pool_lock);
-            pthread_cond_signal(&pool_done);
-            pthread_mutex_unlock(&pool_lock);
-        }
+        attn_leave();
     }
     return NULL;
 }
@@ -111,8 +144,8 @@ static void attn_postfork_child(void)
 {
     pool_workers = pool_sleeping = 0;
     atomic_store(&pool_active, 0);
-    atomic_store(&pool_busy, 0);
     atomic_store(&pool_job, NULL);
+    atomic_store(&pool_state, (uint64_t)(uint32_t)atomic_load(&pool_generation) << 32);
     pthread_mutex_init(&pool_lock, NULL);
     pthread_mutex_init(&run_lock, NULL);
     pthread_cond_init(&pool_wake, NULL);
@@ -133,6 +166,14 @@ static int attn_default_threads(void)
     }
     long n = sysconf(_SC_NPROCESSORS_ONLN);
     return n < 1 ? 1 : n > ATTN_MAX_THREADS ? ATTN_MAX_THREADS : (int)n;
+}
+
+int attn_parallel_awake(void)
+{
+    pthread_mutex_lock(&pool_lock);
+    int awake = pool_workers > 0 && pool_sleeping < pool_workers;
+    pthread_mutex_unlock(&pool_lock);
+    return awake;
 }
 
 int attn_set_num_threads(int n)
@@ -164,36 +205,37 @@ void attn_parallel_for(int64_t n, int max_threads,
     }
     pthread_once(&atfork_once, attn_register_atfork);
 
-    /* publish the job, then wake the workers (only sleepers need the signal) */
+    /* publish the job as a new, open generation; wake sleepers */
     pthread_mutex_lock(&pool_lock);
-    int active = want - 1;
-    atomic_store(&pool_active, active);
-    atomic_store(&pool_busy, active);
-    atomic_store(&pool_job, &job);
-    while (pool_workers < active) {
+    while (pool_workers < want - 1) {
         pthread_t t;
         worker_start[pool_workers] = atomic_load(&pool_generation);
         if (pthread_create(&t, NULL, attn_worker, (void *)(intptr_t)pool_workers) != 0) break;
         pthread_detach(t);
         pool_workers++;
     }
-    if (pool_workers < active) { /* could not start them all: the rest is ours */
-        atomic_store(&pool_active, pool_workers);
-        atomic_store(&pool_busy, pool_workers);
-    }
-    atomic_fetch_add_explicit(&pool_generation, 1, memory_order_release);
+    long g = atomic_load(&pool_generation) + 1;
+    atomic_store(&pool_job, &job);
+    atomic_store(&pool_active, want - 1);
+    atomic_store(&pool_state, (uint64_t)(uint32_t)g << 32);
+    atomic_store_explicit(&pool_generation, g, memory_order_release);
     if (pool_sleeping) pthread_cond_broadcast(&pool_wake);
     pthread_mutex_unlock(&pool_lock);
 
     attn_run_items(&job, 0); /* the caller works too */
 
-    /* wait for the workers: spin briefly, then sleep */
+    /* close the job; wait for the workers inside it, spinning first (they
+       are working, so they finish soon), then sleeping */
+    uint64_t s = atomic_fetch_or(&pool_state, STATE_CLOSED) | STATE_CLOSED;
     int64_t start = attn_now_ns();
-    for (int i = 0; atomic_load(&pool_busy) > 0; i++)
+    for (int i = 0; (s & STATE_INSIDE) != 0; i++) {
         if ((i & 255) == 255 && attn_now_ns() - start > ATTN_SPIN_NS) break;
-    pthread_mutex_lock(&pool_lock);
-    while (atomic_load(&pool_busy) > 0) pthread_cond_wait(&pool_done, &pool_lock);
-    atomic_store(&pool_job, NULL);
-    pthread_mutex_unlock(&pool_lock);
+        s = atomic_load(&pool_state);
+    }
+    if (s & STATE_INSIDE) {
+        pthread_mutex_lock(&pool_lock);
+        while (atomic_load(&pool_state) & STATE_INSIDE) pthread_cond_wait(&pool_done, &pool_lock);
+        pthread_mutex_unlock(&pool_lock);
+    }
     pthread_mutex_unlock(&run_lock);
 }
