@@ -217,7 +217,8 @@ def peak_extra_mib(fn):
     return (peak - before) / 1024.0
 
 
-SETTLE = 0.15  # seconds: other libraries' thread pools stop spinning (OpenBLAS needs ~0.1 s)
+SETTLE = 0.15  # seconds: other libraries' thread pools stop spinning (OpenBLAS needs ~0.1 s);
+               # 0 in --quick mode, which only checks that the script runs
 
 
 def time_row(row, calls, budget):
@@ -389,6 +390,9 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     attnpy.set_num_threads(args.threads)
     budget = args.budget or (0.05 if args.quick else 1.5)
+    global SETTLE
+    if args.quick:
+        SETTLE = 0.0
 
     iters = 2_000_000 if args.quick else 50_000_000
     peak = max(attnpy._core.fma_peak(args.threads, iters) for _ in range(3))
