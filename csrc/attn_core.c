@@ -203,11 +203,13 @@ int attn_sdpa(const attn_sdpa_args *a)
     return ATTN_OK;
 }
 
-/* A linear layer's work: items are (batch, block of rows, block of outputs). */
+/* A linear layer's work: items are (batch, block of rows, group of output
+   columns). Columns are split into as few groups as keep every thread busy:
+   each item packs its rows once, so fewer groups is less packing. */
 typedef struct {
     const attn_linear_args *p;
     attn_kernel kernel;
-    int64_t row_blocks, col_blocks;
+    int64_t row_blocks, col_groups, group_width;
     char *work;
     size_t work_size;
 } attn_linear_job;
@@ -216,11 +218,12 @@ static void attn_linear_item(void *ctx, int64_t item, int thread)
 {
     const attn_linear_job *job = ctx;
     const attn_linear_args *p = job->p;
-    int64_t cb = item % job->col_blocks, rest = item / job->col_blocks;
+    int64_t cg = item % job->col_groups, rest = item / job->col_groups;
     int64_t rb = rest % job->row_blocks, n = rest / job->row_blocks;
-    int64_t l0 = rb * ATTN_FAST_BR, o0 = cb * ATTN_LINEAR_BC;
-    int64_t nr = p->M - l0 < ATTN_FAST_BR ? p->M - l0 : ATTN_FAST_BR;
-    int64_t no = p->O - o0 < ATTN_LINEAR_BC ? p->O - o0 : ATTN_LINEAR_BC;
+    int64_t l0 = rb * ATTN_LINEAR_BR, o0 = cg * job->group_width;
+    int64_t nr = p->M - l0 < ATTN_LINEAR_BR ? p->M - l0 : ATTN_LINEAR_BR;
+    int64_t no = p->O - o0 < job->group_width ? p->O - o0 : job->group_width;
+    if (no <= 0) return;
     if (job->kernel != ATTN_KERNEL_REFERENCE)
         attn_fast_linear_block(job->kernel, p, n, l0, nr, o0, no,
                                job->work + (size_t)thread * job->work_size);
@@ -236,13 +239,18 @@ int attn_linear(const attn_linear_args *p)
         !p->y.data || (p->dtype != ATTN_FLOAT32 && p->dtype != ATTN_FLOAT64))
         return ATTN_EINVAL;
     attn_linear_job job = {.p = p, .kernel = attn_get_kernel()};
-    job.row_blocks = (p->M + ATTN_FAST_BR - 1) / ATTN_FAST_BR;
-    job.col_blocks = (p->O + ATTN_LINEAR_BC - 1) / ATTN_LINEAR_BC;
-    int64_t items = p->N * job.row_blocks * job.col_blocks;
-    if (items == 0) return ATTN_OK;
+    job.row_blocks = (p->M + ATTN_LINEAR_BR - 1) / ATTN_LINEAR_BR;
+    int64_t row_items = p->N * job.row_blocks;
+    if (row_items == 0 || p->O == 0) return ATTN_OK;
 
     double flops = 2.0 * (double)p->N * (double)p->M * (double)p->K * (double)p->O;
     int threads = attn_threads_for(flops);
+    /* enough column groups for 2 items per thread, each a multiple of 64 wide */
+    int64_t groups = (2 * threads + row_items - 1) / row_items;
+    int64_t max_groups = (p->O + 63) / 64;
+    job.col_groups = groups < 1 ? 1 : groups > max_groups ? max_groups : groups;
+    job.group_width = attn_round_up((p->O + job.col_groups - 1) / job.col_groups, 64);
+    int64_t items = row_items * job.col_groups;
     if (threads > items) threads = (int)items;
     if (job.kernel != ATTN_KERNEL_REFERENCE) {
         job.work_size = (attn_fast_linear_workspace(p) + 63) / 64 * 64;

@@ -138,9 +138,10 @@ size_t attn_fast_workspace(const attn_sdpa_args *a)
 
 size_t attn_fast_linear_workspace(const attn_linear_args *p)
 {
+    /* Xt (K x BC), Wp (64 x K), Y (64 x BC) */
     size_t K = (size_t)p->K;
     size_t elem = p->dtype == ATTN_FLOAT64 ? sizeof(double) : sizeof(float);
-    return (BR * K + K * BC + BR * BC) * elem;
+    return (K * BC + 64 * K + 64 * BC) * elem;
 }
 
 /* One name per (instruction set, element type): pick the function. */

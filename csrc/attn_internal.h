@@ -66,7 +66,7 @@ size_t attn_fast_workspace(const attn_sdpa_args *a); /* bytes per thread */
 void attn_fast_rows(attn_kernel kernel, const attn_sdpa_args *a, const attn_head *hd,
                     int64_t i0, int64_t nr, void *workspace);
 
-#define ATTN_LINEAR_BC 128 /* output columns per linear work item */
+#define ATTN_LINEAR_BR 128 /* rows per linear work item (the fast kernels' BC) */
 size_t attn_fast_linear_workspace(const attn_linear_args *p); /* bytes per thread */
 void attn_fast_linear_block(attn_kernel kernel, const attn_linear_args *p, int64_t n,
                             int64_t l0, int64_t nr, int64_t o0, int64_t no, void *workspace);
