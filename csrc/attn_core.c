@@ -262,6 +262,55 @@ int attn_linear(const attn_linear_args *p)
     return ATTN_OK;
 }
 
+/*
+ * Self-attention's three projections read the same x: when the fast kernels
+ * run and the row blocks alone keep every thread busy, one parallel loop
+ * packs each row block of x^T once and produces q, k and v from it.
+ * Returns -1 when the separate linear layers should be used instead.
+ */
+typedef struct {
+    const attn_linear_args *ps;
+    int count;
+    attn_kernel kernel;
+    int64_t row_blocks;
+    char *work;
+    size_t work_size;
+} attn_linear_many_job;
+
+static void attn_linear_many_item(void *ctx, int64_t item, int thread)
+{
+    const attn_linear_many_job *job = ctx;
+    int64_t rb = item % job->row_blocks, n = item / job->row_blocks;
+    int64_t l0 = rb * ATTN_LINEAR_BR;
+    int64_t nr = job->ps[0].M - l0 < ATTN_LINEAR_BR ? job->ps[0].M - l0 : ATTN_LINEAR_BR;
+    attn_fast_linear_many(job->kernel, job->ps, job->count, n, l0, nr,
+                          job->work + (size_t)thread * job->work_size);
+}
+
+static int attn_linear_shared_x(const attn_linear_args *ps, int count)
+{
+    attn_linear_many_job job = {.ps = ps, .count = count, .kernel = attn_get_kernel()};
+    const attn_linear_args *p = &ps[0];
+    if (job.kernel == ATTN_KERNEL_REFERENCE) return -1;
+    job.row_blocks = (p->M + ATTN_LINEAR_BR - 1) / ATTN_LINEAR_BR;
+    int64_t items = p->N * job.row_blocks;
+    double flops = 0;
+    for (int c = 0; c < count; c++) flops += 2.0 * (double)p->N * (double)p->M * (double)p->K * (double)ps[c].O;
+    int threads = attn_threads_for(flops);
+    if (items < 2 * threads) return -1; /* too few row blocks: split columns instead */
+    job.work_size = (attn_fast_linear_workspace(p) + 63) / 64 * 64;
+    job.work = malloc(job.work_size * (size_t)threads);
+    if (!job.work) return -1;
+    attn_parallel_for(items, threads, attn_linear_many_item, &job);
+    free(job.work);
+    return ATTN_OK;
+}
+
+static int attn_same_view3(attn_view3 a, attn_view3 b)
+{
+    return a.data == b.data && a.batch == b.batch && a.row == b.row && a.col == b.col;
+}
+
 /* Rows S.. of k and v (per batch n): bias_k / bias_v, then zeros. */
 static void attn_append_kv(const attn_mha_args *m)
 {
@@ -315,11 +364,19 @@ int attn_mha(attn_mha_args *m)
     const int64_t extra = (m->bias_k.data ? 1 : 0) + (m->add_zero_attn ? 1 : 0);
     int status;
 
-    /* 1. projections */
-    if ((status = attn_project(m, m->L, m->qdim, H * D, m->query, m->w_q, m->b_q, m->q)) ||
-        (status = attn_project(m, m->S, m->kdim, Hkv * D, m->key, m->w_k, m->b_k, m->k)) ||
-        (status = attn_project(m, m->S, m->vdim, Hkv * Dv, m->value, m->w_v, m->b_v, m->v)))
-        return status;
+    /* 1. projections (self-attention: the three at once, x^T packed once) */
+    attn_linear_args proj[3] = {
+        {.dtype = m->dtype, .N = m->N, .M = m->L, .K = m->qdim, .O = H * D,
+         .x = m->query, .w = m->w_q, .y = m->q, .b = m->b_q},
+        {.dtype = m->dtype, .N = m->N, .M = m->S, .K = m->kdim, .O = Hkv * D,
+         .x = m->key, .w = m->w_k, .y = m->k, .b = m->b_k},
+        {.dtype = m->dtype, .N = m->N, .M = m->S, .K = m->vdim, .O = Hkv * Dv,
+         .x = m->value, .w = m->w_v, .y = m->v, .b = m->b_v}};
+    int shared = attn_same_view3(m->query, m->key) && attn_same_view3(m->key, m->value) &&
+                 m->L == m->S && m->qdim == m->kdim && m->kdim == m->vdim;
+    if (!shared || attn_linear_shared_x(proj, 3) != ATTN_OK)
+        for (int i = 0; i < 3; i++)
+            if ((status = attn_linear(&proj[i]))) return status;
 
     /* 2. bias_k / bias_v and the zero key, as extra key positions */
     attn_append_kv(m);

@@ -71,4 +71,9 @@ size_t attn_fast_linear_workspace(const attn_linear_args *p); /* bytes per threa
 void attn_fast_linear_block(attn_kernel kernel, const attn_linear_args *p, int64_t n,
                             int64_t l0, int64_t nr, int64_t o0, int64_t no, void *workspace);
 
+/* Several linear layers of one x (same data, strides and sizes but O):
+   x^T of the row block is packed once for all of them. */
+void attn_fast_linear_many(attn_kernel kernel, const attn_linear_args *ps, int count,
+                           int64_t n, int64_t l0, int64_t nr, void *workspace);
+
 #endif /* ATTN_INTERNAL_H */
