@@ -341,6 +341,13 @@ def write_outputs(rows, machine, peak, out, quick):
                          f"is {out_mib:.1f} MiB, so the extra is {m - out_mib:.1f} MiB "
                          f"(target: at most 64 MiB).")
     (out / "results.md").write_text("\n".join(lines) + "\n")
+    import json
+    (out / "results.json").write_text(json.dumps(
+        {"machine": machine, "fma_peak_gflops": peak, "geomean_vs_torch": geo,
+         "rows": [dict(label=r.label, kind=r.kind, shape=list(r.shape), causal=r.causal,
+                       need_weights=r.need_weights, dtype=r.dtype, flops=r.flops,
+                       seconds=r.results["times"], timed_calls=r.results["reps"],
+                       peak_rss_growth_mib=r.results["memory"]) for r in rows]}, indent=1))
     _plot(rows, out / "results.png", geo)
     return geo
 
@@ -361,6 +368,13 @@ def _plot(rows, path, geo):
         ax.barh([i + off for i in y], vals, height=0.38, color=color, label=f"vs {peer}")
     ax.axvline(1.0, color="black", lw=1)
     ax.set_xscale("log")
+    from matplotlib.ticker import FixedLocator, NullLocator
+    top = max(max(r.results["times"][p] / r.results["times"]["attnpy"]
+                  for p in ("torch", "numpy") if p in r.results["times"]) for r in rows)
+    ticks = [t for t in (0.5, 1, 1.5, 2, 3, 5, 8, 12, 20) if t <= top * 1.2]
+    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xticklabels([f"{t:g}x" for t in ticks])
     ax.set_yticks(list(y), labels, fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel("attnpy speed-up (peer time / attnpy time), log scale")
