@@ -10,7 +10,8 @@ import numpy as np
 
 from . import _core
 
-__all__ = ["AttentionResult", "scaled_dot_product_attention", "causal_mask"]
+__all__ = ["AttentionResult", "AttentionGradients", "BackwardTrace", "scaled_dot_product_attention",
+           "scaled_dot_product_attention_backward", "causal_mask"]
 
 
 class AttentionResult(NamedTuple):
@@ -150,3 +151,81 @@ def _size(name, n):
     if n < 0:
         raise ValueError(f"{name} must be >= 0; got {n}")
     return int(n)
+
+
+class BackwardTrace(NamedTuple):
+    """What the backward pass computed on the way to the input gradients.
+
+    Attributes
+    ----------
+    grad_weights : ndarray, shape (..., Hq, L, S)
+        dLoss/dP, P the softmax weights: ``grad_output @ value.T`` (with the
+        dropout mask applied when there was dropout).
+    grad_scores : ndarray, shape (..., Hq, L, S)
+        dLoss/dS, S the softmax's input (the scaled, masked scores): the
+        softmax's Jacobian applied, ``P * (grad_weights - sum(P * grad_weights))``.
+    """
+
+    grad_weights: np.ndarray
+    grad_scores: np.ndarray
+
+
+class AttentionGradients(NamedTuple):
+    """Gradients of a loss with respect to query, key and value.
+
+    Attributes
+    ----------
+    query, key, value : ndarray
+        Same shapes and dtypes as the inputs (summed over broadcast dims and,
+        with grouped-query attention, over the query heads of a key/value head).
+    trace : BackwardTrace or None
+    """
+
+    query: np.ndarray
+    key: np.ndarray
+    value: np.ndarray
+    trace: Optional[BackwardTrace]
+
+
+def scaled_dot_product_attention_backward(grad_output, query, key, value, attn_mask=None,
+                                          is_causal=False, scale=None, enable_gqa=False, *,
+                                          weights=None, trace=False) -> AttentionGradients:
+    r"""The backward pass of :func:`scaled_dot_product_attention`.
+
+    With :math:`S = \mathrm{scale}\, Q K^T + M`, :math:`P = \mathrm{softmax}(S)`,
+    :math:`O = P V` and :math:`dO` = ``grad_output``:
+
+    .. math::
+        dV = P^T dO,\quad dP = dO\, V^T,\quad
+        dS = P \odot (dP - \mathrm{rowsum}(P \odot dP)),\quad
+        dQ = \mathrm{scale}\; dS\, K,\quad dK = \mathrm{scale}\; dS^T Q
+
+    Parameters
+    ----------
+    grad_output : array_like, shape (..., Hq, L, Ev)
+        The gradient of the loss with respect to the attention output.
+    query, key, value, attn_mask, is_causal, scale, enable_gqa
+        Exactly as given to the forward call.
+    weights : ndarray, shape (..., Hq, L, S), optional
+        The forward's weights. Without them the softmax is recomputed row by
+        row (memory O(S) per thread, no L x S buffer); with them it is read.
+        Both give the same gradients to rounding.
+    trace : bool, default False
+        Also return the gradients of the weights and of the scores.
+
+    Returns
+    -------
+    AttentionGradients
+        ``query``, ``key``, ``value`` with the inputs' shapes and dtypes;
+        ``trace`` (a :class:`BackwardTrace`) or None.
+
+    Notes
+    -----
+    A fully masked row has zero weights, so it passes no gradient: its rows
+    of ``query``'s gradient are zero, and it adds nothing to ``key`` and
+    ``value``'s. Keys with zero weight get no gradient from that row.
+    """
+    gq, gk, gv, gw, gs = _core.scaled_dot_product_attention_backward(
+        grad_output, query, key, value, attn_mask, is_causal, scale, enable_gqa,
+        weights=weights, trace=trace)
+    return AttentionGradients(gq, gk, gv, BackwardTrace(gw, gs) if trace else None)

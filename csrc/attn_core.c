@@ -79,7 +79,7 @@ static void attn_locate(const attn_sdpa_args *a, int64_t p, attn_head *hd)
     hd->v = a->v.data + off[V];
     hd->mask = a->mask_kind == ATTN_MASK_NONE ? NULL : a->mask.data + off[M];
     hd->mask2 = a->mask2_kind == ATTN_MASK_NONE ? NULL : a->mask2.data + off[M2];
-    hd->out = a->out.data + off[OUT];
+    hd->out = attn_at(a->out.data, off[OUT]);
     hd->weights = attn_at(a->weights.data, off[W]);
     hd->scores = attn_at(a->scores.data, off[SC]);
     hd->logits = attn_at(a->logits.data, off[LG]);
@@ -231,6 +231,92 @@ static void attn_linear_item(void *ctx, int64_t item, int thread)
         attn_linear_block_f32(p, n, l0, nr, o0, no);
     else
         attn_linear_block_f64(p, n, l0, nr, o0, no);
+}
+
+/* ------------------------------------------------------------------------ */
+/* The backward pass                                                          */
+
+typedef struct {
+    const attn_sdpa_grad_args *g;
+    attn_sdpa_args locate_grad;  /* fwd, with grad_out / weights / trace as views */
+    char *work;
+    size_t work_size;
+} attn_backward_job;
+
+static void attn_backward_item(void *ctx, int64_t p, int thread)
+{
+    const attn_backward_job *job = ctx;
+    const attn_sdpa_grad_args *g = job->g;
+    const attn_sdpa_args *a = &g->fwd;
+    attn_head hd, hg; /* the problem in the inputs; in dO, weights and the trace */
+    attn_locate(a, p, &hd);
+    attn_locate(&job->locate_grad, p, &hg);
+    size_t es = a->dtype == ATTN_FLOAT32 ? sizeof(float) : sizeof(double);
+    char *dq = g->dq + (size_t)p * (size_t)(a->L * a->E) * es;
+    char *dk = g->dk + (size_t)p * (size_t)(a->S * a->E) * es;
+    char *dv = g->dv + (size_t)p * (size_t)(a->S * a->Ev) * es;
+    double *work = (double *)(job->work + (size_t)thread * job->work_size);
+    /* hg.out is dO, hg.weights the given weights, hg.scores / hg.logits the trace */
+    if (a->dtype == ATTN_FLOAT32)
+        attn_head_backward_f32(g, &hd, hg.weights, hg.out, dq, dk, dv, hg.scores, hg.logits, work);
+    else
+        attn_head_backward_f64(g, &hd, hg.weights, hg.out, dq, dk, dv, hg.scores, hg.logits, work);
+}
+
+int attn_sdpa_backward(const attn_sdpa_grad_args *g)
+{
+    const attn_sdpa_args *a = &g->fwd;
+    if (a->nbatch < 0 || a->nbatch > ATTN_MAX_DIMS || a->num_heads < 0 || a->num_kv_heads <= 0 ||
+        a->num_heads % a->num_kv_heads != 0 || a->L < 0 || a->S < 0 || a->E < 0 || a->Ev < 0 ||
+        a->extra_keys < 0 || a->extra_keys > a->S || !a->q.data || !a->k.data || !a->v.data ||
+        !g->grad_out.data || !g->dq || !g->dk || !g->dv ||
+        (a->mask_kind != ATTN_MASK_NONE && !a->mask.data) ||
+        (a->mask2_kind != ATTN_MASK_NONE && !a->mask2.data) ||
+        !(a->dropout_p >= 0.0 && a->dropout_p <= 1.0) ||
+        (a->dtype != ATTN_FLOAT32 && a->dtype != ATTN_FLOAT64))
+        return ATTN_EINVAL;
+    int64_t nproblems = a->num_heads;
+    for (int d = 0; d < a->nbatch; d++) nproblems *= a->batch_shape[d];
+    if (nproblems == 0) return ATTN_OK;
+
+    /* a second description whose out / weights / scores / logits views are
+       dO, the given weights and the trace, so attn_locate finds them too */
+    attn_backward_job job = {.g = g, .locate_grad = *a};
+    job.locate_grad.out = g->grad_out;
+    job.locate_grad.weights = g->weights;
+    job.locate_grad.scores = g->grad_weights;
+    job.locate_grad.logits = g->grad_scores;
+    job.work_size = ((size_t)(2 * (a->S > 0 ? a->S : 1)) * sizeof(double) + 63) / 64 * 64;
+    double flops = 4.0 * (double)nproblems * (double)a->L * (double)a->S * (double)(a->E + a->Ev);
+    int threads = attn_threads_for(flops);
+    if (threads > nproblems) threads = (int)nproblems;
+    job.work = malloc(job.work_size * (size_t)threads);
+    if (!job.work) return ATTN_ENOMEM;
+    attn_parallel_for(nproblems, threads, attn_backward_item, &job);
+    free(job.work);
+    return ATTN_OK;
+}
+
+int attn_sdpa_reduce_grads(const attn_sdpa_grad_args *g, const attn_sdpa_args *r)
+{
+    const attn_sdpa_args *a = &g->fwd;
+    int64_t nproblems = a->num_heads;
+    for (int d = 0; d < a->nbatch; d++) nproblems *= a->batch_shape[d];
+    size_t es = a->dtype == ATTN_FLOAT32 ? sizeof(float) : sizeof(double);
+    void (*add)(char *, int64_t, int64_t, const char *, int64_t, int64_t) =
+        a->dtype == ATTN_FLOAT32 ? attn_add_block_f32 : attn_add_block_f64;
+    /* sequential: several problems may add into the same rows */
+    for (int64_t p = 0; p < nproblems; p++) {
+        attn_head hd;
+        attn_locate(r, p, &hd);
+        add((char *)hd.q, r->q.row, r->q.col, g->dq + (size_t)p * (size_t)(a->L * a->E) * es,
+            a->L, a->E);
+        add((char *)hd.k, r->k.row, r->k.col, g->dk + (size_t)p * (size_t)(a->S * a->E) * es,
+            a->S, a->E);
+        add((char *)hd.v, r->v.row, r->v.col, g->dv + (size_t)p * (size_t)(a->S * a->Ev) * es,
+            a->S, a->Ev);
+    }
+    return ATTN_OK;
 }
 
 int attn_linear(const attn_linear_args *p)

@@ -97,6 +97,39 @@ typedef struct {
  */
 int attn_sdpa(const attn_sdpa_args *args);
 
+/*
+ * The backward pass. With O = dropout(softmax(S)) V, S = scale q k^T + masks,
+ * and dO the gradient of the loss with respect to O, per problem:
+ *
+ *     P   = softmax(S)                 (recomputed row by row, or given)
+ *     dP  = (dO v^T) * Z / (1 - p)     (Z: the dropout mask; 1 without dropout)
+ *     D_i = sum_j P_ij dP_ij
+ *     dS  = P * (dP - D)               (the softmax's Jacobian applied)
+ *     dq  = scale dS k,   dk = scale dS^T q,   dv = (P * Z / (1 - p))^T dO
+ *
+ * fwd describes the forward call (q, k, v, masks, scale, causal, dropout;
+ * its out and weights views are not used). The gradients are written per
+ * problem into dq (P, L, E), dk (P, S, E), dv (P, S, Ev): contiguous, one
+ * slab per (batch, query head) problem, so that problems never share a
+ * destination; attn_sdpa_reduce_grads then sums them into arrays of the
+ * inputs' shapes (over broadcast dims and the query heads of a kv group).
+ */
+typedef struct {
+    attn_sdpa_args fwd;
+    attn_view grad_out;      /* dO, (batch..., Hq, L, Ev) */
+    attn_view weights;       /* the forward's softmax (pre-dropout); data NULL: recompute */
+    char *dq, *dk, *dv;      /* per-problem gradients, contiguous (see above) */
+    attn_view grad_weights;  /* trace, written when data != NULL: dP (batch..., Hq, L, S) */
+    attn_view grad_scores;   /* trace: dS, the gradient of the softmax's input */
+} attn_sdpa_grad_args;
+
+int attn_sdpa_backward(const attn_sdpa_grad_args *g);
+
+/* Sum the per-problem gradients into arrays of the inputs' shapes: the views
+   of r.q, r.k, r.v (strides 0 on broadcast dims; kv heads mapped as in the
+   forward) receive g->dq, g->dk, g->dv. They must be zero-filled first. */
+int attn_sdpa_reduce_grads(const attn_sdpa_grad_args *g, const attn_sdpa_args *r);
+
 /* Number of key rows the streaming kernel scores at a time. */
 #define ATTN_KEY_BLOCK 64
 

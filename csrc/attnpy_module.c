@@ -211,51 +211,45 @@ fail:
 }
 
 /* ------------------------------------------------------------------------ */
-/* scaled_dot_product_attention                                              */
+/* scaled_dot_product_attention and its backward pass                        */
 
-static PyObject *
-attnpy_sdpa(PyObject *Py_UNUSED(module), PyObject *args, PyObject *kwargs)
+/* One call's inputs, validated and described: what the forward and the
+   backward share. The arrays are owned (released by sdpa_clear). */
+typedef struct {
+    PyArrayObject *q, *k, *v, *mask;
+    int typenum, nd;
+    npy_intp out_dims[NPY_MAXDIMS], w_dims[NPY_MAXDIMS];
+    attn_sdpa_args a; /* sizes, scale, causal, q/k/v/mask views; no outputs yet */
+} sdpa_call;
+
+static void sdpa_clear(sdpa_call *c)
 {
-    static char *kwlist[] = {"query", "key", "value", "attn_mask", "dropout_p", "is_causal",
-                             "scale", "enable_gqa", "need_weights", "out", NULL};
-    PyObject *query_o, *key_o, *value_o, *mask_o = Py_None, *dropout_o = Py_None,
-             *scale_o = Py_None, *out_o = Py_None;
-    int is_causal = 0, enable_gqa = 0, need_weights = 1;
+    Py_CLEAR(c->q);
+    Py_CLEAR(c->k);
+    Py_CLEAR(c->v);
+    Py_CLEAR(c->mask);
+}
 
-    PyArrayObject *q = NULL, *k = NULL, *v = NULL, *mask = NULL, *out = NULL, *weights = NULL;
-    PyObject *result = NULL;
-    char s1[SHAPE_BUF], s2[SHAPE_BUF], s3[SHAPE_BUF];
+/*
+ * Parse and validate query, key, value, attn_mask, is_causal, scale and
+ * enable_gqa exactly as torch's SDPA takes them; fill c. Returns 0, or -1
+ * with an exception set (and c cleared).
+ */
+static int sdpa_prepare(sdpa_call *c, PyObject *query_o, PyObject *key_o, PyObject *value_o,
+                        PyObject *mask_o, int is_causal, PyObject *scale_o, int enable_gqa)
+{
     static attn_sdpa_args zero_args;
-    attn_sdpa_args a = zero_args;
+    PyArrayObject *q = NULL, *k = NULL, *v = NULL, *mask = NULL;
+    char s1[SHAPE_BUF], s2[SHAPE_BUF], s3[SHAPE_BUF];
+    c->q = c->k = c->v = c->mask = NULL;
 
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOO|OOpOp$pO:scaled_dot_product_attention",
-                                     kwlist, &query_o, &key_o, &value_o, &mask_o, &dropout_o,
-                                     &is_causal, &scale_o, &enable_gqa, &need_weights, &out_o))
-        return NULL;
-
-    /* --- scalars ------------------------------------------------------- */
-    if (dropout_o != Py_None) {
-        double p = PyFloat_AsDouble(dropout_o);
-        if (p == -1.0 && PyErr_Occurred()) {
-            PyErr_Format(PyExc_TypeError, "dropout_p must be a float; got %.200s",
-                         Py_TYPE(dropout_o)->tp_name);
-            goto done;
-        }
-        if (p != 0.0) {
-            PyErr_Format(PyExc_ValueError,
-                         "dropout_p must be 0.0 here; got %g. Dropout on the attention weights "
-                         "is available through attnpy.MultiheadAttention (dropout=..., seed=...)",
-                         p);
-            goto done;
-        }
-    }
     double scale = NAN;
     if (scale_o != Py_None) {
         scale = PyFloat_AsDouble(scale_o);
         if (scale == -1.0 && PyErr_Occurred()) {
             PyErr_Format(PyExc_TypeError, "scale must be a float or None; got %.200s",
                          Py_TYPE(scale_o)->tp_name);
-            goto done;
+            goto fail;
         }
     }
 
@@ -270,14 +264,14 @@ attnpy_sdpa(PyObject *Py_UNUSED(module), PyObject *args, PyObject *kwargs)
 
     if (!(q = as_array(query_o, "query", cast_to)) || !(k = as_array(key_o, "key", cast_to)) ||
         !(v = as_array(value_o, "value", cast_to)))
-        goto done;
-    if (check_float(q, "query") || check_float(k, "key") || check_float(v, "value")) goto done;
+        goto fail;
+    if (check_float(q, "query") || check_float(k, "key") || check_float(v, "value")) goto fail;
     if (PyArray_TYPE(k) != PyArray_TYPE(q) || PyArray_TYPE(v) != PyArray_TYPE(q)) {
         PyErr_Format(PyExc_TypeError,
                      "query, key and value must have the same dtype (float32 or float64); "
                      "got query %s, key %s, value %s",
                      dtype_name(q), dtype_name(k), dtype_name(v));
-        goto done;
+        goto fail;
     }
     const int typenum = PyArray_TYPE(q);
     PyArrayObject *qkv[3] = {q, k, v};
@@ -288,7 +282,7 @@ attnpy_sdpa(PyObject *Py_UNUSED(module), PyObject *args, PyObject *kwargs)
             PyErr_Format(PyExc_ValueError,
                          "%s must be at least 2-D with shape %s; got shape %s", qkv_name[i],
                          qkv_shape[i], fmt_shape(qkv[i], s1, SHAPE_BUF));
-            goto done;
+            goto fail;
         }
     }
     const npy_intp L = PyArray_DIM(q, PyArray_NDIM(q) - 2), E = PyArray_DIM(q, PyArray_NDIM(q) - 1);
@@ -299,13 +293,13 @@ attnpy_sdpa(PyObject *Py_UNUSED(module), PyObject *args, PyObject *kwargs)
                      "key must have the same last dimension E as query (E=%ld); "
                      "got query %s, key %s",
                      (long)E, fmt_shape(q, s1, SHAPE_BUF), fmt_shape(k, s2, SHAPE_BUF));
-        goto done;
+        goto fail;
     }
     if (PyArray_DIM(v, PyArray_NDIM(v) - 2) != S) {
         PyErr_Format(PyExc_ValueError,
                      "value must have as many rows as key (S=%ld); got key %s, value %s",
                      (long)S, fmt_shape(k, s1, SHAPE_BUF), fmt_shape(v, s2, SHAPE_BUF));
-        goto done;
+        goto fail;
     }
 
     /* --- broadcast the leading dims ---------------------------------------- */
@@ -336,7 +330,7 @@ attnpy_sdpa(PyObject *Py_UNUSED(module), PyObject *args, PyObject *kwargs)
                              fmt_shape(v, s3, SHAPE_BUF), nd - d, (long)dims[0][d],
                              (long)dims[1][d], (long)dims[2][d],
                              d == head_axis ? "; for grouped-query attention pass enable_gqa=True" : "");
-                goto done;
+                goto fail;
             }
         }
         out_dims[d] = w_dims[d] = gqa_heads ? dims[0][d] : n;
@@ -354,7 +348,7 @@ attnpy_sdpa(PyObject *Py_UNUSED(module), PyObject *args, PyObject *kwargs)
                          "enable_gqa=True: key and value must have the same number of heads "
                          "(axis -3); got key %s, value %s",
                          fmt_shape(k, s1, SHAPE_BUF), fmt_shape(v, s2, SHAPE_BUF));
-            goto done;
+            goto fail;
         }
         if (Hk == 0 ? num_heads != 0 : num_heads % Hk != 0) {
             PyErr_Format(PyExc_ValueError,
@@ -362,7 +356,7 @@ attnpy_sdpa(PyObject *Py_UNUSED(module), PyObject *args, PyObject *kwargs)
                          "to be a multiple of the key/value heads (H=%ld, key %s)",
                          (long)num_heads, fmt_shape(q, s1, SHAPE_BUF), (long)Hk,
                          fmt_shape(k, s2, SHAPE_BUF));
-            goto done;
+            goto fail;
         }
         num_kv_heads = Hk;
     }
@@ -377,12 +371,101 @@ attnpy_sdpa(PyObject *Py_UNUSED(module), PyObject *args, PyObject *kwargs)
                             "attn_mask and is_causal=True cannot both be given (torch raises "
                             "too); pass the causal mask in attn_mask (see attnpy.causal_mask) "
                             "or use is_causal alone");
-            goto done;
+            goto fail;
         }
         if (!(mask = get_mask(mask_o, "attn_mask", typenum, nd, w_dims,
                               "the weights' shape (..., Hq, L, S)", 1, &mask_kind, m_strides)))
-            goto done;
+            goto fail;
     }
+
+    c->q = q;
+    c->k = k;
+    c->v = v;
+    c->mask = mask;
+    c->typenum = typenum;
+    c->nd = nd;
+    memcpy(c->out_dims, out_dims, sizeof out_dims);
+    memcpy(c->w_dims, w_dims, sizeof w_dims);
+    attn_sdpa_args *a = &c->a;
+    *a = zero_args;
+    a->dtype = typenum == NPY_FLOAT ? ATTN_FLOAT32 : ATTN_FLOAT64;
+    a->nbatch = nbatch;
+    for (int d = 0; d < nbatch; d++) a->batch_shape[d] = out_dims[d];
+    a->num_heads = num_heads;
+    a->num_kv_heads = num_kv_heads;
+    a->L = L;
+    a->S = S;
+    a->E = E;
+    a->Ev = Ev;
+    a->scale = scale_o == Py_None ? 1.0 / sqrt((double)E) : scale;
+    a->is_causal = is_causal;
+    fill_view(&a->q, PyArray_BYTES(q), strides[0], nd);
+    fill_view(&a->k, PyArray_BYTES(k), strides[1], nd);
+    fill_view(&a->v, PyArray_BYTES(v), strides[2], nd);
+    if (mask) {
+        a->mask_kind = mask_kind;
+        fill_view(&a->mask, PyArray_BYTES(mask), m_strides, nd);
+    }
+    return 0;
+
+fail:
+    Py_XDECREF(q);
+    Py_XDECREF(k);
+    Py_XDECREF(v);
+    Py_XDECREF(mask);
+    return -1;
+}
+
+/* A freshly allocated array of shape dims described as a core view. */
+static PyArrayObject *new_view(int nd, const npy_intp *dims, int typenum, int zero,
+                               attn_view *view)
+{
+    PyArrayObject *arr = (PyArrayObject *)(zero ? PyArray_ZEROS(nd, dims, typenum, 0)
+                                                : PyArray_EMPTY(nd, dims, typenum, 0));
+    if (arr) {
+        npy_intp padded[NPY_MAXDIMS], strides[NPY_MAXDIMS];
+        pad_to(arr, nd, padded, strides);
+        fill_view(view, PyArray_BYTES(arr), strides, nd);
+    }
+    return arr;
+}
+
+static PyObject *
+attnpy_sdpa(PyObject *Py_UNUSED(module), PyObject *args, PyObject *kwargs)
+{
+    static char *kwlist[] = {"query", "key", "value", "attn_mask", "dropout_p", "is_causal",
+                             "scale", "enable_gqa", "need_weights", "out", NULL};
+    PyObject *query_o, *key_o, *value_o, *mask_o = Py_None, *dropout_o = Py_None,
+             *scale_o = Py_None, *out_o = Py_None;
+    int is_causal = 0, enable_gqa = 0, need_weights = 1;
+    sdpa_call c = {0};
+    PyArrayObject *out = NULL, *weights = NULL;
+    PyObject *result = NULL;
+    char s1[SHAPE_BUF], s2[SHAPE_BUF];
+
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOO|OOpOp$pO:scaled_dot_product_attention",
+                                     kwlist, &query_o, &key_o, &value_o, &mask_o, &dropout_o,
+                                     &is_causal, &scale_o, &enable_gqa, &need_weights, &out_o))
+        return NULL;
+
+    if (dropout_o != Py_None) {
+        double p = PyFloat_AsDouble(dropout_o);
+        if (p == -1.0 && PyErr_Occurred()) {
+            PyErr_Format(PyExc_TypeError, "dropout_p must be a float; got %.200s",
+                         Py_TYPE(dropout_o)->tp_name);
+            return NULL;
+        }
+        if (p != 0.0) {
+            PyErr_Format(PyExc_ValueError,
+                         "dropout_p must be 0.0 here; got %g. Dropout on the attention weights "
+                         "is available through attnpy.MultiheadAttention (dropout=..., seed=...)",
+                         p);
+            return NULL;
+        }
+    }
+    if (sdpa_prepare(&c, query_o, key_o, value_o, mask_o, is_causal, scale_o, enable_gqa) < 0)
+        return NULL;
+    const int nd = c.nd, typenum = c.typenum;
 
     /* --- outputs ------------------------------------------------------------ */
     if (out_o != Py_None) {
@@ -395,14 +478,14 @@ attnpy_sdpa(PyObject *Py_UNUSED(module), PyObject *args, PyObject *kwargs)
         Py_INCREF(out);
         if (PyArray_TYPE(out) != typenum || PyArray_ISBYTESWAPPED(out)) {
             PyErr_Format(PyExc_TypeError, "out must have dtype %s like query; got %s",
-                         dtype_name(q), dtype_name(out));
+                         dtype_name(c.q), dtype_name(out));
             goto done;
         }
         int same = PyArray_NDIM(out) == nd;
-        for (int d = 0; same && d < nd; d++) same = PyArray_DIM(out, d) == out_dims[d];
+        for (int d = 0; same && d < nd; d++) same = PyArray_DIM(out, d) == c.out_dims[d];
         if (!same) {
             PyErr_Format(PyExc_ValueError, "out must have the output's shape %s; got %s",
-                         fmt_dims(out_dims, nd, s1, SHAPE_BUF), fmt_shape(out, s2, SHAPE_BUF));
+                         fmt_dims(c.out_dims, nd, s1, SHAPE_BUF), fmt_shape(out, s2, SHAPE_BUF));
             goto done;
         }
         if (!PyArray_IS_C_CONTIGUOUS(out) || !PyArray_ISALIGNED(out)) {
@@ -413,7 +496,7 @@ attnpy_sdpa(PyObject *Py_UNUSED(module), PyObject *args, PyObject *kwargs)
             PyErr_SetString(PyExc_ValueError, "out must be writeable; got a read-only array");
             goto done;
         }
-        PyArrayObject *inputs[4] = {q, k, v, mask};
+        PyArrayObject *inputs[4] = {c.q, c.k, c.v, c.mask};
         const char *names[4] = {"query", "key", "value", "attn_mask"};
         for (int i = 0; i < 4; i++) {
             if (may_overlap(out, inputs[i])) {
@@ -423,58 +506,131 @@ attnpy_sdpa(PyObject *Py_UNUSED(module), PyObject *args, PyObject *kwargs)
                 goto done;
             }
         }
+        npy_intp o_strides[NPY_MAXDIMS];
+        pad_to(out, nd, c.out_dims, o_strides);
+        fill_view(&c.a.out, PyArray_BYTES(out), o_strides, nd);
     }
-    else if (!(out = (PyArrayObject *)PyArray_EMPTY(nd, out_dims, typenum, 0))) {
+    else if (!(out = new_view(nd, c.out_dims, typenum, 0, &c.a.out))) {
         goto done;
     }
-    if (need_weights && !(weights = (PyArrayObject *)PyArray_EMPTY(nd, w_dims, typenum, 0)))
-        goto done;
-
-    /* --- describe everything to the core ------------------------------------ */
-    a.dtype = typenum == NPY_FLOAT ? ATTN_FLOAT32 : ATTN_FLOAT64;
-    a.nbatch = nbatch;
-    for (int d = 0; d < nbatch; d++) a.batch_shape[d] = out_dims[d];
-    a.num_heads = num_heads;
-    a.num_kv_heads = num_kv_heads;
-    a.L = L;
-    a.S = S;
-    a.E = E;
-    a.Ev = Ev;
-    a.scale = scale_o == Py_None ? 1.0 / sqrt((double)E) : scale;
-    a.is_causal = is_causal;
-    fill_view(&a.q, PyArray_BYTES(q), strides[0], nd);
-    fill_view(&a.k, PyArray_BYTES(k), strides[1], nd);
-    fill_view(&a.v, PyArray_BYTES(v), strides[2], nd);
-    if (mask) {
-        a.mask_kind = mask_kind;
-        fill_view(&a.mask, PyArray_BYTES(mask), m_strides, nd);
-    }
-    npy_intp o_strides[NPY_MAXDIMS];
-    pad_to(out, nd, out_dims, o_strides);
-    fill_view(&a.out, PyArray_BYTES(out), o_strides, nd);
-    if (weights) {
-        npy_intp w_strides[NPY_MAXDIMS];
-        pad_to(weights, nd, w_dims, w_strides);
-        fill_view(&a.weights, PyArray_BYTES(weights), w_strides, nd);
-    }
+    if (need_weights && !(weights = new_view(nd, c.w_dims, typenum, 0, &c.a.weights))) goto done;
 
     int status;
     Py_BEGIN_ALLOW_THREADS
-    status = attn_sdpa(&a);
+    status = attn_sdpa(&c.a);
     Py_END_ALLOW_THREADS
     if (raise_for_status(status)) goto done;
     result = Py_BuildValue("(OO)", out, weights ? (PyObject *)weights : Py_None);
 
 done:
-    Py_XDECREF(q);
-    Py_XDECREF(k);
-    Py_XDECREF(v);
-    Py_XDECREF(mask);
+    sdpa_clear(&c);
     Py_XDECREF(out);
     Py_XDECREF(weights);
     return result;
 }
 
+/* An input-like array of exactly `dims` and the call's dtype, as a view. */
+static PyArrayObject *get_like(PyObject *obj, const char *name, const sdpa_call *c,
+                               const npy_intp *dims, const char *what, attn_view *view)
+{
+    char s1[SHAPE_BUF], s2[SHAPE_BUF];
+    PyArrayObject *arr = as_array(obj, name, c->typenum);
+    if (!arr || check_float(arr, name)) goto fail;
+    if (PyArray_TYPE(arr) != c->typenum) {
+        PyErr_Format(PyExc_TypeError, "%s must have dtype %s like query; got %s", name,
+                     c->typenum == NPY_FLOAT ? "float32" : "float64", dtype_name(arr));
+        goto fail;
+    }
+    int same = PyArray_NDIM(arr) == c->nd;
+    for (int d = 0; same && d < c->nd; d++) same = PyArray_DIM(arr, d) == dims[d];
+    if (!same) {
+        PyErr_Format(PyExc_ValueError, "%s must have %s shape %s; got %s", name, what,
+                     fmt_dims(dims, c->nd, s1, SHAPE_BUF), fmt_shape(arr, s2, SHAPE_BUF));
+        goto fail;
+    }
+    npy_intp padded[NPY_MAXDIMS], strides[NPY_MAXDIMS];
+    pad_to(arr, c->nd, padded, strides);
+    fill_view(view, PyArray_BYTES(arr), strides, c->nd);
+    return arr;
+fail:
+    Py_XDECREF(arr);
+    return NULL;
+}
+
+static PyObject *
+attnpy_sdpa_backward(PyObject *Py_UNUSED(module), PyObject *args, PyObject *kwargs)
+{
+    static char *kwlist[] = {"grad_output", "query", "key", "value", "attn_mask", "is_causal",
+                             "scale", "enable_gqa", "weights", "trace", NULL};
+    PyObject *dout_o, *query_o, *key_o, *value_o, *mask_o = Py_None, *scale_o = Py_None,
+             *weights_o = Py_None;
+    int is_causal = 0, enable_gqa = 0, want_trace = 0;
+    sdpa_call c = {0};
+    enum { DOUT, W, DQF, DKF, DVF, GQ, GK, GV, GW, GS, NARR };
+    PyArrayObject *arr[NARR] = {NULL};
+    PyObject *result = NULL;
+    attn_sdpa_grad_args g;
+    memset(&g, 0, sizeof g);
+
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs,
+                                     "OOOO|OpOp$Op:scaled_dot_product_attention_backward", kwlist,
+                                     &dout_o, &query_o, &key_o, &value_o, &mask_o, &is_causal,
+                                     &scale_o, &enable_gqa, &weights_o, &want_trace))
+        return NULL;
+    if (sdpa_prepare(&c, query_o, key_o, value_o, mask_o, is_causal, scale_o, enable_gqa) < 0)
+        return NULL;
+    const int nd = c.nd, typenum = c.typenum;
+    attn_sdpa_args *a = &c.a;
+
+    if (!(arr[DOUT] = get_like(dout_o, "grad_output", &c, c.out_dims, "the output's",
+                               &g.grad_out)))
+        goto done;
+    if (weights_o != Py_None &&
+        !(arr[W] = get_like(weights_o, "weights", &c, c.w_dims, "the weights'", &g.weights)))
+        goto done;
+
+    /* per-problem gradients, then the input-shaped ones they are summed into */
+    npy_intp problems = a->num_heads;
+    for (int d = 0; d < a->nbatch; d++) problems *= a->batch_shape[d];
+    npy_intp nq = problems * a->L * a->E, nk = problems * a->S * a->E,
+             nv = problems * a->S * a->Ev;
+    if (!(arr[DQF] = (PyArrayObject *)PyArray_EMPTY(1, &nq, typenum, 0)) ||
+        !(arr[DKF] = (PyArrayObject *)PyArray_EMPTY(1, &nk, typenum, 0)) ||
+        !(arr[DVF] = (PyArrayObject *)PyArray_EMPTY(1, &nv, typenum, 0)))
+        goto done;
+    g.dq = PyArray_BYTES(arr[DQF]);
+    g.dk = PyArray_BYTES(arr[DKF]);
+    g.dv = PyArray_BYTES(arr[DVF]);
+    attn_sdpa_args r = *a; /* the reduction: q, k, v views on the gradients */
+    if (!(arr[GQ] = (PyArrayObject *)PyArray_ZEROS(PyArray_NDIM(c.q), PyArray_DIMS(c.q), typenum, 0)) ||
+        !(arr[GK] = (PyArrayObject *)PyArray_ZEROS(PyArray_NDIM(c.k), PyArray_DIMS(c.k), typenum, 0)) ||
+        !(arr[GV] = (PyArrayObject *)PyArray_ZEROS(PyArray_NDIM(c.v), PyArray_DIMS(c.v), typenum, 0)))
+        goto done;
+    attn_view *rv[3] = {&r.q, &r.k, &r.v};
+    for (int i = 0; i < 3; i++) {
+        npy_intp padded[NPY_MAXDIMS], strides[NPY_MAXDIMS];
+        pad_to(arr[GQ + i], nd, padded, strides); /* stride 0 where the input broadcast */
+        fill_view(rv[i], PyArray_BYTES(arr[GQ + i]), strides, nd);
+    }
+    if (want_trace && (!(arr[GW] = new_view(nd, c.w_dims, typenum, 0, &g.grad_weights)) ||
+                       !(arr[GS] = new_view(nd, c.w_dims, typenum, 0, &g.grad_scores))))
+        goto done;
+    g.fwd = *a;
+
+    int status;
+    Py_BEGIN_ALLOW_THREADS
+    status = attn_sdpa_backward(&g);
+    if (status == ATTN_OK) status = attn_sdpa_reduce_grads(&g, &r);
+    Py_END_ALLOW_THREADS
+    if (raise_for_status(status)) goto done;
+    result = Py_BuildValue("(OOOOO)", arr[GQ], arr[GK], arr[GV],
+                           arr[GW] ? (PyObject *)arr[GW] : Py_None,
+                           arr[GS] ? (PyObject *)arr[GS] : Py_None);
+done:
+    sdpa_clear(&c);
+    for (int i = 0; i < NARR; i++) Py_XDECREF(arr[i]);
+    return result;
+}
 
 /* ------------------------------------------------------------------------ */
 /* multihead_attention                                                       */
@@ -849,6 +1005,10 @@ static PyMethodDef attnpy_methods[] = {
      "is_causal=False, scale=None, enable_gqa=False, *, need_weights=True, out=None)\n"
      "--\n\nThe C entry point; see attnpy.scaled_dot_product_attention. "
      "Returns (output, weights or None)."},
+    {"scaled_dot_product_attention_backward",
+     (PyCFunction)(void (*)(void))attnpy_sdpa_backward, METH_VARARGS | METH_KEYWORDS,
+     "The backward pass; see attnpy.scaled_dot_product_attention_backward. Returns "
+     "(grad_query, grad_key, grad_value, grad_weights or None, grad_scores or None)."},
     {"multihead_attention", (PyCFunction)(void (*)(void))attnpy_mha, METH_VARARGS | METH_KEYWORDS,
      "The multi-head layer on (N, L, E) inputs; see attnpy.MultiheadAttention. "
      "Returns (output, weights or None, trace dict or None)."},
