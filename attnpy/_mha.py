@@ -7,14 +7,15 @@ holds the parameters under torch's names, turns the caller's layout into
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
 
 from . import _core
 
-__all__ = ["MultiheadAttention", "MultiheadAttentionResult", "Trace", "self_attention"]
+__all__ = ["MultiheadAttention", "MultiheadAttentionGradients", "MultiheadAttentionResult",
+           "Trace", "self_attention"]
 
 
 @dataclass(frozen=True)
@@ -87,9 +88,32 @@ class MultiheadAttentionResult:
     weights: Optional[np.ndarray]
     weights_after_dropout: bool = False
     trace: Optional[Trace] = None
+    # what MultiheadAttention.backward needs (kept with trace=True only)
+    _context: Optional[dict] = field(default=None, repr=False, compare=False)
 
     def __iter__(self):
         return iter((self.output, self.weights))
+
+
+@dataclass(frozen=True)
+class MultiheadAttentionGradients:
+    """Gradients of a loss through one multi-head forward pass.
+
+    Attributes
+    ----------
+    query, key, value : ndarray
+        Shaped like the forward's query, key and value (the caller's layout).
+        For self-attention (one ``x`` as query, key and value) the gradient
+        with respect to ``x`` is ``query + key + value``.
+    params : dict of str to ndarray
+        One per parameter, under ``state_dict``'s names and shapes
+        (``in_proj_weight``, ``in_proj_bias``, ``out_proj.weight``, ...).
+    """
+
+    query: np.ndarray
+    key: np.ndarray
+    value: np.ndarray
+    params: dict
 
 
 # ---------------------------------------------------------------------------
@@ -444,6 +468,11 @@ class MultiheadAttention:
             H, self.num_kv_heads, self.add_zero_attn, attn_mask, key_padding_mask,
             False, False, None, dropout_p, seed, need_weights, trace)
 
+        context = None
+        if trace:
+            context = dict(layer=self, query=query, key=key, value=value, attn_mask=attn_mask,
+                           key_padding_mask=key_padding_mask, dropout_p=dropout_p, seed=seed,
+                           raw=raw, unbatched=unbatched, N=N, L=L)
         if weights is not None and average_attn_weights:
             weights = weights.mean(axis=1)
         if unbatched:
@@ -454,9 +483,77 @@ class MultiheadAttention:
         return MultiheadAttentionResult(
             output=out, weights=weights,
             weights_after_dropout=weights is not None and dropout_p > 0,
-            trace=_make_trace(raw, H, self.num_kv_heads, unbatched))
+            trace=_make_trace(raw, H, self.num_kv_heads, unbatched), _context=context)
 
     forward = __call__
+
+    def backward(self, result, grad_output):
+        """Gradients of a loss with respect to the inputs and every parameter.
+
+        Parameters
+        ----------
+        result : MultiheadAttentionResult
+            What this layer returned from a call with ``trace=True`` (the
+            forward keeps what the backward needs: the projections, the
+            weights, the dropout seed).
+        grad_output : array_like, shape like ``result.output``
+            The gradient of the loss with respect to the output.
+
+        Returns
+        -------
+        MultiheadAttentionGradients
+
+        Notes
+        -----
+        The parameters' current values are used: call ``backward`` before
+        updating them. With dropout, the forward's dropout mask is used.
+        """
+        ctx = result._context if isinstance(result, MultiheadAttentionResult) else None
+        if ctx is None:
+            raise ValueError("result must come from a call with trace=True: the backward pass "
+                             "needs the forward's projections and weights")
+        if ctx["layer"] is not self:
+            raise ValueError("result comes from another layer's forward pass")
+        grad_output = _as_input(grad_output, "grad_output", self.dtype)
+        if grad_output.shape != result.output.shape:
+            raise ValueError(f"grad_output must have the output's shape {result.output.shape}; "
+                             f"got {grad_output.shape}")
+        if ctx["unbatched"]:
+            grad_output = grad_output[None]
+        elif not self.batch_first:
+            grad_output = grad_output.swapaxes(0, 1)
+
+        E, kvE = self.embed_dim, self.num_kv_heads * self.head_dim
+        grads = {name: np.zeros(shape, self.dtype) for name, shape in self._shapes().items()}
+        if self._qkv_same_embed_dim:
+            g = grads["in_proj_weight"]
+            g_wq, g_wk, g_wv = g[:E], g[E:E + kvE], g[E + kvE:]
+        else:
+            g_wq, g_wk, g_wv = (grads["q_proj_weight"], grads["k_proj_weight"],
+                                grads["v_proj_weight"])
+        gb = grads.get("in_proj_bias")
+        g_bq, g_bk, g_bv = (None, None, None) if gb is None else (gb[:E], gb[E:E + kvE],
+                                                                   gb[E + kvE:])
+        g_biask = grads["bias_k"].reshape(-1) if "bias_k" in grads else None
+        g_biasv = grads["bias_v"].reshape(-1) if "bias_v" in grads else None
+
+        w_q, w_k, w_v, b_q, b_k, b_v = self._projections()
+        p, raw = self._params, ctx["raw"]
+        gq, gk, gv = _core.multihead_attention_backward(
+            ctx["query"], ctx["key"], ctx["value"], w_q, w_k, w_v, b_q, b_k, b_v,
+            p["out_proj.weight"], p.get("out_proj.bias"),
+            p["bias_k"].reshape(-1) if "bias_k" in p else None,
+            p["bias_v"].reshape(-1) if "bias_v" in p else None,
+            self.num_heads, self.num_kv_heads, self.add_zero_attn, ctx["attn_mask"],
+            ctx["key_padding_mask"], False, False, None, ctx["dropout_p"], ctx["seed"],
+            grad_output, raw["q"], raw["k"], raw["v"], raw["concat"], raw["weights"],
+            g_wq, g_wk, g_wv, g_bq, g_bk, g_bv, grads["out_proj.weight"],
+            grads.get("out_proj.bias"), g_biask, g_biasv)
+        if ctx["unbatched"]:
+            gq, gk, gv = gq[0], gk[0], gv[0]
+        elif not self.batch_first:
+            gq, gk, gv = (x.swapaxes(0, 1) for x in (gq, gk, gv))
+        return MultiheadAttentionGradients(query=gq, key=gk, value=gv, params=grads)
 
 
 # ---------------------------------------------------------------------------

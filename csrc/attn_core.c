@@ -490,3 +490,136 @@ int attn_mha(attn_mha_args *m)
         return attn_project(m, m->L, H * Dv, m->out_dim, m->concat, m->w_out, m->b_out, m->out);
     return ATTN_OK;
 }
+
+/* ------------------------------------------------------------------------ */
+/* The multi-head layer's backward pass                                       */
+
+/* x[n][r][c] = 0 for n < N, r < rows, c < cols. */
+static void attn_zero3(attn_dtype dt, attn_view3 x, int64_t N, int64_t rows, int64_t cols)
+{
+    size_t es = dt == ATTN_FLOAT32 ? sizeof(float) : sizeof(double);
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t r = 0; r < rows; r++)
+            for (int64_t c = 0; c < cols; c++)
+                memset(x.data + n * x.batch + r * x.row + c * x.col, 0, es);
+}
+
+/* x^T as a view: (batch, rows, cols) -> (batch, cols, rows). */
+static attn_view3 attn_transposed(attn_view3 x)
+{
+    attn_view3 t = {x.data, x.batch, x.col, x.row};
+    return t;
+}
+
+/*
+ * A linear layer's gradients from dy (N, M, O) and its input x (N, M, K):
+ *   dx = dy W               (skipped when dx.data == NULL)
+ *   dW = sum_n dy[n]^T x[n] (skipped when dW.data == NULL)
+ *   db = sum_{n,l} dy       (skipped when db.data == NULL)
+ */
+static int attn_linear_backward(attn_dtype dtype, int64_t N, int64_t M, int64_t K, int64_t O,
+                                attn_view3 x, attn_view3 w, attn_view3 dy, attn_view3 dx,
+                                attn_view3 dw, attn_vec db)
+{
+    int status;
+    if (dx.data) {
+        attn_linear_args p = {.dtype = dtype, .N = N, .M = M, .K = O, .O = K,
+                              .x = dy, .w = attn_transposed(w), .y = dx};
+        if ((status = attn_linear(&p))) return status;
+    }
+    if (dw.data) {
+        for (int64_t n = 0; n < N; n++) {
+            attn_view3 dyn = {dy.data + n * dy.batch, 0, dy.row, dy.col};
+            attn_view3 xn = {x.data + n * x.batch, 0, x.row, x.col};
+            attn_linear_args p = {.dtype = dtype, .N = 1, .M = O, .K = M, .O = K,
+                                  .x = attn_transposed(dyn), .w = attn_transposed(xn), .y = dw,
+                                  .accumulate = n > 0};
+            if ((status = attn_linear(&p))) return status;
+        }
+        if (N == 0) attn_zero3(dtype, dw, 1, O, K); /* no rows: the gradient is zero */
+    }
+    if (db.data) {
+        if (dtype == ATTN_FLOAT32) attn_bias_grad_f32(&dy, N, M, O, db);
+        else attn_bias_grad_f64(&dy, N, M, O, db);
+    }
+    return ATTN_OK;
+}
+
+int attn_mha_backward(attn_mha_grad_args *g)
+{
+    attn_mha_args *m = &g->fwd;
+    if (m->num_heads <= 0 || m->num_kv_heads <= 0 || m->num_heads % m->num_kv_heads != 0 ||
+        m->N < 0 || m->L < 0 || m->S < 0 || !g->dq.data || !g->dk.data || !g->dv.data ||
+        !g->dconcat.data || !g->dq_heads || !g->dk_heads || !g->dv_heads)
+        return ATTN_EINVAL;
+    const int64_t H = m->num_heads, Hkv = m->num_kv_heads, D = m->head_dim, Dv = m->head_dim_v;
+    const int64_t extra = (m->bias_k.data ? 1 : 0) + (m->add_zero_attn ? 1 : 0);
+    const attn_dtype dt = m->dtype;
+    int status;
+
+    /* 1. output projection */
+    if (m->w_out.data) {
+        if ((status = attn_linear_backward(dt, m->N, m->L, H * Dv, m->out_dim, m->concat,
+                                           m->w_out, g->grad_out, g->dconcat, g->grad_w_out,
+                                           g->grad_b_out)))
+            return status;
+    } else {
+        g->dconcat = g->grad_out; /* no output projection: dconcat is dout */
+    }
+
+    /* 2. attention, per head, on views of the forward's buffers */
+    attn_sdpa_grad_args sg;
+    memset(&sg, 0, sizeof sg);
+    sg.fwd = m->attn;
+    sg.fwd.dtype = dt;
+    sg.fwd.nbatch = 1;
+    sg.fwd.batch_shape[0] = m->N;
+    sg.fwd.num_heads = H;
+    sg.fwd.num_kv_heads = Hkv;
+    sg.fwd.L = m->L;
+    sg.fwd.S = m->S + extra;
+    sg.fwd.E = D;
+    sg.fwd.Ev = Dv;
+    sg.fwd.extra_keys = extra;
+    sg.fwd.q = attn_heads_of(m->q, D);
+    sg.fwd.k = attn_heads_of(m->k, D);
+    sg.fwd.v = attn_heads_of(m->v, Dv);
+    sg.grad_out = attn_heads_of(g->dconcat, Dv);
+    sg.weights = m->attn.weights;
+    sg.dq = g->dq_heads;
+    sg.dk = g->dk_heads;
+    sg.dv = g->dv_heads;
+    if ((status = attn_sdpa_backward(&sg))) return status;
+    /* sum into (N, L, H*D) etc.: zero first, then add (GQA: several heads per kv head) */
+    attn_sdpa_args r = sg.fwd;
+    r.q = attn_heads_of(g->dq, D);
+    r.k = attn_heads_of(g->dk, D);
+    r.v = attn_heads_of(g->dv, Dv);
+    attn_zero3(dt, g->dq, m->N, m->L, H * D);
+    attn_zero3(dt, g->dk, m->N, m->S + extra, Hkv * D);
+    attn_zero3(dt, g->dv, m->N, m->S + extra, Hkv * Dv);
+    if ((status = attn_sdpa_reduce_grads(&sg, &r))) return status;
+
+    /* 3. bias_k, bias_v: the sums of the key / value gradients at row S */
+    if (m->bias_k.data && g->grad_bias_k.data) {
+        attn_view3 krow = {g->dk.data + m->S * g->dk.row, g->dk.batch, g->dk.row, g->dk.col};
+        attn_view3 vrow = {g->dv.data + m->S * g->dv.row, g->dv.batch, g->dv.row, g->dv.col};
+        if (dt == ATTN_FLOAT32) {
+            attn_bias_grad_f32(&krow, m->N, 1, Hkv * D, g->grad_bias_k);
+            attn_bias_grad_f32(&vrow, m->N, 1, Hkv * Dv, g->grad_bias_v);
+        } else {
+            attn_bias_grad_f64(&krow, m->N, 1, Hkv * D, g->grad_bias_k);
+            attn_bias_grad_f64(&vrow, m->N, 1, Hkv * Dv, g->grad_bias_v);
+        }
+    }
+
+    /* 4. input projections (the first S rows of dk, dv: the appended ones have no input) */
+    if ((status = attn_linear_backward(dt, m->N, m->L, m->qdim, H * D, m->query, m->w_q, g->dq,
+                                       g->grad_query, g->grad_w_q, g->grad_b_q)) ||
+        (status = attn_linear_backward(dt, m->N, m->S, m->kdim, Hkv * D, m->key, m->w_k, g->dk,
+                                       g->grad_key, g->grad_w_k, g->grad_b_k)) ||
+        (status = attn_linear_backward(dt, m->N, m->S, m->vdim, Hkv * Dv, m->value, m->w_v,
+                                       g->dv, g->grad_value, g->grad_w_v, g->grad_b_v)))
+        return status;
+    return ATTN_OK;
+}

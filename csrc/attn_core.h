@@ -193,6 +193,7 @@ typedef struct {
     int64_t N, M, K, O;
     attn_view3 x, w, y;
     attn_vec b;
+    int accumulate; /* y += x W^T + b instead of y = ... */
 } attn_linear_args;
 
 int attn_linear(const attn_linear_args *args);
@@ -234,5 +235,34 @@ typedef struct {
 } attn_mha_args;
 
 int attn_mha(attn_mha_args *args);
+
+/*
+ * The multi-head layer's backward pass, from the forward's buffers:
+ *
+ *   dconcat = dout W_o,  dW_o = sum_n dout^T concat,  db_o = sum dout
+ *   per head: dq, dk, dv from attn_sdpa_backward (the forward's weights given)
+ *   dbias_k, dbias_v = sum_n (row S of dk, dv)     (add_bias_kv)
+ *   dquery = dq W_q, dW_q = sum_n dq^T query, db_q = sum dq   (likewise k, v,
+ *   over the first S rows of dk, dv: the zero key has no parameters)
+ *
+ * fwd is the forward's description with its q, k, v, concat buffers as the
+ * forward left them and fwd.attn.weights the forward's softmax. dq, dk, dv,
+ * dconcat are caller-allocated (N, L, H*D), (N, S', Hkv*D), (N, S', Hkv*Dv),
+ * (N, L, H*Dv) buffers; dq_heads, dk_heads, dv_heads the per-problem slabs
+ * attn_sdpa_backward needs (N*H*L*D, N*H*S'*D, N*H*S'*Dv elements). Every
+ * gradient output is overwritten; a parameter's is skipped when its data is
+ * NULL.
+ */
+typedef struct {
+    attn_mha_args fwd;
+    attn_view3 grad_out;
+    attn_view3 grad_query, grad_key, grad_value;
+    attn_view3 grad_w_q, grad_w_k, grad_w_v, grad_w_out;
+    attn_vec grad_b_q, grad_b_k, grad_b_v, grad_b_out, grad_bias_k, grad_bias_v;
+    attn_view3 dq, dk, dv, dconcat;
+    char *dq_heads, *dk_heads, *dv_heads;
+} attn_mha_grad_args;
+
+int attn_mha_backward(attn_mha_grad_args *g);
 
 #endif /* ATTN_CORE_H */

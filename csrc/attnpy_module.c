@@ -703,51 +703,42 @@ static attn_view view4_of(PyArrayObject *arr)
     return v;
 }
 
-/*
- * The multi-head layer (attnpy.MultiheadAttention and attnpy.self_attention
- * call this after putting the inputs in (N, L, E) order, as views).
- * Returns (output, weights or None, trace dict or None).
- */
-static PyObject *
-attnpy_mha(PyObject *Py_UNUSED(module), PyObject *args, PyObject *kwargs)
+/* The multi-head layer's inputs, parameters and masks, validated: what the
+   forward and the backward share. Arrays owned, released by mha_clear. */
+enum { Q, K, V, WQ, WK, WV, BQ, BK, BV, WO, BO, BIASK, BIASV, NIN };
+
+typedef struct {
+    PyArrayObject *in[NIN], *mask, *kpm;
+    int typenum;
+    npy_intp N, L, S, S2, D, Dv, out_dim;
+    attn_mha_args m; /* sizes, inputs, parameters, masks, scale, dropout; no buffers */
+} mha_call;
+
+static void mha_clear(mha_call *c)
 {
-    static char *kwlist[] = {"query", "key", "value", "w_q", "w_k", "w_v", "b_q", "b_k", "b_v",
-                             "w_out", "b_out", "bias_k", "bias_v", "num_heads", "num_kv_heads",
-                             "add_zero_attn", "attn_mask", "key_padding_mask",
-                             "mask_true_attends", "is_causal", "scale", "dropout_p", "seed",
-                             "need_weights", "trace", NULL};
-    PyObject *o[13], *attn_mask_o, *kpm_o, *scale_o;
-    Py_ssize_t H, Hkv;
-    int add_zero_attn, true_attends, is_causal, need_weights, want_trace;
-    double dropout_p;
-    unsigned long long seed;
+    for (int i = 0; i < NIN; i++) Py_CLEAR(c->in[i]);
+    Py_CLEAR(c->mask);
+    Py_CLEAR(c->kpm);
+}
 
-    enum { Q, K, V, WQ, WK, WV, BQ, BK, BV, WO, BO, BIASK, BIASV, NIN };
-    PyArrayObject *in[NIN] = {NULL};
-    PyArrayObject *mask = NULL, *kpm = NULL;
-    enum { PQ, PK, PV, CONCAT, OUT, WEIGHTS, SCORES, LOGITS, DMASK, DROPPED, NOUT };
-    PyArrayObject *buf[NOUT] = {NULL};
-    PyObject *result = NULL, *trace = NULL;
+static int mha_prepare(mha_call *c, PyObject *o[NIN], Py_ssize_t H, Py_ssize_t Hkv,
+                       int add_zero_attn, PyObject *attn_mask_o, PyObject *kpm_o,
+                       int true_attends, int is_causal, PyObject *scale_o, double dropout_p,
+                       unsigned long long seed)
+{
+    PyArrayObject **in = c->in, *mask = NULL, *kpm = NULL;
     char s1[SHAPE_BUF], s2[SHAPE_BUF];
-    attn_mha_args m;
-    memset(&m, 0, sizeof m);
-
-    if (!PyArg_ParseTupleAndKeywords(
-            args, kwargs, "OOOOOOOOOOOOOnnpOOppOdKpp:multihead_attention", kwlist, &o[Q], &o[K],
-            &o[V], &o[WQ], &o[WK], &o[WV], &o[BQ], &o[BK], &o[BV], &o[WO], &o[BO], &o[BIASK],
-            &o[BIASV], &H, &Hkv, &add_zero_attn, &attn_mask_o, &kpm_o, &true_attends, &is_causal, &scale_o,
-            &dropout_p, &seed, &need_weights, &want_trace))
-        return NULL;
+    memset(c, 0, sizeof *c);
 
     /* --- inputs (N, L, qdim), (N, S, kdim), (N, S, vdim) ---------------------- */
     int cast_to = PyArray_Check(o[Q]) ? PyArray_TYPE((PyArrayObject *)o[Q]) : NPY_DOUBLE;
     const char *names[3] = {"query", "key", "value"};
     for (int i = Q; i <= V; i++) {
-        if (!(in[i] = as_array(o[i], names[i], cast_to)) || check_float(in[i], names[i])) goto done;
+        if (!(in[i] = as_array(o[i], names[i], cast_to)) || check_float(in[i], names[i])) goto fail;
         if (PyArray_NDIM(in[i]) != 3) {
             PyErr_Format(PyExc_ValueError, "%s must be 3-D (N, length, features) here; got %s",
                          names[i], fmt_shape(in[i], s1, SHAPE_BUF));
-            goto done;
+            goto fail;
         }
     }
     const int typenum = PyArray_TYPE(in[Q]);
@@ -755,7 +746,7 @@ attnpy_mha(PyObject *Py_UNUSED(module), PyObject *args, PyObject *kwargs)
         PyErr_Format(PyExc_TypeError,
                      "query, key and value must have the same dtype; got query %s, key %s, value %s",
                      dtype_name(in[Q]), dtype_name(in[K]), dtype_name(in[V]));
-        goto done;
+        goto fail;
     }
     const npy_intp N = PyArray_DIM(in[Q], 0), L = PyArray_DIM(in[Q], 1);
     const npy_intp qdim = PyArray_DIM(in[Q], 2);
@@ -766,14 +757,14 @@ attnpy_mha(PyObject *Py_UNUSED(module), PyObject *args, PyObject *kwargs)
                      "key and value must have the batch size of query (N=%ld) and the same "
                      "length S; got key %s, value %s",
                      (long)N, fmt_shape(in[K], s1, SHAPE_BUF), fmt_shape(in[V], s2, SHAPE_BUF));
-        goto done;
+        goto fail;
     }
 
     /* --- parameters -------------------------------------------------------- */
     if (H <= 0 || Hkv <= 0 || H % Hkv != 0) {
         PyErr_Format(PyExc_ValueError,
                      "num_heads (%zd) must be a positive multiple of num_kv_heads (%zd)", H, Hkv);
-        goto done;
+        goto fail;
     }
     PyArrayObject *wq_probe = PyArray_Check(o[WQ]) ? (PyArrayObject *)o[WQ] : NULL;
     PyArrayObject *wv_probe = PyArray_Check(o[WV]) ? (PyArrayObject *)o[WV] : NULL;
@@ -783,7 +774,7 @@ attnpy_mha(PyObject *Py_UNUSED(module), PyObject *args, PyObject *kwargs)
                      "q_proj_weight and v_proj_weight must be 2-D arrays whose rows divide into "
                      "num_heads=%zd and num_kv_heads=%zd heads",
                      H, Hkv);
-        goto done;
+        goto fail;
     }
     const npy_intp D = PyArray_DIM(wq_probe, 0) / H, Dv = PyArray_DIM(wv_probe, 0) / Hkv;
     const int has_out = o[WO] != Py_None;
@@ -799,18 +790,18 @@ attnpy_mha(PyObject *Py_UNUSED(module), PyObject *args, PyObject *kwargs)
         get_param(o[BO], "out_proj.bias", typenum, 1, out_dim, 0, 1, &in[BO]) ||
         get_param(o[BIASK], "bias_k", typenum, 1, Hkv * D, 0, 1, &in[BIASK]) ||
         get_param(o[BIASV], "bias_v", typenum, 1, Hkv * Dv, 0, 1, &in[BIASV]))
-        goto done;
+        goto fail;
     if (!in[WO] && in[BO]) {
         PyErr_SetString(PyExc_ValueError, "out_proj.bias given without out_proj.weight");
-        goto done;
+        goto fail;
     }
     if (!in[BIASK] != !in[BIASV]) {
         PyErr_SetString(PyExc_ValueError, "bias_k and bias_v must be given together (add_bias_kv)");
-        goto done;
+        goto fail;
     }
     if (!(dropout_p >= 0.0 && dropout_p <= 1.0)) {
         PyErr_Format(PyExc_ValueError, "dropout must be in [0, 1]; got %g", dropout_p);
-        goto done;
+        goto fail;
     }
     double scale = 1.0 / sqrt((double)D);
     if (scale_o != Py_None) {
@@ -818,7 +809,7 @@ attnpy_mha(PyObject *Py_UNUSED(module), PyObject *args, PyObject *kwargs)
         if (scale == -1.0 && PyErr_Occurred()) {
             PyErr_Format(PyExc_TypeError, "scale must be a float or None; got %.200s",
                          Py_TYPE(scale_o)->tp_name);
-            goto done;
+            goto fail;
         }
     }
 
@@ -828,14 +819,96 @@ attnpy_mha(PyObject *Py_UNUSED(module), PyObject *args, PyObject *kwargs)
     if (attn_mask_o != Py_None &&
         !(mask = get_mask(attn_mask_o, "attn_mask", typenum, 4, target, "(N, num_heads, L, S)",
                           true_attends, &mask_kind, m_strides)))
-        goto done;
+        goto fail;
     if (kpm_o != Py_None &&
         !(kpm = get_mask(kpm_o, "key_padding_mask", typenum, 4, target, "(N, 1, 1, S)",
                          true_attends, &kpm_kind, k_strides)))
-        goto done;
+        goto fail;
+
+    c->mask = mask;
+    c->kpm = kpm;
+    c->typenum = typenum;
+    c->N = N;
+    c->L = L;
+    c->S = S;
+    c->S2 = S + (in[BIASK] ? 1 : 0) + (add_zero_attn ? 1 : 0);
+    c->D = D;
+    c->Dv = Dv;
+    c->out_dim = out_dim;
+    attn_mha_args *m = &c->m;
+    m->dtype = typenum == NPY_FLOAT ? ATTN_FLOAT32 : ATTN_FLOAT64;
+    m->N = N; m->L = L; m->S = S;
+    m->qdim = qdim; m->kdim = kdim; m->vdim = vdim;
+    m->num_heads = H; m->num_kv_heads = Hkv;
+    m->head_dim = D; m->head_dim_v = Dv; m->out_dim = out_dim;
+    m->query = view3_of(in[Q]); m->key = view3_of(in[K]); m->value = view3_of(in[V]);
+    m->w_q = view3_of(in[WQ]); m->w_k = view3_of(in[WK]); m->w_v = view3_of(in[WV]);
+    m->w_out = view3_of(in[WO]);
+    m->b_q = vec_of(in[BQ]); m->b_k = vec_of(in[BK]); m->b_v = vec_of(in[BV]);
+    m->b_out = vec_of(in[BO]);
+    m->bias_k = vec_of(in[BIASK]); m->bias_v = vec_of(in[BIASV]);
+    m->add_zero_attn = add_zero_attn;
+    m->attn.scale = scale;
+    m->attn.is_causal = is_causal;
+    m->attn.dropout_p = dropout_p;
+    m->attn.dropout_seed = (uint64_t)seed;
+    if (mask) {
+        m->attn.mask_kind = mask_kind;
+        fill_view(&m->attn.mask, PyArray_BYTES(mask), m_strides, 4);
+    }
+    if (kpm) {
+        m->attn.mask2_kind = kpm_kind;
+        fill_view(&m->attn.mask2, PyArray_BYTES(kpm), k_strides, 4);
+    }
+    return 0;
+
+fail:
+    c->mask = mask;
+    c->kpm = kpm;
+    mha_clear(c);
+    return -1;
+}
+
+#define MHA_KWLIST "query", "key", "value", "w_q", "w_k", "w_v", "b_q", "b_k", "b_v", "w_out", \
+                   "b_out", "bias_k", "bias_v", "num_heads", "num_kv_heads", "add_zero_attn", \
+                   "attn_mask", "key_padding_mask", "mask_true_attends", "is_causal", "scale", \
+                   "dropout_p", "seed"
+#define MHA_FORMAT "OOOOOOOOOOOOOnnpOOppOdK"
+
+/*
+ * The multi-head layer (attnpy.MultiheadAttention and attnpy.self_attention
+ * call this after putting the inputs in (N, L, E) order, as views).
+ * Returns (output, weights or None, trace dict or None).
+ */
+static PyObject *
+attnpy_mha(PyObject *Py_UNUSED(module), PyObject *args, PyObject *kwargs)
+{
+    static char *kwlist[] = {MHA_KWLIST, "need_weights", "trace", NULL};
+    PyObject *o[NIN], *attn_mask_o, *kpm_o, *scale_o;
+    Py_ssize_t H, Hkv;
+    int add_zero_attn, true_attends, is_causal, need_weights, want_trace;
+    double dropout_p;
+    unsigned long long seed;
+    mha_call c;
+    enum { PQ, PK, PV, CONCAT, OUT, WEIGHTS, SCORES, LOGITS, DMASK, DROPPED, NOUT };
+    PyArrayObject *buf[NOUT] = {NULL};
+    PyObject *result = NULL, *trace = NULL;
+
+    if (!PyArg_ParseTupleAndKeywords(
+            args, kwargs, MHA_FORMAT "pp:multihead_attention", kwlist, &o[Q], &o[K], &o[V],
+            &o[WQ], &o[WK], &o[WV], &o[BQ], &o[BK], &o[BV], &o[WO], &o[BO], &o[BIASK],
+            &o[BIASV], &H, &Hkv, &add_zero_attn, &attn_mask_o, &kpm_o, &true_attends,
+            &is_causal, &scale_o, &dropout_p, &seed, &need_weights, &want_trace))
+        return NULL;
+    if (mha_prepare(&c, o, H, Hkv, add_zero_attn, attn_mask_o, kpm_o, true_attends, is_causal,
+                    scale_o, dropout_p, seed) < 0)
+        return NULL;
+    const int typenum = c.typenum;
+    const npy_intp N = c.N, L = c.L, S2 = c.S2, D = c.D, Dv = c.Dv, out_dim = c.out_dim;
+    PyArrayObject **in = c.in;
+    attn_mha_args m = c.m;
 
     /* --- buffers the core writes ------------------------------------------------ */
-    const npy_intp S2 = S + (in[BIASK] ? 1 : 0) + (add_zero_attn ? 1 : 0);
     npy_intp dq[3] = {N, L, H * D}, dk[3] = {N, S2, Hkv * D}, dv[3] = {N, S2, Hkv * Dv};
     npy_intp dc[3] = {N, L, H * Dv}, dout[3] = {N, L, out_dim}, dw[4] = {N, H, L, S2};
     const int want_maps = need_weights || want_trace, dropout = dropout_p > 0.0;
@@ -858,31 +931,8 @@ attnpy_mha(PyObject *Py_UNUSED(module), PyObject *args, PyObject *kwargs)
     }
 
     /* --- describe and run --------------------------------------------------------- */
-    m.dtype = typenum == NPY_FLOAT ? ATTN_FLOAT32 : ATTN_FLOAT64;
-    m.N = N; m.L = L; m.S = S;
-    m.qdim = qdim; m.kdim = kdim; m.vdim = vdim;
-    m.num_heads = H; m.num_kv_heads = Hkv;
-    m.head_dim = D; m.head_dim_v = Dv; m.out_dim = out_dim;
-    m.query = view3_of(in[Q]); m.key = view3_of(in[K]); m.value = view3_of(in[V]);
-    m.w_q = view3_of(in[WQ]); m.w_k = view3_of(in[WK]); m.w_v = view3_of(in[WV]);
-    m.w_out = view3_of(in[WO]);
-    m.b_q = vec_of(in[BQ]); m.b_k = vec_of(in[BK]); m.b_v = vec_of(in[BV]); m.b_out = vec_of(in[BO]);
-    m.bias_k = vec_of(in[BIASK]); m.bias_v = vec_of(in[BIASV]);
-    m.add_zero_attn = add_zero_attn;
     m.q = view3_of(buf[PQ]); m.k = view3_of(buf[PK]); m.v = view3_of(buf[PV]);
     m.concat = view3_of(buf[CONCAT]); m.out = view3_of(buf[OUT]);
-    m.attn.scale = scale;
-    m.attn.is_causal = is_causal;
-    m.attn.dropout_p = dropout_p;
-    m.attn.dropout_seed = (uint64_t)seed;
-    if (mask) {
-        m.attn.mask_kind = mask_kind;
-        fill_view(&m.attn.mask, PyArray_BYTES(mask), m_strides, 4);
-    }
-    if (kpm) {
-        m.attn.mask2_kind = kpm_kind;
-        fill_view(&m.attn.mask2, PyArray_BYTES(kpm), k_strides, 4);
-    }
     m.attn.weights = view4_of(buf[WEIGHTS]);
     m.attn.scores = view4_of(buf[SCORES]);
     m.attn.logits = view4_of(buf[LOGITS]);
@@ -911,11 +961,165 @@ attnpy_mha(PyObject *Py_UNUSED(module), PyObject *args, PyObject *kwargs)
     result = Py_BuildValue("(OOO)", buf[OUT], weights_out, trace ? trace : Py_None);
 
 done:
-    for (int i = 0; i < NIN; i++) Py_XDECREF(in[i]);
+    mha_clear(&c);
     for (int i = 0; i < NOUT; i++) Py_XDECREF(buf[i]);
-    Py_XDECREF(mask);
-    Py_XDECREF(kpm);
     Py_XDECREF(trace);
+    return result;
+}
+
+/* An array of exactly the given shape (nd <= 4) and dtype; writeable when
+   asked. A new reference, or NULL with an exception set. */
+static PyArrayObject *get_exact(PyObject *obj, const char *name, int typenum, int nd,
+                                const npy_intp *dims, int writeable)
+{
+    char s1[SHAPE_BUF], s2[SHAPE_BUF];
+    if (!PyArray_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, "%s must be a NumPy array; got %.200s", name,
+                     Py_TYPE(obj)->tp_name);
+        return NULL;
+    }
+    PyArrayObject *arr = (PyArrayObject *)obj;
+    if (check_float(arr, name)) return NULL;
+    if (PyArray_TYPE(arr) != typenum) {
+        PyErr_Format(PyExc_TypeError, "%s must have dtype %s like query; got %s", name,
+                     typenum == NPY_FLOAT ? "float32" : "float64", dtype_name(arr));
+        return NULL;
+    }
+    int same = PyArray_NDIM(arr) == nd;
+    for (int d = 0; same && d < nd; d++) same = PyArray_DIM(arr, d) == dims[d];
+    if (!same) {
+        PyErr_Format(PyExc_ValueError, "%s must have shape %s; got %s", name,
+                     fmt_dims(dims, nd, s1, SHAPE_BUF), fmt_shape(arr, s2, SHAPE_BUF));
+        return NULL;
+    }
+    if (writeable && !PyArray_ISWRITEABLE(arr)) {
+        PyErr_Format(PyExc_ValueError, "%s must be writeable", name);
+        return NULL;
+    }
+    Py_INCREF(arr);
+    return arr;
+}
+
+/*
+ * The multi-head layer's backward pass: the forward's arguments, its trace
+ * buffers (q, k, v, concat as (N, rows, features), weights (N, H, L, S')),
+ * grad_output (N, L, out_dim), and arrays that receive the parameters'
+ * gradients (None: not wanted). Returns (grad_query, grad_key, grad_value).
+ */
+static PyObject *
+attnpy_mha_backward(PyObject *Py_UNUSED(module), PyObject *args, PyObject *kwargs)
+{
+    static char *kwlist[] = {MHA_KWLIST, "grad_output", "q", "k", "v", "concat", "weights",
+                             "grad_w_q", "grad_w_k", "grad_w_v", "grad_b_q", "grad_b_k",
+                             "grad_b_v", "grad_w_out", "grad_b_out", "grad_bias_k",
+                             "grad_bias_v", NULL};
+    PyObject *o[NIN], *attn_mask_o, *kpm_o, *scale_o;
+    Py_ssize_t H, Hkv;
+    int add_zero_attn, true_attends, is_causal;
+    double dropout_p;
+    unsigned long long seed;
+    enum { DOUT, TQ, TK, TV, TC, TW, NT };
+    enum { GWQ, GWK, GWV, GBQ, GBK, GBV, GWO, GBO, GBIASK, GBIASV, NG };
+    enum { GQUERY, GKEY, GVALUE, DQ, DK, DV, DC, HQ, HK, HV, NBUF };
+    PyObject *t_o[NT], *g_o[NG];
+    PyArrayObject *t[NT] = {NULL}, *pg[NG] = {NULL}, *buf[NBUF] = {NULL};
+    PyObject *result = NULL;
+    mha_call c;
+    attn_mha_grad_args g;
+    memset(&g, 0, sizeof g);
+
+    if (!PyArg_ParseTupleAndKeywords(
+            args, kwargs, MHA_FORMAT "OOOOOOOOOOOOOOOO:multihead_attention_backward", kwlist,
+            &o[Q], &o[K], &o[V], &o[WQ], &o[WK], &o[WV], &o[BQ], &o[BK], &o[BV], &o[WO], &o[BO],
+            &o[BIASK], &o[BIASV], &H, &Hkv, &add_zero_attn, &attn_mask_o, &kpm_o, &true_attends,
+            &is_causal, &scale_o, &dropout_p, &seed, &t_o[DOUT], &t_o[TQ], &t_o[TK], &t_o[TV],
+            &t_o[TC], &t_o[TW], &g_o[GWQ], &g_o[GWK], &g_o[GWV], &g_o[GBQ], &g_o[GBK],
+            &g_o[GBV], &g_o[GWO], &g_o[GBO], &g_o[GBIASK], &g_o[GBIASV]))
+        return NULL;
+    if (mha_prepare(&c, o, H, Hkv, add_zero_attn, attn_mask_o, kpm_o, true_attends, is_causal,
+                    scale_o, dropout_p, seed) < 0)
+        return NULL;
+    const int typenum = c.typenum;
+    const npy_intp N = c.N, L = c.L, S = c.S, S2 = c.S2, D = c.D, Dv = c.Dv;
+    attn_mha_args *m = &g.fwd;
+    *m = c.m;
+
+    /* the forward's buffers and grad_output */
+    npy_intp d_out[3] = {N, L, c.in[WO] ? c.out_dim : H * Dv}, d_q[3] = {N, L, H * D},
+             d_k[3] = {N, S2, Hkv * D}, d_v[3] = {N, S2, Hkv * Dv}, d_c[3] = {N, L, H * Dv},
+             d_w[4] = {N, H, L, S2};
+    const npy_intp *t_dims[NT] = {d_out, d_q, d_k, d_v, d_c, d_w};
+    const char *t_names[NT] = {"grad_output", "trace q", "trace k", "trace v", "trace concat",
+                               "trace weights"};
+    for (int i = 0; i < NT; i++)
+        if (!(t[i] = get_exact(t_o[i], t_names[i], typenum, i == TW ? 4 : 3, t_dims[i], 0)))
+            goto done;
+    g.grad_out = view3_of(t[DOUT]);
+    m->q = view3_of(t[TQ]);
+    m->k = view3_of(t[TK]);
+    m->v = view3_of(t[TV]);
+    m->concat = view3_of(t[TC]);
+    m->attn.weights = view4_of(t[TW]);
+
+    /* the parameters' gradients: each like its parameter, or None */
+    const char *g_names[NG] = {"grad_w_q", "grad_w_k", "grad_w_v", "grad_b_q", "grad_b_k",
+                               "grad_b_v", "grad_w_out", "grad_b_out", "grad_bias_k",
+                               "grad_bias_v"};
+    const int of_param[NG] = {WQ, WK, WV, BQ, BK, BV, WO, BO, BIASK, BIASV};
+    for (int i = 0; i < NG; i++) {
+        if (g_o[i] == Py_None) continue;
+        PyArrayObject *param = c.in[of_param[i]];
+        if (!param) {
+            PyErr_Format(PyExc_ValueError, "%s given for a parameter the layer does not have",
+                         g_names[i]);
+            goto done;
+        }
+        if (!(pg[i] = get_exact(g_o[i], g_names[i], typenum, PyArray_NDIM(param),
+                                PyArray_DIMS(param), 1)))
+            goto done;
+    }
+    g.grad_w_q = view3_of(pg[GWQ]); g.grad_w_k = view3_of(pg[GWK]); g.grad_w_v = view3_of(pg[GWV]);
+    g.grad_w_out = view3_of(pg[GWO]);
+    g.grad_b_q = vec_of(pg[GBQ]); g.grad_b_k = vec_of(pg[GBK]); g.grad_b_v = vec_of(pg[GBV]);
+    g.grad_b_out = vec_of(pg[GBO]);
+    g.grad_bias_k = vec_of(pg[GBIASK]); g.grad_bias_v = vec_of(pg[GBIASV]);
+
+    /* outputs and workspaces */
+    npy_intp d_gq[3] = {N, L, m->qdim}, d_gk[3] = {N, S, m->kdim}, d_gv[3] = {N, S, m->vdim};
+    npy_intp hq = N * H * L * D, hk = N * H * S2 * D, hv = N * H * S2 * Dv;
+    if (!(buf[GQUERY] = (PyArrayObject *)PyArray_ZEROS(3, d_gq, typenum, 0)) ||
+        !(buf[GKEY] = (PyArrayObject *)PyArray_ZEROS(3, d_gk, typenum, 0)) ||
+        !(buf[GVALUE] = (PyArrayObject *)PyArray_ZEROS(3, d_gv, typenum, 0)) ||
+        !(buf[DQ] = (PyArrayObject *)PyArray_EMPTY(3, d_q, typenum, 0)) ||
+        !(buf[DK] = (PyArrayObject *)PyArray_EMPTY(3, d_k, typenum, 0)) ||
+        !(buf[DV] = (PyArrayObject *)PyArray_EMPTY(3, d_v, typenum, 0)) ||
+        !(buf[DC] = (PyArrayObject *)PyArray_EMPTY(3, d_c, typenum, 0)) ||
+        !(buf[HQ] = (PyArrayObject *)PyArray_EMPTY(1, &hq, typenum, 0)) ||
+        !(buf[HK] = (PyArrayObject *)PyArray_EMPTY(1, &hk, typenum, 0)) ||
+        !(buf[HV] = (PyArrayObject *)PyArray_EMPTY(1, &hv, typenum, 0)))
+        goto done;
+    g.grad_query = view3_of(buf[GQUERY]);
+    g.grad_key = view3_of(buf[GKEY]);
+    g.grad_value = view3_of(buf[GVALUE]);
+    g.dq = view3_of(buf[DQ]);
+    g.dk = view3_of(buf[DK]);
+    g.dv = view3_of(buf[DV]);
+    g.dconcat = view3_of(buf[DC]);
+    g.dq_heads = PyArray_BYTES(buf[HQ]);
+    g.dk_heads = PyArray_BYTES(buf[HK]);
+    g.dv_heads = PyArray_BYTES(buf[HV]);
+
+    int status;
+    Py_BEGIN_ALLOW_THREADS
+    status = attn_mha_backward(&g);
+    Py_END_ALLOW_THREADS
+    if (raise_for_status(status)) goto done;
+    result = Py_BuildValue("(OOO)", buf[GQUERY], buf[GKEY], buf[GVALUE]);
+done:
+    mha_clear(&c);
+    for (int i = 0; i < NT; i++) Py_XDECREF(t[i]);
+    for (int i = 0; i < NG; i++) Py_XDECREF(pg[i]);
+    for (int i = 0; i < NBUF; i++) Py_XDECREF(buf[i]);
     return result;
 }
 
@@ -1012,6 +1216,10 @@ static PyMethodDef attnpy_methods[] = {
     {"multihead_attention", (PyCFunction)(void (*)(void))attnpy_mha, METH_VARARGS | METH_KEYWORDS,
      "The multi-head layer on (N, L, E) inputs; see attnpy.MultiheadAttention. "
      "Returns (output, weights or None, trace dict or None)."},
+    {"multihead_attention_backward", (PyCFunction)(void (*)(void))attnpy_mha_backward,
+     METH_VARARGS | METH_KEYWORDS,
+     "The multi-head layer's backward pass; see attnpy.MultiheadAttention.backward. "
+     "Returns (grad_query, grad_key, grad_value)."},
     {"set_num_threads", attnpy_set_num_threads, METH_O, "Threads the core uses (0: default)."},
     {"get_num_threads", attnpy_get_num_threads, METH_NOARGS, "Threads the core uses."},
     {"set_kernel", attnpy_set_kernel, METH_O, "Force a kernel ('auto' to choose)."},
