@@ -239,15 +239,20 @@ static void attn_linear_item(void *ctx, int64_t item, int thread)
 typedef struct {
     const attn_sdpa_grad_args *g;
     attn_sdpa_args locate_grad;  /* fwd, with grad_out / weights / trace as views */
+    attn_kernel kernel;          /* REFERENCE: one item per problem */
+    int phase;                   /* fast kernels: 0 query-major, 1 key-major */
+    int64_t blocks;              /* fast kernels: row blocks per problem in this phase */
+    char *stats;                 /* fast kernels: 3 x L values per problem */
     char *work;
     size_t work_size;
 } attn_backward_job;
 
-static void attn_backward_item(void *ctx, int64_t p, int thread)
+static void attn_backward_item(void *ctx, int64_t item, int thread)
 {
     const attn_backward_job *job = ctx;
     const attn_sdpa_grad_args *g = job->g;
     const attn_sdpa_args *a = &g->fwd;
+    int64_t p = job->kernel == ATTN_KERNEL_REFERENCE ? item : item / job->blocks;
     attn_head hd, hg; /* the problem in the inputs; in dO, weights and the trace */
     attn_locate(a, p, &hd);
     attn_locate(&job->locate_grad, p, &hg);
@@ -255,12 +260,23 @@ static void attn_backward_item(void *ctx, int64_t p, int thread)
     char *dq = g->dq + (size_t)p * (size_t)(a->L * a->E) * es;
     char *dk = g->dk + (size_t)p * (size_t)(a->S * a->E) * es;
     char *dv = g->dv + (size_t)p * (size_t)(a->S * a->Ev) * es;
-    double *work = (double *)(job->work + (size_t)thread * job->work_size);
+    char *work = job->work + (size_t)thread * job->work_size;
+    if (job->kernel != ATTN_KERNEL_REFERENCE) {
+        int64_t block = item % job->blocks, start = block * ATTN_FAST_BR;
+        int64_t rows = job->phase == 0 ? a->L : a->S;
+        int64_t n = rows - start < ATTN_FAST_BR ? rows - start : ATTN_FAST_BR;
+        char *stats = job->stats + (size_t)p * (size_t)(3 * a->L) * es;
+        attn_fast_backward_rows(job->kernel, g, &hd, hg.out, job->phase, start, n, stats,
+                                job->phase == 0 ? dq : dk, dv, work);
+        return;
+    }
     /* hg.out is dO, hg.weights the given weights, hg.scores / hg.logits the trace */
     if (a->dtype == ATTN_FLOAT32)
-        attn_head_backward_f32(g, &hd, hg.weights, hg.out, dq, dk, dv, hg.scores, hg.logits, work);
+        attn_head_backward_f32(g, &hd, hg.weights, hg.out, dq, dk, dv, hg.scores, hg.logits,
+                               (double *)work);
     else
-        attn_head_backward_f64(g, &hd, hg.weights, hg.out, dq, dk, dv, hg.scores, hg.logits, work);
+        attn_head_backward_f64(g, &hd, hg.weights, hg.out, dq, dk, dv, hg.scores, hg.logits,
+                               (double *)work);
 }
 
 int attn_sdpa_backward(const attn_sdpa_grad_args *g)
@@ -281,14 +297,40 @@ int attn_sdpa_backward(const attn_sdpa_grad_args *g)
 
     /* a second description whose out / weights / scores / logits views are
        dO, the given weights and the trace, so attn_locate finds them too */
-    attn_backward_job job = {.g = g, .locate_grad = *a};
+    attn_backward_job job = {.g = g, .locate_grad = *a, .kernel = attn_get_kernel()};
     job.locate_grad.out = g->grad_out;
     job.locate_grad.weights = g->weights;
     job.locate_grad.scores = g->grad_weights;
     job.locate_grad.logits = g->grad_scores;
-    job.work_size = ((size_t)(2 * (a->S > 0 ? a->S : 1)) * sizeof(double) + 63) / 64 * 64;
-    double flops = 4.0 * (double)nproblems * (double)a->L * (double)a->S * (double)(a->E + a->Ev);
+    /* the fast kernels recompute the weights and know no dropout; the given
+       weights, the trace and dropout take the reference kernel */
+    if (g->weights.data || g->grad_weights.data || g->grad_scores.data || a->dropout_p > 0.0 ||
+        a->L == 0 || a->S == 0)
+        job.kernel = ATTN_KERNEL_REFERENCE;
+    size_t es = a->dtype == ATTN_FLOAT32 ? sizeof(float) : sizeof(double);
+    double flops = 8.0 * (double)nproblems * (double)a->L * (double)a->S * (double)(a->E + a->Ev);
     int threads = attn_threads_for(flops);
+    int status = ATTN_OK;
+
+    if (job.kernel != ATTN_KERNEL_REFERENCE) {
+        job.work_size = (attn_fast_backward_workspace(a) + 63) / 64 * 64;
+        job.work = malloc(job.work_size * (size_t)threads);
+        job.stats = malloc((size_t)nproblems * (size_t)(3 * a->L) * es);
+        if (job.work && job.stats) {
+            job.phase = 0;
+            job.blocks = (a->L + ATTN_FAST_BR - 1) / ATTN_FAST_BR;
+            attn_parallel_for(nproblems * job.blocks, threads, attn_backward_item, &job);
+            job.phase = 1;
+            job.blocks = (a->S + ATTN_FAST_BR - 1) / ATTN_FAST_BR;
+            attn_parallel_for(nproblems * job.blocks, threads, attn_backward_item, &job);
+        } else {
+            status = ATTN_ENOMEM;
+        }
+        free(job.work);
+        free(job.stats);
+        return status;
+    }
+    job.work_size = ((size_t)(2 * (a->S > 0 ? a->S : 1)) * sizeof(double) + 63) / 64 * 64;
     if (threads > nproblems) threads = (int)nproblems;
     job.work = malloc(job.work_size * (size_t)threads);
     if (!job.work) return ATTN_ENOMEM;
@@ -305,16 +347,25 @@ int attn_sdpa_reduce_grads(const attn_sdpa_grad_args *g, const attn_sdpa_args *r
     size_t es = a->dtype == ATTN_FLOAT32 ? sizeof(float) : sizeof(double);
     void (*add)(char *, int64_t, int64_t, const char *, int64_t, int64_t) =
         a->dtype == ATTN_FLOAT32 ? attn_add_block_f32 : attn_add_block_f64;
-    /* sequential: several problems may add into the same rows */
+    /* sequential: several problems may add into the same rows. A view with
+       data == NULL is skipped (its gradient was written in place). */
+    attn_sdpa_args located = *r;
+    const char *dummy = g->dq;
+    if (!located.q.data) located.q.data = (char *)dummy;
+    if (!located.k.data) located.k.data = (char *)dummy;
+    if (!located.v.data) located.v.data = (char *)dummy;
     for (int64_t p = 0; p < nproblems; p++) {
         attn_head hd;
-        attn_locate(r, p, &hd);
-        add((char *)hd.q, r->q.row, r->q.col, g->dq + (size_t)p * (size_t)(a->L * a->E) * es,
-            a->L, a->E);
-        add((char *)hd.k, r->k.row, r->k.col, g->dk + (size_t)p * (size_t)(a->S * a->E) * es,
-            a->S, a->E);
-        add((char *)hd.v, r->v.row, r->v.col, g->dv + (size_t)p * (size_t)(a->S * a->Ev) * es,
-            a->S, a->Ev);
+        attn_locate(&located, p, &hd);
+        if (r->q.data)
+            add((char *)hd.q, r->q.row, r->q.col, g->dq + (size_t)p * (size_t)(a->L * a->E) * es,
+                a->L, a->E);
+        if (r->k.data)
+            add((char *)hd.k, r->k.row, r->k.col, g->dk + (size_t)p * (size_t)(a->S * a->E) * es,
+                a->S, a->E);
+        if (r->v.data)
+            add((char *)hd.v, r->v.row, r->v.col,
+                g->dv + (size_t)p * (size_t)(a->S * a->Ev) * es, a->S, a->Ev);
     }
     return ATTN_OK;
 }
@@ -585,7 +636,10 @@ int attn_mha_backward(attn_mha_grad_args *g)
     sg.fwd.k = attn_heads_of(m->k, D);
     sg.fwd.v = attn_heads_of(m->v, Dv);
     sg.grad_out = attn_heads_of(g->dconcat, Dv);
-    sg.weights = m->attn.weights;
+    /* with dropout, the reference kernel reads the forward's weights; without,
+       the fast kernels recompute them (the same to rounding, and faster than
+       reading an L x S map back) */
+    if (m->attn.dropout_p > 0.0) sg.weights = m->attn.weights;
     sg.dq = g->dq_heads;
     sg.dk = g->dk_heads;
     sg.dv = g->dv_heads;

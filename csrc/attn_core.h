@@ -127,7 +127,10 @@ int attn_sdpa_backward(const attn_sdpa_grad_args *g);
 
 /* Sum the per-problem gradients into arrays of the inputs' shapes: the views
    of r.q, r.k, r.v (strides 0 on broadcast dims; kv heads mapped as in the
-   forward) receive g->dq, g->dk, g->dv. They must be zero-filled first. */
+   forward) receive g->dq, g->dk, g->dv. They must be zero-filled first. A
+   view with data == NULL is skipped: when an input is neither broadcast nor
+   shared by several query heads, its per-problem slabs are already the
+   gradient's own C-contiguous layout and the caller points g->dq (...) there. */
 int attn_sdpa_reduce_grads(const attn_sdpa_grad_args *g, const attn_sdpa_args *r);
 
 /* Number of key rows the streaming kernel scores at a time. */

@@ -177,6 +177,35 @@ void attn_fast_linear_many(attn_kernel kernel, const attn_linear_args *ps, int c
     }
 }
 
+size_t attn_fast_backward_workspace(const attn_sdpa_args *a)
+{
+    size_t E = (size_t)a->E, Ep = (size_t)attn_round_up(a->E, 32);
+    size_t Evp = (size_t)attn_round_up(a->Ev, 32), W = Ep > Evp ? Ep : Evp;
+    size_t elem = a->dtype == ATTN_FLOAT64 ? sizeof(double) : sizeof(float);
+    size_t phase_a = BR * E + BR * Evp + E * BC + Evp * BC + BC * Ep + BC * Evp + 2 * BR * BC +
+                     BR * W;
+    size_t phase_b = BC * E + BC * Evp + E * BC + Evp * BC + BC * Ep + BC * Evp + 2 * BC * BC +
+                     BC * Ep + BC * Evp;
+    return (phase_a > phase_b ? phase_a : phase_b) * elem;
+}
+
+void attn_fast_backward_rows(attn_kernel kernel, const attn_sdpa_grad_args *g,
+                             const attn_head *hd, const char *dout, int phase, int64_t start,
+                             int64_t n, void *stats, void *grad0, void *grad1, void *ws)
+{
+    if (g->fwd.dtype == ATTN_FLOAT64) {
+        if (phase == 0)
+            ATTN_PICK(bwd_query_rows, kernel, f64)(g, hd, dout, start, n, stats, grad0, ws);
+        else
+            ATTN_PICK(bwd_key_rows, kernel, f64)(g, hd, dout, start, n, stats, grad0, grad1, ws);
+    } else {
+        if (phase == 0)
+            ATTN_PICK(bwd_query_rows, kernel, f32)(g, hd, dout, start, n, stats, grad0, ws);
+        else
+            ATTN_PICK(bwd_key_rows, kernel, f32)(g, hd, dout, start, n, stats, grad0, grad1, ws);
+    }
+}
+
 void attn_fast_rows(attn_kernel kernel, const attn_sdpa_args *a, const attn_head *hd,
                     int64_t i0, int64_t nr, void *ws)
 {

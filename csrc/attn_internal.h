@@ -76,4 +76,12 @@ void attn_fast_linear_block(attn_kernel kernel, const attn_linear_args *p, int64
 void attn_fast_linear_many(attn_kernel kernel, const attn_linear_args *ps, int count,
                            int64_t n, int64_t l0, int64_t nr, void *workspace);
 
+/* The backward pass's fast kernels: phase 0 (query-major) writes dq rows
+   start .. start+n-1 and this problem's stats (m, 1/l, D: 3 x L values);
+   phase 1 (key-major) writes dk, dv rows start .. start+n-1 from them. */
+size_t attn_fast_backward_workspace(const attn_sdpa_args *a); /* bytes per thread */
+void attn_fast_backward_rows(attn_kernel kernel, const attn_sdpa_grad_args *g,
+                             const attn_head *hd, const char *dout, int phase, int64_t start,
+                             int64_t n, void *stats, void *grad0, void *grad1, void *workspace);
+
 #endif /* ATTN_INTERNAL_H */

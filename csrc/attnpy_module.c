@@ -589,28 +589,33 @@ attnpy_sdpa_backward(PyObject *Py_UNUSED(module), PyObject *args, PyObject *kwar
         !(arr[W] = get_like(weights_o, "weights", &c, c.w_dims, "the weights'", &g.weights)))
         goto done;
 
-    /* per-problem gradients, then the input-shaped ones they are summed into */
+    /* Per-problem gradients, then the input-shaped ones they are summed into.
+       An input that is neither broadcast nor shared by several query heads
+       has exactly one slab per problem, in its own C order: its gradient is
+       written in place and not summed. */
     npy_intp problems = a->num_heads;
     for (int d = 0; d < a->nbatch; d++) problems *= a->batch_shape[d];
-    npy_intp nq = problems * a->L * a->E, nk = problems * a->S * a->E,
-             nv = problems * a->S * a->Ev;
-    if (!(arr[DQF] = (PyArrayObject *)PyArray_EMPTY(1, &nq, typenum, 0)) ||
-        !(arr[DKF] = (PyArrayObject *)PyArray_EMPTY(1, &nk, typenum, 0)) ||
-        !(arr[DVF] = (PyArrayObject *)PyArray_EMPTY(1, &nv, typenum, 0)))
-        goto done;
-    g.dq = PyArray_BYTES(arr[DQF]);
-    g.dk = PyArray_BYTES(arr[DKF]);
-    g.dv = PyArray_BYTES(arr[DVF]);
+    npy_intp slab[3] = {problems * a->L * a->E, problems * a->S * a->E, problems * a->S * a->Ev};
+    PyArrayObject *inputs[3] = {c.q, c.k, c.v};
+    char **dst[3] = {&g.dq, &g.dk, &g.dv};
     attn_sdpa_args r = *a; /* the reduction: q, k, v views on the gradients */
-    if (!(arr[GQ] = (PyArrayObject *)PyArray_ZEROS(PyArray_NDIM(c.q), PyArray_DIMS(c.q), typenum, 0)) ||
-        !(arr[GK] = (PyArrayObject *)PyArray_ZEROS(PyArray_NDIM(c.k), PyArray_DIMS(c.k), typenum, 0)) ||
-        !(arr[GV] = (PyArrayObject *)PyArray_ZEROS(PyArray_NDIM(c.v), PyArray_DIMS(c.v), typenum, 0)))
-        goto done;
     attn_view *rv[3] = {&r.q, &r.k, &r.v};
     for (int i = 0; i < 3; i++) {
+        int direct = PyArray_SIZE(inputs[i]) == slab[i];
+        PyArrayObject *grad = (PyArrayObject *)(direct
+            ? PyArray_EMPTY(PyArray_NDIM(inputs[i]), PyArray_DIMS(inputs[i]), typenum, 0)
+            : PyArray_ZEROS(PyArray_NDIM(inputs[i]), PyArray_DIMS(inputs[i]), typenum, 0));
+        if (!(arr[GQ + i] = grad)) goto done;
+        if (direct) {
+            *dst[i] = PyArray_BYTES(grad);
+            rv[i]->data = NULL;
+            continue;
+        }
+        if (!(arr[DQF + i] = (PyArrayObject *)PyArray_EMPTY(1, &slab[i], typenum, 0))) goto done;
+        *dst[i] = PyArray_BYTES(arr[DQF + i]);
         npy_intp padded[NPY_MAXDIMS], strides[NPY_MAXDIMS];
-        pad_to(arr[GQ + i], nd, padded, strides); /* stride 0 where the input broadcast */
-        fill_view(rv[i], PyArray_BYTES(arr[GQ + i]), strides, nd);
+        pad_to(grad, nd, padded, strides); /* stride 0 where the input broadcast */
+        fill_view(rv[i], PyArray_BYTES(grad), strides, nd);
     }
     if (want_trace && (!(arr[GW] = new_view(nd, c.w_dims, typenum, 0, &g.grad_weights)) ||
                        !(arr[GS] = new_view(nd, c.w_dims, typenum, 0, &g.grad_scores))))
