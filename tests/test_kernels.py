@@ -208,3 +208,42 @@ def test_self_attention_projections_share_x(kernel_and_threads, dtype):
     got = np.concatenate([shared.trace.q, shared.trace.k, shared.trace.v], axis=1)
     want = qkv.reshape(4, 130, 3 * H, E // H).transpose(0, 2, 1, 3)
     np.testing.assert_allclose(got, want, **tol)
+
+
+BACKWARD_CASES = [
+    ("plain", dict(), (2, 3, 130, 40), (2, 3, 300, 40), 24),
+    ("causal", dict(is_causal=True), (1, 2, 300, 64), (1, 2, 260, 64), 64),
+    ("gqa_bool_mask", dict(enable_gqa=True, mask=True), (2, 4, 70, 32), (2, 2, 150, 32), 16),
+    ("broadcast_kv", dict(), (3, 2, 129, 16), (1, 2, 129, 16), 16),
+]
+
+
+@pytest.mark.parametrize("kernel_and_threads", SETTINGS, indirect=True)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("name, kw, qs, ks, Ev", BACKWARD_CASES,
+                         ids=[c[0] for c in BACKWARD_CASES])
+def test_backward_under_kernel(kernel_and_threads, dtype, name, kw, qs, ks, Ev):
+    """The backward pass in every kernel (the fast one: two phases over
+    several query and key blocks), against torch.autograd in float64."""
+    import torch
+    rng = np.random.default_rng(21)
+    q = rng.standard_normal(qs).astype(dtype)
+    k = rng.standard_normal(ks).astype(dtype)
+    v = rng.standard_normal(ks[:-1] + (Ev,)).astype(dtype)
+    kw = dict(kw)
+    if kw.pop("mask", False):
+        kw["attn_mask"] = rng.random((qs[-2], ks[-2])) < 0.7
+    out_shape = np.broadcast_shapes(qs[:-3], ks[:-3]) + (qs[-3], qs[-2], Ev)
+    dout = rng.standard_normal(out_shape).astype(dtype)
+    g = attnpy.scaled_dot_product_attention_backward(dout, q, k, v, **kw)
+
+    tq, tk, tv = (torch.tensor(x, dtype=torch.float64, requires_grad=True) for x in (q, k, v))
+    mask = kw.get("attn_mask")
+    t = torch.nn.functional.scaled_dot_product_attention(
+        tq, tk, tv, attn_mask=None if mask is None else torch.from_numpy(mask),
+        is_causal=kw.get("is_causal", False), enable_gqa=kw.get("enable_gqa", False))
+    t.backward(torch.from_numpy(dout.astype(np.float64)))
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == np.float32 else dict(atol=1e-10, rtol=1e-10)
+    for mine, theirs in ((g.query, tq), (g.key, tk), (g.value, tv)):
+        assert mine.shape == theirs.shape
+        np.testing.assert_allclose(mine, theirs.grad.numpy(), **tol)
