@@ -16,7 +16,9 @@ Peers:
                       softmax(q @ k.mT * scale + mask) @ v
   multi-head rows:    torch.nn.MultiheadAttention (need_weights as the row says,
                       average_attn_weights=False)
-  every row:          NumPy (matmul + softmax), float32 like the inputs
+  every forward row:  NumPy (matmul + softmax), float32 like the inputs
+  backward rows:      torch.autograd.grad on a retained graph (the backward
+                      alone, on both sides)
 """
 from __future__ import annotations
 
@@ -49,7 +51,7 @@ def _reexec_without_openblas_overrides():
 @dataclass
 class Row:
     label: str
-    kind: str                  # "sdpa" or "mha"
+    kind: str                  # "sdpa", "mha", "sdpa_bwd" or "mha_bwd"
     shape: tuple               # (B, H, L, D) or (N, E, H, L)
     causal: bool = False
     need_weights: bool = False
@@ -62,12 +64,15 @@ class Row:
     def flops(self):
         """The two products: 4 B H L S D, the lower triangle only when causal.
         Multi-head rows add the four projections (2 N L E^2 each)."""
-        if self.kind == "sdpa":
+        if self.kind in ("sdpa", "sdpa_bwd"):
             B, H, L, D = self.shape
             f = 4.0 * B * H * L * L * D
+            if self.kind == "sdpa_bwd":   # five products: q k^T again, dP, dS k, dS^T q, P^T dO
+                f *= 2.5
             return f / 2 if self.causal else f
         N, E, H, L = self.shape
-        return 4.0 * N * L * L * E + 8.0 * N * L * E * E
+        f = 4.0 * N * L * L * E + 8.0 * N * L * E * E
+        return f * 2.5 if self.kind == "mha_bwd" else f
 
 
 def matrix(quick):
@@ -91,6 +96,13 @@ def matrix(quick):
             N, E, H, L = shape
             rows.append(Row(f"MHA N={N} E={E} H={H} L={L}{' +w' if nw else ''}", "mha",
                             shape, False, nw))
+    for shape in shapes:
+        for causal in (False, True):
+            rows.append(Row("bwd " + _label(shape, causal, False), "sdpa_bwd", shape, causal,
+                            peers=("torch",)))
+    for shape in mha:
+        N, E, H, L = shape
+        rows.append(Row(f"bwd MHA N={N} E={E} H={H} L={L}", "mha_bwd", shape, peers=("torch",)))
     mem = (1, 16, 8192, 64) if not quick else (1, 2, 512, 32)
     rows.append(Row(_label(mem, False, False) + " mem", "sdpa", mem, False, False,
                     peers=("torch",), reps=3 if not quick else 1))
@@ -112,6 +124,31 @@ def make_calls(row, np, torch, attnpy):
     tdt = torch.float32 if dt == np.float32 else torch.float64
     rng = np.random.default_rng(0)
     calls = {}
+    if row.kind == "sdpa_bwd":
+        B, H, L, D = row.shape
+        q, k, v, dout = (rng.standard_normal((B, H, L, D), dtype=dt) for _ in range(4))
+        tq, tk, tv = (torch.from_numpy(x).requires_grad_(True) for x in (q, k, v))
+        t_out = torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, is_causal=row.causal)
+        tdout = torch.from_numpy(dout)
+        calls["attnpy"] = lambda: attnpy.scaled_dot_product_attention_backward(
+            dout, q, k, v, is_causal=row.causal)
+        calls["torch"] = lambda: torch.autograd.grad(t_out, (tq, tk, tv), tdout,
+                                                     retain_graph=True)
+        return calls
+    if row.kind == "mha_bwd":
+        N, E, H, L = row.shape
+        m = torch.nn.MultiheadAttention(E, H, batch_first=True).eval()
+        mha = attnpy.MultiheadAttention.from_torch(m)
+        x = rng.standard_normal((N, L, E), dtype=np.float32)
+        dout = rng.standard_normal((N, L, E), dtype=np.float32)
+        res = mha(x, trace=True)
+        tx = torch.from_numpy(x).requires_grad_(True)
+        t_out, _ = m(tx, tx, tx, need_weights=False)
+        tdout = torch.from_numpy(dout)
+        wrt = (tx,) + tuple(m.parameters())
+        calls["attnpy"] = lambda: mha.backward(res, dout)
+        calls["torch"] = lambda: torch.autograd.grad(t_out, wrt, tdout, retain_graph=True)
+        return calls
     if row.kind == "sdpa":
         B, H, L, D = row.shape
         q, k, v = (rng.standard_normal((B, H, L, D), dtype=dt) for _ in range(3))
@@ -296,7 +333,7 @@ def write_outputs(rows, machine, peak, out, quick):
               "pause that lets the other libraries' thread pools go idle. Speed-up = peer time / attnpy "
               "time (> 1: attnpy faster). GFLOP/s count the two products, 4·B·H·L·S·D, "
               "the lower triangle only for causal rows; multi-head rows add the four "
-              "projections. Peak % is attnpy's GFLOP/s over the measured FMA peak. Memory "
+              "projections; backward (bwd) rows count 2.5 times the forward's (five products). Peak % is attnpy's GFLOP/s over the measured FMA peak. Memory "
               "is the peak RSS growth of one call, outputs included. GB/s (+w rows) is "
               "the weights map written per second.", ""]
     header = ("| row | attnpy | torch | NumPy | vs torch | vs NumPy | GFLOP/s | peak % | "
@@ -313,7 +350,7 @@ def write_outputs(rows, machine, peak, out, quick):
         gflops = r.flops / a / 1e9
         gbs = "—"
         if r.need_weights:
-            if r.kind == "sdpa":
+            if r.kind in ("sdpa", "sdpa_bwd"):
                 B, H, L, D = r.shape
                 nbytes = B * H * L * L * (8 if r.dtype == "float64" else 4)
             else:

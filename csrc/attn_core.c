@@ -578,7 +578,14 @@ static int attn_linear_backward(attn_dtype dtype, int64_t N, int64_t M, int64_t 
                               .x = dy, .w = attn_transposed(w), .y = dx};
         if ((status = attn_linear(&p))) return status;
     }
-    if (dw.data) {
+    if (dw.data && N > 0 && dy.batch == M * dy.row && x.batch == M * x.row) {
+        /* the batch continues the rows (contiguous over n, l): one product
+           whose inner dimension runs over all N * M rows */
+        attn_view3 dyf = {dy.data, 0, dy.row, dy.col}, xf = {x.data, 0, x.row, x.col};
+        attn_linear_args p = {.dtype = dtype, .N = 1, .M = O, .K = N * M, .O = K,
+                              .x = attn_transposed(dyf), .w = attn_transposed(xf), .y = dw};
+        if ((status = attn_linear(&p))) return status;
+    } else if (dw.data) {
         for (int64_t n = 0; n < N; n++) {
             attn_view3 dyn = {dy.data + n * dy.batch, 0, dy.row, dy.col};
             attn_view3 xn = {x.data + n * x.batch, 0, x.row, x.col};

@@ -17,6 +17,6 @@ def test_quick_benchmark_writes_results(tmp_path):
     table = (tmp_path / "results.md").read_text()
     assert "measured fp32 FMA peak" in table
     assert "Geometric-mean speed-up over torch" in table
-    for label in ("B=1 H=1 L=8 D=4", "causal", "+w", "f64", "MHA", "mem"):
+    for label in ("B=1 H=1 L=8 D=4", "causal", "+w", "f64", "MHA", "mem", "bwd B=", "bwd MHA"):
         assert label in table, label
     assert (tmp_path / "results.png").stat().st_size > 10_000
