@@ -74,9 +74,9 @@ static void attn_locate(const attn_sdpa_args *a, int64_t p, attn_head *hd)
         for (int t = 0; t < NT; t++) off[t] += idx * views[t]->batch[d];
     }
     hd->index = p;
-    hd->q = a->q.data + off[Q];
-    hd->k = a->k.data + off[K];
-    hd->v = a->v.data + off[V];
+    hd->q = attn_at(a->q.data, off[Q]);
+    hd->k = attn_at(a->k.data, off[K]);
+    hd->v = attn_at(a->v.data, off[V]);
     hd->mask = a->mask_kind == ATTN_MASK_NONE ? NULL : a->mask.data + off[M];
     hd->mask2 = a->mask2_kind == ATTN_MASK_NONE ? NULL : a->mask2.data + off[M2];
     hd->out = attn_at(a->out.data, off[OUT]);
@@ -239,6 +239,7 @@ static void attn_linear_item(void *ctx, int64_t item, int thread)
 typedef struct {
     const attn_sdpa_grad_args *g;
     attn_sdpa_args locate_grad;  /* fwd, with grad_out / weights / trace as views */
+    attn_sdpa_args locate_dst;   /* fwd, with q / k / v as the destination views */
     attn_kernel kernel;          /* REFERENCE: one item per problem */
     int phase;                   /* fast kernels: 0 query-major, 1 key-major */
     int64_t blocks;              /* fast kernels: row blocks per problem in this phase */
@@ -257,9 +258,18 @@ static void attn_backward_item(void *ctx, int64_t item, int thread)
     attn_locate(a, p, &hd);
     attn_locate(&job->locate_grad, p, &hg);
     size_t es = a->dtype == ATTN_FLOAT32 ? sizeof(float) : sizeof(double);
-    char *dq = g->dq + (size_t)p * (size_t)(a->L * a->E) * es;
-    char *dk = g->dk + (size_t)p * (size_t)(a->S * a->E) * es;
-    char *dv = g->dv + (size_t)p * (size_t)(a->S * a->Ev) * es;
+    /* each gradient: through its destination view, or into its slab */
+    attn_head hdst;
+    attn_locate(&job->locate_dst, p, &hdst);
+    attn_mat dq = g->grad_q.data ? (attn_mat){(char *)hdst.q, g->grad_q.row, g->grad_q.col}
+                                 : (attn_mat){g->dq + (size_t)p * (size_t)(a->L * a->E) * es,
+                                              a->E * (int64_t)es, (int64_t)es};
+    attn_mat dk = g->grad_k.data ? (attn_mat){(char *)hdst.k, g->grad_k.row, g->grad_k.col}
+                                 : (attn_mat){g->dk + (size_t)p * (size_t)(a->S * a->E) * es,
+                                              a->E * (int64_t)es, (int64_t)es};
+    attn_mat dv = g->grad_v.data ? (attn_mat){(char *)hdst.v, g->grad_v.row, g->grad_v.col}
+                                 : (attn_mat){g->dv + (size_t)p * (size_t)(a->S * a->Ev) * es,
+                                              a->Ev * (int64_t)es, (int64_t)es};
     char *work = job->work + (size_t)thread * job->work_size;
     if (job->kernel != ATTN_KERNEL_REFERENCE) {
         int64_t block = item % job->blocks, start = block * ATTN_FAST_BR;
@@ -285,7 +295,8 @@ int attn_sdpa_backward(const attn_sdpa_grad_args *g)
     if (a->nbatch < 0 || a->nbatch > ATTN_MAX_DIMS || a->num_heads < 0 || a->num_kv_heads <= 0 ||
         a->num_heads % a->num_kv_heads != 0 || a->L < 0 || a->S < 0 || a->E < 0 || a->Ev < 0 ||
         a->extra_keys < 0 || a->extra_keys > a->S || !a->q.data || !a->k.data || !a->v.data ||
-        !g->grad_out.data || !g->dq || !g->dk || !g->dv ||
+        !g->grad_out.data || (!g->dq && !g->grad_q.data) || (!g->dk && !g->grad_k.data) ||
+        (!g->dv && !g->grad_v.data) ||
         (a->mask_kind != ATTN_MASK_NONE && !a->mask.data) ||
         (a->mask2_kind != ATTN_MASK_NONE && !a->mask2.data) ||
         !(a->dropout_p >= 0.0 && a->dropout_p <= 1.0) ||
@@ -302,6 +313,10 @@ int attn_sdpa_backward(const attn_sdpa_grad_args *g)
     job.locate_grad.weights = g->weights;
     job.locate_grad.scores = g->grad_weights;
     job.locate_grad.logits = g->grad_scores;
+    job.locate_dst = *a; /* q, k, v: the destination views (NULL: slabs) */
+    job.locate_dst.q = g->grad_q;
+    job.locate_dst.k = g->grad_k;
+    job.locate_dst.v = g->grad_v;
     /* the fast kernels recompute the weights and know no dropout; the given
        weights, the trace and dropout take the reference kernel */
     if (g->weights.data || g->grad_weights.data || g->grad_scores.data || a->dropout_p > 0.0 ||
@@ -349,14 +364,9 @@ int attn_sdpa_reduce_grads(const attn_sdpa_grad_args *g, const attn_sdpa_args *r
         a->dtype == ATTN_FLOAT32 ? attn_add_block_f32 : attn_add_block_f64;
     /* sequential: several problems may add into the same rows. A view with
        data == NULL is skipped (its gradient was written in place). */
-    attn_sdpa_args located = *r;
-    const char *dummy = g->dq;
-    if (!located.q.data) located.q.data = (char *)dummy;
-    if (!located.k.data) located.k.data = (char *)dummy;
-    if (!located.v.data) located.v.data = (char *)dummy;
     for (int64_t p = 0; p < nproblems; p++) {
         attn_head hd;
-        attn_locate(&located, p, &hd);
+        attn_locate(r, p, &hd);
         if (r->q.data)
             add((char *)hd.q, r->q.row, r->q.col, g->dq + (size_t)p * (size_t)(a->L * a->E) * es,
                 a->L, a->E);
@@ -608,7 +618,8 @@ int attn_mha_backward(attn_mha_grad_args *g)
     attn_mha_args *m = &g->fwd;
     if (m->num_heads <= 0 || m->num_kv_heads <= 0 || m->num_heads % m->num_kv_heads != 0 ||
         m->N < 0 || m->L < 0 || m->S < 0 || !g->dq.data || !g->dk.data || !g->dv.data ||
-        !g->dconcat.data || !g->dq_heads || !g->dk_heads || !g->dv_heads)
+        !g->dconcat.data ||
+        (m->num_kv_heads != m->num_heads && (!g->dk_heads || !g->dv_heads)))
         return ATTN_EINVAL;
     const int64_t H = m->num_heads, Hkv = m->num_kv_heads, D = m->head_dim, Dv = m->head_dim_v;
     const int64_t extra = (m->bias_k.data ? 1 : 0) + (m->add_zero_attn ? 1 : 0);
@@ -647,19 +658,26 @@ int attn_mha_backward(attn_mha_grad_args *g)
        the fast kernels recompute them (the same to rounding, and faster than
        reading an L x S map back) */
     if (m->attn.dropout_p > 0.0) sg.weights = m->attn.weights;
-    sg.dq = g->dq_heads;
-    sg.dk = g->dk_heads;
-    sg.dv = g->dv_heads;
+    /* each head writes its own columns of dq in place; dk, dv too unless
+       several query heads share a key/value head (then slabs, summed) */
+    sg.grad_q = attn_heads_of(g->dq, D);
+    if (Hkv == H) {
+        sg.grad_k = attn_heads_of(g->dk, D);
+        sg.grad_v = attn_heads_of(g->dv, Dv);
+    } else {
+        sg.dk = g->dk_heads;
+        sg.dv = g->dv_heads;
+    }
     if ((status = attn_sdpa_backward(&sg))) return status;
-    /* sum into (N, L, H*D) etc.: zero first, then add (GQA: several heads per kv head) */
-    attn_sdpa_args r = sg.fwd;
-    r.q = attn_heads_of(g->dq, D);
-    r.k = attn_heads_of(g->dk, D);
-    r.v = attn_heads_of(g->dv, Dv);
-    attn_zero3(dt, g->dq, m->N, m->L, H * D);
-    attn_zero3(dt, g->dk, m->N, m->S + extra, Hkv * D);
-    attn_zero3(dt, g->dv, m->N, m->S + extra, Hkv * Dv);
-    if ((status = attn_sdpa_reduce_grads(&sg, &r))) return status;
+    if (Hkv != H) {
+        attn_sdpa_args r = sg.fwd;
+        r.q.data = NULL; /* written in place */
+        r.k = attn_heads_of(g->dk, D);
+        r.v = attn_heads_of(g->dv, Dv);
+        attn_zero3(dt, g->dk, m->N, m->S + extra, Hkv * D);
+        attn_zero3(dt, g->dv, m->N, m->S + extra, Hkv * Dv);
+        if ((status = attn_sdpa_reduce_grads(&sg, &r))) return status;
+    }
 
     /* 3. bias_k, bias_v: the sums of the key / value gradients at row S */
     if (m->bias_k.data && g->grad_bias_k.data) {

@@ -119,6 +119,10 @@ typedef struct {
     attn_view grad_out;      /* dO, (batch..., Hq, L, Ev) */
     attn_view weights;       /* the forward's softmax (pre-dropout); data NULL: recompute */
     char *dq, *dk, *dv;      /* per-problem gradients, contiguous (see above) */
+    attn_view grad_q, grad_k, grad_v; /* when data != NULL: that gradient is written
+                                 through this view of the inputs' layout instead of
+                                 its slab (the caller guarantees that no two problems
+                                 share rows: no broadcast, no key/value heads shared) */
     attn_view grad_weights;  /* trace, written when data != NULL: dP (batch..., Hq, L, S) */
     attn_view grad_scores;   /* trace: dS, the gradient of the softmax's input */
 } attn_sdpa_grad_args;
@@ -251,8 +255,10 @@ int attn_mha(attn_mha_args *args);
  * fwd is the forward's description with its q, k, v, concat buffers as the
  * forward left them and fwd.attn.weights the forward's softmax. dq, dk, dv,
  * dconcat are caller-allocated (N, L, H*D), (N, S', Hkv*D), (N, S', Hkv*Dv),
- * (N, L, H*Dv) buffers; dq_heads, dk_heads, dv_heads the per-problem slabs
- * attn_sdpa_backward needs (N*H*L*D, N*H*S'*D, N*H*S'*Dv elements). Every
+ * (N, L, H*Dv) buffers; with grouped-query heads (Hkv < H), dk_heads and
+ * dv_heads are the per-problem slabs attn_sdpa_backward sums from
+ * (N*H*S'*D, N*H*S'*Dv elements); otherwise every head writes its own
+ * columns of dq, dk, dv in place and they may be NULL. Every
  * gradient output is overwritten; a parameter's is skipped when its data is
  * NULL.
  */
@@ -263,7 +269,7 @@ typedef struct {
     attn_view3 grad_w_q, grad_w_k, grad_w_v, grad_w_out;
     attn_vec grad_b_q, grad_b_k, grad_b_v, grad_b_out, grad_bias_k, grad_bias_v;
     attn_view3 dq, dk, dv, dconcat;
-    char *dq_heads, *dk_heads, *dv_heads;
+    char *dk_heads, *dv_heads;
 } attn_mha_grad_args;
 
 int attn_mha_backward(attn_mha_grad_args *g);

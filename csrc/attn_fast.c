@@ -191,7 +191,7 @@ size_t attn_fast_backward_workspace(const attn_sdpa_args *a)
 
 void attn_fast_backward_rows(attn_kernel kernel, const attn_sdpa_grad_args *g,
                              const attn_head *hd, const char *dout, int phase, int64_t start,
-                             int64_t n, void *stats, void *grad0, void *grad1, void *ws)
+                             int64_t n, void *stats, attn_mat grad0, attn_mat grad1, void *ws)
 {
     if (g->fwd.dtype == ATTN_FLOAT64) {
         if (phase == 0)

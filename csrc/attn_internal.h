@@ -43,6 +43,12 @@ static inline int attn_blocked(const attn_sdpa_args *a, const attn_head *hd, int
 
 static inline int64_t attn_round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
+/* Where one problem's gradient goes: element (r, c) at data + r*row + c*col. */
+typedef struct {
+    char *data;
+    int64_t row, col;
+} attn_mat;
+
 /* Thread pool (attn_parallel.c): fn(ctx, item, thread) for every item, on at
    most max_threads threads; thread is in [0, max_threads). */
 void attn_parallel_for(int64_t n, int max_threads,
@@ -82,6 +88,7 @@ void attn_fast_linear_many(attn_kernel kernel, const attn_linear_args *ps, int c
 size_t attn_fast_backward_workspace(const attn_sdpa_args *a); /* bytes per thread */
 void attn_fast_backward_rows(attn_kernel kernel, const attn_sdpa_grad_args *g,
                              const attn_head *hd, const char *dout, int phase, int64_t start,
-                             int64_t n, void *stats, void *grad0, void *grad1, void *workspace);
+                             int64_t n, void *stats, attn_mat grad0, attn_mat grad1,
+                             void *workspace);
 
 #endif /* ATTN_INTERNAL_H */

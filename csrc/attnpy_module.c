@@ -1025,7 +1025,7 @@ attnpy_mha_backward(PyObject *Py_UNUSED(module), PyObject *args, PyObject *kwarg
     unsigned long long seed;
     enum { DOUT, TQ, TK, TV, TC, TW, NT };
     enum { GWQ, GWK, GWV, GBQ, GBK, GBV, GWO, GBO, GBIASK, GBIASV, NG };
-    enum { GQUERY, GKEY, GVALUE, DQ, DK, DV, DC, HQ, HK, HV, NBUF };
+    enum { GQUERY, GKEY, GVALUE, DQ, DK, DV, DC, HK, HV, NBUF };
     PyObject *t_o[NT], *g_o[NG];
     PyArrayObject *t[NT] = {NULL}, *pg[NG] = {NULL}, *buf[NBUF] = {NULL};
     PyObject *result = NULL;
@@ -1091,7 +1091,8 @@ attnpy_mha_backward(PyObject *Py_UNUSED(module), PyObject *args, PyObject *kwarg
 
     /* outputs and workspaces */
     npy_intp d_gq[3] = {N, L, m->qdim}, d_gk[3] = {N, S, m->kdim}, d_gv[3] = {N, S, m->vdim};
-    npy_intp hq = N * H * L * D, hk = N * H * S2 * D, hv = N * H * S2 * Dv;
+    npy_intp hk = N * H * S2 * D, hv = N * H * S2 * Dv; /* slabs, for GQA only */
+    const int shared_kv = Hkv != H;
     if (!(buf[GQUERY] = (PyArrayObject *)PyArray_ZEROS(3, d_gq, typenum, 0)) ||
         !(buf[GKEY] = (PyArrayObject *)PyArray_ZEROS(3, d_gk, typenum, 0)) ||
         !(buf[GVALUE] = (PyArrayObject *)PyArray_ZEROS(3, d_gv, typenum, 0)) ||
@@ -1099,9 +1100,8 @@ attnpy_mha_backward(PyObject *Py_UNUSED(module), PyObject *args, PyObject *kwarg
         !(buf[DK] = (PyArrayObject *)PyArray_EMPTY(3, d_k, typenum, 0)) ||
         !(buf[DV] = (PyArrayObject *)PyArray_EMPTY(3, d_v, typenum, 0)) ||
         !(buf[DC] = (PyArrayObject *)PyArray_EMPTY(3, d_c, typenum, 0)) ||
-        !(buf[HQ] = (PyArrayObject *)PyArray_EMPTY(1, &hq, typenum, 0)) ||
-        !(buf[HK] = (PyArrayObject *)PyArray_EMPTY(1, &hk, typenum, 0)) ||
-        !(buf[HV] = (PyArrayObject *)PyArray_EMPTY(1, &hv, typenum, 0)))
+        (shared_kv && !(buf[HK] = (PyArrayObject *)PyArray_EMPTY(1, &hk, typenum, 0))) ||
+        (shared_kv && !(buf[HV] = (PyArrayObject *)PyArray_EMPTY(1, &hv, typenum, 0))))
         goto done;
     g.grad_query = view3_of(buf[GQUERY]);
     g.grad_key = view3_of(buf[GKEY]);
@@ -1110,9 +1110,8 @@ attnpy_mha_backward(PyObject *Py_UNUSED(module), PyObject *args, PyObject *kwarg
     g.dk = view3_of(buf[DK]);
     g.dv = view3_of(buf[DV]);
     g.dconcat = view3_of(buf[DC]);
-    g.dq_heads = PyArray_BYTES(buf[HQ]);
-    g.dk_heads = PyArray_BYTES(buf[HK]);
-    g.dv_heads = PyArray_BYTES(buf[HV]);
+    g.dk_heads = shared_kv ? PyArray_BYTES(buf[HK]) : NULL;
+    g.dv_heads = shared_kv ? PyArray_BYTES(buf[HV]) : NULL;
 
     int status;
     Py_BEGIN_ALLOW_THREADS
