@@ -22,7 +22,7 @@ core = Extension(
     sources=["csrc/attnpy_module.c", "csrc/attn_core.c", "csrc/attn_fast.c",
              "csrc/attn_parallel.c"],
     depends=["csrc/attn_core.h", "csrc/attn_internal.h", "csrc/attn_kernels.inc",
-             "csrc/attn_fast.inc"],
+             "csrc/attn_fast.inc", "csrc/attn_fast_instance.h"],
     include_dirs=[np.get_include(), "csrc"],
     define_macros=[("NPY_NO_DEPRECATED_API", "NPY_2_0_API_VERSION")],
     extra_compile_args=extra_compile_args,

@@ -12,37 +12,18 @@
 #define BR ATTN_FAST_BR /* query rows per tile */
 #define BC 128          /* keys per tile */
 
-/* Each instruction set, each element type. VLEN: elements per vector. */
+/* Each instruction set, each element type. VLEN: elements per vector, MR:
+   rows per microkernel tile (more registers, more rows). */
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx2,fma")
 #define ISA avx512
 #define MR 8
-#define T float
-#define SFX f32
 #define ATTN_F64 0
-#define ATTN_INT int32_t
-#define ATTN_UINT uint32_t
 #define VLEN 16
-#include "attn_fast.inc"
-#undef T
-#undef SFX
-#undef ATTN_F64
-#undef ATTN_INT
-#undef ATTN_UINT
-#undef VLEN
-#define T double
-#define SFX f64
+#include "attn_fast_instance.h"
 #define ATTN_F64 1
-#define ATTN_INT int64_t
-#define ATTN_UINT uint64_t
 #define VLEN 8
-#include "attn_fast.inc"
-#undef T
-#undef SFX
-#undef ATTN_F64
-#undef ATTN_INT
-#undef ATTN_UINT
-#undef VLEN
+#include "attn_fast_instance.h"
 #undef ISA
 #undef MR
 #pragma GCC pop_options
@@ -51,64 +32,24 @@
 #pragma GCC target("avx2,fma")
 #define ISA avx2
 #define MR 4
-#define T float
-#define SFX f32
 #define ATTN_F64 0
-#define ATTN_INT int32_t
-#define ATTN_UINT uint32_t
 #define VLEN 8
-#include "attn_fast.inc"
-#undef T
-#undef SFX
-#undef ATTN_F64
-#undef ATTN_INT
-#undef ATTN_UINT
-#undef VLEN
-#define T double
-#define SFX f64
+#include "attn_fast_instance.h"
 #define ATTN_F64 1
-#define ATTN_INT int64_t
-#define ATTN_UINT uint64_t
 #define VLEN 4
-#include "attn_fast.inc"
-#undef T
-#undef SFX
-#undef ATTN_F64
-#undef ATTN_INT
-#undef ATTN_UINT
-#undef VLEN
+#include "attn_fast_instance.h"
 #undef ISA
 #undef MR
 #pragma GCC pop_options
 
 #define ISA base
 #define MR 4
-#define T float
-#define SFX f32
 #define ATTN_F64 0
-#define ATTN_INT int32_t
-#define ATTN_UINT uint32_t
 #define VLEN 4
-#include "attn_fast.inc"
-#undef T
-#undef SFX
-#undef ATTN_F64
-#undef ATTN_INT
-#undef ATTN_UINT
-#undef VLEN
-#define T double
-#define SFX f64
+#include "attn_fast_instance.h"
 #define ATTN_F64 1
-#define ATTN_INT int64_t
-#define ATTN_UINT uint64_t
 #define VLEN 2
-#include "attn_fast.inc"
-#undef T
-#undef SFX
-#undef ATTN_F64
-#undef ATTN_INT
-#undef ATTN_UINT
-#undef VLEN
+#include "attn_fast_instance.h"
 #undef ISA
 #undef MR
 
