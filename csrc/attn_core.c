@@ -330,7 +330,10 @@ int attn_sdpa_backward(const attn_sdpa_grad_args *g)
     if (job.kernel != ATTN_KERNEL_REFERENCE) {
         job.work_size = (attn_fast_backward_workspace(a) + 63) / 64 * 64;
         job.work = malloc(job.work_size * (size_t)threads);
-        job.stats = malloc((size_t)nproblems * (size_t)(3 * a->L) * es);
+        /* the binding caps every dimension at 2**31 - 1, but nproblems can
+           be large through broadcasting: no product may wrap */
+        job.stats = (double)nproblems * 3.0 * (double)a->L * (double)es < 1e18
+                        ? malloc((size_t)nproblems * (size_t)(3 * a->L) * es) : NULL;
         if (job.work && job.stats) {
             job.phase = 0;
             job.blocks = (a->L + ATTN_FAST_BR - 1) / ATTN_FAST_BR;
@@ -680,16 +683,13 @@ int attn_mha_backward(attn_mha_grad_args *g)
     }
 
     /* 3. bias_k, bias_v: the sums of the key / value gradients at row S */
-    if (m->bias_k.data && g->grad_bias_k.data) {
+    if (m->bias_k.data) {
         attn_view3 krow = {g->dk.data + m->S * g->dk.row, g->dk.batch, g->dk.row, g->dk.col};
         attn_view3 vrow = {g->dv.data + m->S * g->dv.row, g->dv.batch, g->dv.row, g->dv.col};
-        if (dt == ATTN_FLOAT32) {
-            attn_bias_grad_f32(&krow, m->N, 1, Hkv * D, g->grad_bias_k);
-            attn_bias_grad_f32(&vrow, m->N, 1, Hkv * Dv, g->grad_bias_v);
-        } else {
-            attn_bias_grad_f64(&krow, m->N, 1, Hkv * D, g->grad_bias_k);
-            attn_bias_grad_f64(&vrow, m->N, 1, Hkv * Dv, g->grad_bias_v);
-        }
+        void (*bias_grad)(const attn_view3 *, int64_t, int64_t, int64_t, attn_vec) =
+            dt == ATTN_FLOAT32 ? attn_bias_grad_f32 : attn_bias_grad_f64;
+        if (g->grad_bias_k.data) bias_grad(&krow, m->N, 1, Hkv * D, g->grad_bias_k);
+        if (g->grad_bias_v.data) bias_grad(&vrow, m->N, 1, Hkv * Dv, g->grad_bias_v);
     }
 
     /* 4. input projections (the first S rows of dk, dv: the appended ones have no input) */

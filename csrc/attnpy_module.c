@@ -40,6 +40,18 @@ static const char *fmt_shape(PyArrayObject *arr, char *buf, size_t n)
 }
 
 #define SHAPE_BUF 512
+#define ATTN_MAX_EXTENT ((npy_intp)INT32_MAX)
+
+/* a * b, or -1 with a ValueError when it would overflow npy_intp. */
+static npy_intp checked_mul(npy_intp a, npy_intp b, const char *what)
+{
+    npy_intp r;
+    if (a < 0 || b < 0 || __builtin_mul_overflow(a, b, &r)) {
+        PyErr_Format(PyExc_ValueError, "%s would hold more elements than fit in memory", what);
+        return -1;
+    }
+    return r;
+}
 
 static const char *dtype_name(PyArrayObject *arr)
 {
@@ -176,6 +188,14 @@ static PyArrayObject *get_mask(PyObject *obj, const char *name, int typenum, int
     npy_intp dims[NPY_MAXDIMS];
     PyArrayObject *mask = as_array(obj, name, -1);
     if (!mask) return NULL;
+    if (!PyArray_Check(obj) && (PyArray_ISINTEGER(mask) || PyArray_ISCOMPLEX(mask) ||
+                                PyArray_TYPE(mask) == NPY_OBJECT)) {
+        PyErr_Format(PyExc_TypeError,
+                     "%s given as a list of %s is ambiguous: give bools (True = %s) or floats "
+                     "(added to the scores)",
+                     name, dtype_name(mask), true_attends ? "attend" : "masked out");
+        goto fail;
+    }
     if (!PyArray_Check(obj) && PyArray_TYPE(mask) != NPY_BOOL) {
         /* a float list: cast to the inputs' dtype */
         Py_SETREF(mask, (PyArrayObject *)PyArray_Cast(mask, typenum));
@@ -288,6 +308,17 @@ static int sdpa_prepare(sdpa_call *c, PyObject *query_o, PyObject *key_o, PyObje
     const npy_intp L = PyArray_DIM(q, PyArray_NDIM(q) - 2), E = PyArray_DIM(q, PyArray_NDIM(q) - 1);
     const npy_intp S = PyArray_DIM(k, PyArray_NDIM(k) - 2);
     const npy_intp Ev = PyArray_DIM(v, PyArray_NDIM(v) - 1);
+    /* sizes the core multiplies together stay far from overflowing 64 bits */
+    const npy_intp dims4[4] = {L, E, S, Ev};
+    const char *dim_names[4] = {"L (query rows)", "E", "S (key rows)", "Ev"};
+    for (int i = 0; i < 4; i++) {
+        if (dims4[i] > ATTN_MAX_EXTENT) {
+            PyErr_Format(PyExc_ValueError,
+                         "%s is %ld; attnpy supports dimensions up to 2**31 - 1",
+                         dim_names[i], (long)dims4[i]);
+            goto fail;
+        }
+    }
     if (PyArray_DIM(k, PyArray_NDIM(k) - 1) != E) {
         PyErr_Format(PyExc_ValueError,
                      "key must have the same last dimension E as query (E=%ld); "
@@ -457,9 +488,9 @@ attnpy_sdpa(PyObject *Py_UNUSED(module), PyObject *args, PyObject *kwargs)
         }
         if (p != 0.0) {
             PyErr_Format(PyExc_ValueError,
-                         "dropout_p must be 0.0 here; got %g. Dropout on the attention weights "
+                         "dropout_p must be 0.0 here; got %R. Dropout on the attention weights "
                          "is available through attnpy.MultiheadAttention (dropout=..., seed=...)",
-                         p);
+                         dropout_o);
             return NULL;
         }
     }
@@ -595,7 +626,13 @@ attnpy_sdpa_backward(PyObject *Py_UNUSED(module), PyObject *args, PyObject *kwar
        written in place and not summed. */
     npy_intp problems = a->num_heads;
     for (int d = 0; d < a->nbatch; d++) problems *= a->batch_shape[d];
-    npy_intp slab[3] = {problems * a->L * a->E, problems * a->S * a->E, problems * a->S * a->Ev};
+    npy_intp slab[3] = {checked_mul(checked_mul(problems, a->L, "the query gradient"), a->E,
+                                    "the query gradient"),
+                        checked_mul(checked_mul(problems, a->S, "the key gradient"), a->E,
+                                    "the key gradient"),
+                        checked_mul(checked_mul(problems, a->S, "the value gradient"), a->Ev,
+                                    "the value gradient")};
+    if (slab[0] < 0 || slab[1] < 0 || slab[2] < 0) goto done;
     PyArrayObject *inputs[3] = {c.q, c.k, c.v};
     char **dst[3] = {&g.dq, &g.dk, &g.dv};
     attn_sdpa_args r = *a; /* the reduction: q, k, v views on the gradients */
@@ -757,6 +794,15 @@ static int mha_prepare(mha_call *c, PyObject *o[NIN], Py_ssize_t H, Py_ssize_t H
     const npy_intp qdim = PyArray_DIM(in[Q], 2);
     const npy_intp S = PyArray_DIM(in[K], 1), kdim = PyArray_DIM(in[K], 2);
     const npy_intp vdim = PyArray_DIM(in[V], 2);
+    const npy_intp sizes[6] = {N, L, qdim, S, kdim, vdim};
+    for (int i = 0; i < 6; i++) {
+        if (sizes[i] > ATTN_MAX_EXTENT) {
+            PyErr_Format(PyExc_ValueError,
+                         "query, key and value dimensions must be at most 2**31 - 1; got %ld",
+                         (long)sizes[i]);
+            goto fail;
+        }
+    }
     if (PyArray_DIM(in[K], 0) != N || PyArray_DIM(in[V], 0) != N || PyArray_DIM(in[V], 1) != S) {
         PyErr_Format(PyExc_ValueError,
                      "key and value must have the batch size of query (N=%ld) and the same "
@@ -805,7 +851,9 @@ static int mha_prepare(mha_call *c, PyObject *o[NIN], Py_ssize_t H, Py_ssize_t H
         goto fail;
     }
     if (!(dropout_p >= 0.0 && dropout_p <= 1.0)) {
-        PyErr_Format(PyExc_ValueError, "dropout must be in [0, 1]; got %g", dropout_p);
+        char num[64];
+        snprintf(num, sizeof num, "%g", dropout_p);
+        PyErr_Format(PyExc_ValueError, "dropout must be in [0, 1]; got %s", num);
         goto fail;
     }
     double scale = 1.0 / sqrt((double)D);
@@ -1083,6 +1131,33 @@ attnpy_mha_backward(PyObject *Py_UNUSED(module), PyObject *args, PyObject *kwarg
                                 PyArray_DIMS(param), 1)))
             goto done;
     }
+    if (!pg[GBIASK] != !pg[GBIASV]) {
+        PyErr_SetString(PyExc_ValueError, "grad_bias_k and grad_bias_v must be given together");
+        goto done;
+    }
+    /* the gradients are written: none may share memory with what is read, or
+       with each other */
+    for (int i = 0; i < NG; i++) {
+        if (!pg[i]) continue;
+        for (int j = 0; j < NIN; j++)
+            if (may_overlap(pg[i], c.in[j])) {
+                PyErr_Format(PyExc_ValueError, "%s shares memory with an input or parameter",
+                             g_names[i]);
+                goto done;
+            }
+        for (int j = 0; j < NT; j++)
+            if (may_overlap(pg[i], t[j])) {
+                PyErr_Format(PyExc_ValueError, "%s shares memory with %s", g_names[i],
+                             t_names[j]);
+                goto done;
+            }
+        for (int j = 0; j < i; j++)
+            if (may_overlap(pg[i], pg[j])) {
+                PyErr_Format(PyExc_ValueError, "%s shares memory with %s", g_names[i],
+                             g_names[j]);
+                goto done;
+            }
+    }
     g.grad_w_q = view3_of(pg[GWQ]); g.grad_w_k = view3_of(pg[GWK]); g.grad_w_v = view3_of(pg[GWV]);
     g.grad_w_out = view3_of(pg[GWO]);
     g.grad_b_q = vec_of(pg[GBQ]); g.grad_b_k = vec_of(pg[GBK]); g.grad_b_v = vec_of(pg[GBV]);
@@ -1091,7 +1166,12 @@ attnpy_mha_backward(PyObject *Py_UNUSED(module), PyObject *args, PyObject *kwarg
 
     /* outputs and workspaces */
     npy_intp d_gq[3] = {N, L, m->qdim}, d_gk[3] = {N, S, m->kdim}, d_gv[3] = {N, S, m->vdim};
-    npy_intp hk = N * H * S2 * D, hv = N * H * S2 * Dv; /* slabs, for GQA only */
+    /* slabs, for GQA only */
+    npy_intp hk = checked_mul(checked_mul(checked_mul(N, H, "the key slabs"), S2, "the key slabs"),
+                              D, "the key slabs");
+    npy_intp hv = checked_mul(checked_mul(checked_mul(N, H, "the value slabs"), S2,
+                                          "the value slabs"), Dv, "the value slabs");
+    if (hk < 0 || hv < 0) goto done;
     const int shared_kv = Hkv != H;
     if (!(buf[GQUERY] = (PyArrayObject *)PyArray_ZEROS(3, d_gq, typenum, 0)) ||
         !(buf[GKEY] = (PyArrayObject *)PyArray_ZEROS(3, d_gk, typenum, 0)) ||
@@ -1137,7 +1217,7 @@ static PyObject *attnpy_set_num_threads(PyObject *Py_UNUSED(module), PyObject *a
         PyErr_Format(PyExc_TypeError, "n must be an int; got %.200s", Py_TYPE(arg)->tp_name);
         return NULL;
     }
-    if (n < 0 || attn_set_num_threads((int)n) != ATTN_OK) {
+    if (n < 0 || n > 256 || attn_set_num_threads((int)n) != ATTN_OK) {
         PyErr_Format(PyExc_ValueError, "n must be between 1 and 256 (0: the default); got %ld", n);
         return NULL;
     }
