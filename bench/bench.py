@@ -121,7 +121,6 @@ def _label(shape, causal, nw):
 def make_calls(row, np, torch, attnpy):
     """{name: zero-argument callable} for attnpy and the row's peers."""
     dt = np.dtype(row.dtype)
-    tdt = torch.float32 if dt == np.float32 else torch.float64
     rng = np.random.default_rng(0)
     calls = {}
     if row.kind == "sdpa_bwd":
