@@ -216,3 +216,30 @@ def test_self_attention_bad_weights_name_the_argument():
         attnpy.self_attention(x, np.zeros((4, 2)), np.zeros((5, 2)), np.zeros((4, 2)))
     with pytest.raises(TypeError, match="w_q"):
         attnpy.self_attention(x, np.zeros((4, 2), np.float32), np.zeros((4, 2)), np.zeros((4, 2)))
+
+
+def test_nothing_given_is_written():
+    """Inputs, masks, parameters and the forward's result are bit-identical
+    after the forward, the backward and error paths."""
+    rng = rng_for("untouched")
+    mha = random_layer(8, 2, add_bias_kv=True, dropout=0.2).train()
+    x = rng.standard_normal((2, 5, 8))
+    kv = rng.standard_normal((2, 6, 8))
+    kpm = rng.random((2, 6)) < 0.3
+    am = rng.standard_normal((5, 6))
+    g = rng.standard_normal((2, 5, 8))
+    w = rng.standard_normal((8, 4))
+    given = [x, kv, kpm, am, g, w] + mha.parameters()
+    before = [a.copy() for a in given]
+    res = mha(x, kv, kv, key_padding_mask=kpm, attn_mask=am, trace=True)
+    trace_before = {f: getattr(res.trace, f).copy() for f in ("q", "k", "v", "weights", "concat")}
+    mha.backward(res, g)
+    attnpy.self_attention(x, w, w, w, is_causal=True, trace=True)
+    with pytest.raises(ValueError):
+        mha(x, kv, kv, key_padding_mask=kpm[:, :3])
+    with pytest.raises(ValueError):
+        mha.backward(res, g[:, :2])
+    for a, b in zip(given, before):
+        np.testing.assert_array_equal(a, b)
+    for f, b in trace_before.items():
+        np.testing.assert_array_equal(getattr(res.trace, f), b)
