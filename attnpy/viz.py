@@ -1,0 +1,273 @@
+"""Pictures of attention: heat maps, per-head grids, whole models, head
+statistics and attention rollout. Needs matplotlib (``pip install attnpy[viz]``).
+
+Every figure function returns what it drew on (an Axes, or a Figure for
+grids), so it can be adjusted or saved with ``savefig`` as PNG, SVG or PDF.
+The statistics are NumPy on the weights the core returned; nothing here
+computes attention.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["heatmap", "heads", "layers", "head_stats", "plot_head_stats", "rollout"]
+
+ANNOTATE_MAX = 12  # maps up to this many rows and columns get their values printed
+
+
+def _plt():
+    try:
+        import matplotlib.pyplot as plt
+    except ImportError as e:  # pragma: no cover - exercised only without matplotlib
+        raise ImportError("attnpy.viz needs matplotlib: pip install attnpy[viz]") from e
+    return plt
+
+
+def _as_maps(weights, name, ndim):
+    w = np.asarray(weights)
+    if w.ndim != ndim or not np.issubdtype(w.dtype, np.floating):
+        shape = {2: "(L, S)", 3: "(H, L, S)"}[ndim]
+        raise ValueError(f"{name} must be a float array of shape {shape}; got {w.dtype} "
+                         f"{w.shape}")
+    return w
+
+
+def _window(w, crop):
+    """crop=(rows, cols): two slices (or None) applied to the last two axes."""
+    if crop is None:
+        return w, slice(None), slice(None)
+    rows, cols = crop
+    rows = rows if rows is not None else slice(None)
+    cols = cols if cols is not None else slice(None)
+    return w[..., rows, cols], rows, cols
+
+
+def heatmap(weights, x_labels=None, y_labels=None, ax=None, *, masked=None, crop=None,
+            cmap="viridis", vmin=0.0, vmax=None, annotate=None, colorbar=True, title=None):
+    """One attention map: queries down, keys across.
+
+    Parameters
+    ----------
+    weights : array_like, shape (L, S)
+    x_labels : sequence of str, length S, optional
+        Key tokens (columns).
+    y_labels : sequence of str, length L, optional
+        Query tokens (rows).
+    ax : matplotlib Axes, optional
+    masked : array_like of bool, shape (L, S), optional
+        True where the key was masked: those cells are drawn hatched grey, so
+        that a masked key and a key with a tiny weight look different.
+    crop : (slice or None, slice or None), optional
+        Rows and columns to draw, for long inputs (labels follow).
+    annotate : bool, optional
+        Print the values on the cells; default for maps of at most 12 x 12.
+    vmin, vmax : float
+        Colour scale; ``vmax`` defaults to the map's maximum.
+
+    Returns
+    -------
+    matplotlib Axes
+    """
+    plt = _plt()
+    w = _as_maps(weights, "weights", 2)
+    w, rows, cols = _window(w, crop)
+    L, S = w.shape
+    if ax is None:
+        _, ax = plt.subplots(figsize=(max(3.0, 0.45 * S + 1.5), max(2.5, 0.4 * L + 1.0)),
+                             constrained_layout=True)
+    vmax = float(np.nanmax(w)) if vmax is None and w.size else (1.0 if vmax is None else vmax)
+    im = ax.imshow(w, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto", interpolation="nearest")
+    if masked is not None:
+        m = np.asarray(masked, bool)
+        m = np.broadcast_to(m, np.asarray(weights).shape)[rows, cols]
+        overlay = np.ma.masked_where(~m, np.ones(m.shape))
+        ax.imshow(overlay, cmap="Greys", vmin=0, vmax=2.5, aspect="auto",
+                  interpolation="nearest")
+        ys, xs = np.nonzero(m)
+        for y, x in zip(ys, xs):
+            ax.add_patch(plt.Rectangle((x - 0.5, y - 0.5), 1, 1, fill=False, hatch="///",
+                                       edgecolor="0.45", linewidth=0))
+    if x_labels is not None:
+        labels = list(x_labels)[cols]
+        ax.set_xticks(range(len(labels)), labels, rotation=90)
+    if y_labels is not None:
+        labels = list(y_labels)[rows]
+        ax.set_yticks(range(len(labels)), labels)
+    if annotate is None:
+        annotate = L <= ANNOTATE_MAX and S <= ANNOTATE_MAX
+    if annotate:
+        for (y, x), val in np.ndenumerate(w):
+            ax.text(x, y, f"{val:.2f}", ha="center", va="center", fontsize=7,
+                    color="white" if val < 0.6 * vmax else "black")
+    ax.set_xlabel("key")
+    ax.set_ylabel("query")
+    if title:
+        ax.set_title(title)
+    if colorbar:
+        ax.figure.colorbar(im, ax=ax, shrink=0.85, label="weight")
+    return ax
+
+
+def heads(weights, tokens=None, *, cols=None, masked=None, crop=None, cmap="viridis",
+          titles=None, figsize=None):
+    """A grid of per-head maps on one colour scale.
+
+    Parameters
+    ----------
+    weights : array_like, shape (H, L, S)
+        One head per map (any number of heads).
+    tokens : sequence of str, optional
+        Labels for queries and keys (self-attention: L = S).
+    cols : int, optional
+        Maps per row; default ``ceil(sqrt(H))``.
+
+    Returns
+    -------
+    matplotlib Figure
+    """
+    plt = _plt()
+    w = _as_maps(weights, "weights", 3)
+    H = w.shape[0]
+    cols = cols or max(1, int(np.ceil(np.sqrt(H))))
+    rows = int(np.ceil(H / cols))
+    shown, _, _ = _window(w, crop)
+    L, S = shown.shape[-2:]
+    size = figsize or (cols * max(2.4, 0.3 * S + 1.2), rows * max(2.2, 0.28 * L + 1.0))
+    fig, axes = plt.subplots(rows, cols, figsize=size, squeeze=False, constrained_layout=True)
+    vmax = float(np.nanmax(shown)) if shown.size else 1.0
+    for h, ax in enumerate(axes.flat):
+        if h >= H:
+            ax.axis("off")
+            continue
+        heatmap(w[h], tokens, tokens, ax=ax, masked=None if masked is None else
+                np.broadcast_to(masked, w.shape)[h], crop=crop, cmap=cmap, vmax=vmax,
+                annotate=False, colorbar=False,
+                title=titles[h] if titles is not None else f"head {h}")
+    fig.colorbar(axes.flat[0].images[0], ax=axes, shrink=0.8, label="weight")
+    return fig
+
+
+def layers(list_of_weights, tokens=None, *, cmap="viridis", thumb=1.3):
+    """A layers x heads grid of thumbnails for a whole model.
+
+    Parameters
+    ----------
+    list_of_weights : sequence of array_like, each shape (H, L, S)
+        One entry per layer (e.g. ``[res.weights[0] for res in results]``).
+    tokens : sequence of str, optional
+        Shown on the first column's rows and the last row's columns.
+
+    Returns
+    -------
+    matplotlib Figure
+    """
+    plt = _plt()
+    maps = [_as_maps(w, f"list_of_weights[{i}]", 3) for i, w in enumerate(list_of_weights)]
+    if not maps:
+        raise ValueError("list_of_weights is empty")
+    n_layers, n_heads = len(maps), max(m.shape[0] for m in maps)
+    fig, axes = plt.subplots(n_layers, n_heads, figsize=(thumb * n_heads + 1, thumb * n_layers + 0.5),
+                             squeeze=False, constrained_layout=True)
+    for i, m in enumerate(maps):
+        for h in range(n_heads):
+            ax = axes[i, h]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if h >= m.shape[0]:
+                ax.axis("off")
+                continue
+            ax.imshow(m[h], cmap=cmap, vmin=0, vmax=1, aspect="auto", interpolation="nearest")
+            if i == 0:
+                ax.set_title(f"head {h}", fontsize=8)
+            if h == 0:
+                ax.set_ylabel(f"layer {i}", fontsize=8)
+    return fig
+
+
+def head_stats(weights):
+    """Numbers that describe what each head does.
+
+    Parameters
+    ----------
+    weights : array_like, shape (..., H, L, S)
+        Leading dims (batch, layers) are kept.
+
+    Returns
+    -------
+    dict of str to ndarray, each of shape (..., H)
+        ``entropy``: mean over queries of -sum_j w log w (nats; 0 = one key,
+        log S = uniform). ``distance``: mean over queries of sum_j w |i - j|.
+        ``previous``: mean weight on key i - 1 (queries 1..L-1).
+        ``first``: mean weight on key 0.
+        Fully masked rows (all zero) count as zero everywhere.
+    """
+    w = np.asarray(weights, dtype=np.float64)
+    if w.ndim < 3:
+        raise ValueError(f"weights must have shape (..., H, L, S); got {w.shape}")
+    L, S = w.shape[-2:]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        plogp = np.where(w > 0, w * np.log(w), 0.0)
+    entropy = -plogp.sum(-1).mean(-1)
+    i = np.arange(L)[:, None]
+    j = np.arange(S)[None, :]
+    distance = (w * np.abs(i - j)).sum(-1).mean(-1)
+    previous = (np.diagonal(w[..., 1:, :], offset=0, axis1=-2, axis2=-1).mean(-1)
+                if L > 1 and S > 1 else np.zeros(w.shape[:-2]))
+    first = w[..., 0].mean(-1) if S else np.zeros(w.shape[:-2])
+    return {"entropy": entropy, "distance": distance, "previous": previous, "first": first}
+
+
+def plot_head_stats(weights, *, figsize=None):
+    """The four statistics of :func:`head_stats` as small multiples (one bar
+    per head). weights: shape (H, L, S). Returns the Figure."""
+    plt = _plt()
+    stats = head_stats(_as_maps(weights, "weights", 3))
+    fig, axes = plt.subplots(1, 4, figsize=figsize or (12, 2.6), constrained_layout=True)
+    titles = {"entropy": "entropy (nats)", "distance": "mean distance",
+              "previous": "weight on previous token", "first": "weight on first token"}
+    for ax, (name, values) in zip(axes, stats.items()):
+        ax.bar(range(len(values)), values, color="#4c72b0")
+        ax.set_title(titles[name], fontsize=9)
+        ax.set_xlabel("head")
+    return fig
+
+
+def rollout(list_of_weights, *, head_fusion="mean", residual=True):
+    """Attention rollout (Abnar & Zuidema, 2020): how much each input token
+    reaches each position through all layers.
+
+    Per layer the heads are fused (mean, max or min), the residual connection
+    is added as ``0.5 A + 0.5 I`` and rows are renormalised; the layers'
+    matrices are multiplied from the first to the last:
+    ``R = A_last @ ... @ A_first``.
+
+    Parameters
+    ----------
+    list_of_weights : sequence of array_like, each shape (H, L, L)
+        Self-attention maps, first layer first.
+    head_fusion : {"mean", "max", "min"}
+    residual : bool, default True
+
+    Returns
+    -------
+    ndarray, shape (L, L)
+        Row i: where position i's representation comes from.
+    """
+    fuse = {"mean": np.mean, "max": np.max, "min": np.min}.get(head_fusion)
+    if fuse is None:
+        raise ValueError(f"head_fusion must be 'mean', 'max' or 'min'; got {head_fusion!r}")
+    result = None
+    for idx, weights in enumerate(list_of_weights):
+        w = _as_maps(weights, f"list_of_weights[{idx}]", 3).astype(np.float64)
+        if w.shape[-1] != w.shape[-2]:
+            raise ValueError(f"rollout needs self-attention maps (L = S); layer {idx} is "
+                             f"{w.shape[-2]} x {w.shape[-1]}")
+        a = fuse(w, axis=0)
+        if residual:
+            a = 0.5 * a + 0.5 * np.eye(a.shape[0])
+        sums = a.sum(-1, keepdims=True)
+        a = np.divide(a, sums, out=np.zeros_like(a), where=sums > 0)
+        result = a if result is None else a @ result
+    if result is None:
+        raise ValueError("list_of_weights is empty")
+    return result
