@@ -1,0 +1,262 @@
+"""Coursework: write a NumPy function, check it against attnpy's C core.
+
+    >>> import numpy as np
+    >>> from attnpy import exercises
+    >>> def softmax(scores):
+    ...     e = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    ...     return e / e.sum(axis=-1, keepdims=True)
+    >>> print(exercises.check("softmax", softmax))
+    softmax: correct (4 cases)
+
+Each exercise runs the student's function on generated inputs and compares it
+stage by stage with what the core computes (the forward's trace, the backward's
+trace). A wrong answer gets a diagnosis: the checker computes the usual
+mistakes on the same inputs and names the one the answer matches.
+
+Exercises (``exercises.EXERCISES`` has their signatures):
+  softmax(scores)                      weights along the last axis
+  scaled_scores(q, k)                  q k^T / sqrt(d_k)
+  masking(scores, mask)                -inf where mask is False (True = attend)
+  attention(q, k, v, mask=None)        one head: softmax(q k^T / sqrt(d_k) + mask) v
+  split_heads(x, num_heads)            (N, L, E) -> (N, H, L, E / H)
+  merge_heads(x)                       (N, H, L, D) -> (N, L, H * D)
+  softmax_backward(weights, grad_weights)   the gradient of the softmax's input
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ._mha import MultiheadAttention, self_attention
+from ._sdpa import scaled_dot_product_attention, scaled_dot_product_attention_backward
+
+__all__ = ["EXERCISES", "CheckResult", "check"]
+
+EXERCISES = {
+    "softmax": "softmax(scores) -> weights: softmax along the last axis (keys)",
+    "scaled_scores": "scaled_scores(q, k) -> q @ k.T / sqrt(d_k); q (L, d_k), k (S, d_k)",
+    "masking": "masking(scores, mask) -> scores with -inf where mask is False (True = attend)",
+    "attention": "attention(q, k, v, mask=None) -> softmax(q k^T / sqrt(d_k) + mask) @ v",
+    "split_heads": "split_heads(x, num_heads) -> (N, H, L, E // H) from x (N, L, E)",
+    "merge_heads": "merge_heads(x) -> (N, L, H * D) from x (N, H, L, D)",
+    "softmax_backward": "softmax_backward(weights, grad_weights) -> gradient of the scores",
+}
+
+
+@dataclass
+class CheckResult:
+    """The outcome of :func:`check`; true when the answer is correct."""
+
+    exercise: str
+    ok: bool
+    message: str
+    cases: int = 0
+    mistake: str | None = None
+    details: dict = field(default_factory=dict)
+
+    def __bool__(self):
+        return self.ok
+
+    def __str__(self):
+        return self.message
+
+
+def _softmax(x, axis=-1):
+    m = np.max(np.where(np.isneginf(x), -np.inf, x), axis=axis, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0.0)
+    e = np.exp(x - m)
+    s = e.sum(axis=axis, keepdims=True)
+    return np.divide(e, s, out=np.zeros_like(e), where=s > 0)
+
+
+# --------------------------------------------------------------------------
+# cases: inputs, the core's answer, and the usual mistakes on the same inputs
+
+def _cases_softmax(rng):
+    # the last case has scores in the hundreds: exp overflows unless the row
+    # maximum is subtracted first
+    for shape, spread in (((4, 5), 1.0), ((2, 3, 6), 2.0), ((3, 7), 1.0), ((2, 4), 300.0)):
+        q = rng.standard_normal(shape[:-1] + (4,)) * np.sqrt(spread)
+        k = rng.standard_normal(shape[:-2] + (shape[-1], 4)) * np.sqrt(spread)
+        scores = q @ np.swapaxes(k, -1, -2)
+        weights = scaled_dot_product_attention(q, k, k, scale=1.0).weights  # the core's softmax
+        mistakes = {
+            "softmax over the wrong axis: normalise over the keys, the last axis "
+            "(each row of weights sums to 1)": _softmax(scores, axis=-2),
+            "not normalised: divide exp(scores) by its sum over the keys": np.exp(
+                scores - scores.max(-1, keepdims=True)),
+        }
+        yield (scores,), weights, mistakes
+
+
+def _cases_scaled_scores(rng):
+    for L, d in ((4, 8), (7, 16), (5, 4)):
+        x = rng.standard_normal((L, 12))
+        w_q, w_k = rng.standard_normal((2, 12, d)) / 3
+        res = self_attention(x, w_q, w_k, w_k, trace=True)       # unbatched: trace (1, L, ...)
+        q, k = res.trace.q[0], res.trace.k[0]
+        logits = res.trace.logits[0]
+        raw = q @ k.T
+        mistakes = {
+            "missing the 1/sqrt(d_k) scaling": raw,
+            "scaled by 1/d_k instead of 1/sqrt(d_k)": raw / d,
+            "k not transposed the right way: scores are q @ k.T (queries down, keys across)":
+                k @ q.T / np.sqrt(d),
+        }
+        yield (q, k), logits, mistakes
+
+
+def _cases_masking(rng):
+    for L in (4, 6):
+        x = rng.standard_normal((L, 8))
+        mask = rng.random((L, L)) < 0.6
+        mask[:, 0] = True
+        res = self_attention(x, np.eye(8), np.eye(8), np.eye(8), attn_mask=mask, trace=True)
+        scores = res.trace.scores[0] / np.sqrt(8)
+        expected = res.trace.logits[0]
+        mistakes = {
+            "mask inverted: True means attend, so -inf goes where the mask is False":
+                np.where(mask, -np.inf, scores),
+            "masked scores must be -inf, not 0 (exp(0) = 1 still gives them weight)":
+                np.where(mask, scores, 0.0),
+        }
+        yield (scores, mask), expected, mistakes
+
+
+def _cases_attention(rng):
+    for L, S, d, masked in ((4, 4, 8, False), (3, 6, 4, True), (5, 5, 16, True)):
+        q, k, v = rng.standard_normal((L, d)), rng.standard_normal((S, d)), rng.standard_normal((S, 3))
+        mask = None
+        if masked:
+            mask = rng.random((L, S)) < 0.6
+            mask[:, 0] = True
+        out = scaled_dot_product_attention(q, k, v, attn_mask=mask).output
+        add = 0.0 if mask is None else np.where(mask, 0.0, -np.inf)
+        s = q @ k.T
+        mistakes = {
+            "missing the 1/sqrt(d_k) scaling": _softmax(s + add) @ v,
+            "softmax over the wrong axis: normalise over the keys, the last axis":
+                _softmax(s / np.sqrt(d) + add, axis=0) @ v if L == S else None,
+        }
+        if mask is not None:
+            mistakes["mask inverted: True means attend"] = _softmax(
+                s / np.sqrt(d) + np.where(mask, -np.inf, 0.0)) @ v
+        yield (q, k, v, mask), out, mistakes
+
+
+def _identity_layer(E, H):
+    layer = MultiheadAttention(E, H, bias=False, dtype=np.float64)
+    layer.load_state_dict({"in_proj_weight": np.vstack([np.eye(E)] * 3),
+                           "out_proj.weight": np.eye(E)})
+    return layer
+
+
+def _cases_split_heads(rng):
+    for N, L, E, H in ((2, 3, 8, 2), (1, 5, 12, 3), (2, 4, 8, 4)):
+        x = rng.standard_normal((N, L, E))
+        q = _identity_layer(E, H)(x, trace=True).trace.q       # the core's head split
+        mistakes = {
+            "heads split in the wrong order: reshape to (N, L, H, D), then move H before L":
+                x.reshape(N, H, L, E // H),
+            "heads not moved in front of the positions: the answer has shape (N, L, H, D)":
+                x.reshape(N, L, H, E // H),
+        }
+        yield (x, H), q, mistakes
+
+
+def _cases_merge_heads(rng):
+    for N, L, E, H in ((2, 3, 8, 2), (1, 5, 12, 3)):
+        x = rng.standard_normal((N, L, E))
+        t = _identity_layer(E, H)(x, trace=True).trace
+        heads = np.array(t.head_outputs)
+        mistakes = {
+            "heads merged in the wrong order: move H back after L, then reshape to "
+            "(N, L, H * D)": heads.reshape(N, L, E),
+        }
+        yield (heads,), t.concat, mistakes
+
+
+def _cases_softmax_backward(rng):
+    for L, S in ((3, 4), (5, 5)):
+        q, k, v = rng.standard_normal((L, 4)), rng.standard_normal((S, 4)), rng.standard_normal((S, 3))
+        dout = rng.standard_normal((L, 3))
+        res = scaled_dot_product_attention(q, k, v)
+        g = scaled_dot_product_attention_backward(dout, q, k, v, trace=True)
+        w, gw = res.weights, g.trace.grad_weights
+        mistakes = {
+            "missing the -sum_j(w * g) term: the softmax Jacobian is diag(w) - w w^T":
+                w * gw,
+            "the sum taken over the wrong axis: sum over the keys, the last axis":
+                w * (gw - (w * gw).sum(0, keepdims=True)),
+        }
+        yield (w, gw), g.trace.grad_scores, mistakes
+
+
+CASES = {
+    "softmax": _cases_softmax,
+    "scaled_scores": _cases_scaled_scores,
+    "masking": _cases_masking,
+    "attention": _cases_attention,
+    "split_heads": _cases_split_heads,
+    "merge_heads": _cases_merge_heads,
+    "softmax_backward": _cases_softmax_backward,
+}
+
+
+def _close(a, b, tol):
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return a.shape == b.shape and np.allclose(a, b, rtol=tol, atol=tol, equal_nan=True)
+
+
+def check(name, fn, *, seed=0, tol=1e-6):
+    """Run ``fn`` on the exercise's cases and compare with the C core.
+
+    Parameters
+    ----------
+    name : str
+        One of ``EXERCISES``.
+    fn : callable
+        The student's function, with the exercise's signature.
+    seed : int
+        Seeds the generated inputs.
+    tol : float
+        Relative and absolute tolerance.
+
+    Returns
+    -------
+    CheckResult
+        True when every case matches; otherwise its message says which case
+        failed and, when the answer matches a common mistake, which one.
+    """
+    if name not in CASES:
+        raise ValueError(f"name must be one of {sorted(CASES)}; got {name!r}")
+    rng = np.random.default_rng(seed)
+    n = 0
+    for n, (args, expected, mistakes) in enumerate(CASES[name](rng), start=1):
+        try:
+            got = fn(*[a.copy() if isinstance(a, np.ndarray) else a for a in args])
+        except Exception as e:  # the student's code: report, don't crash the notebook
+            return CheckResult(name, False, f"{name}: case {n} raised {type(e).__name__}: {e}",
+                               n - 1)
+        if got is None:
+            return CheckResult(name, False, f"{name}: case {n}: the function returned None "
+                                            "(a missing return?)", n - 1)
+        got = np.asarray(got)
+        if _close(got, expected, tol):
+            continue
+        expected = np.asarray(expected)
+        for mistake, wrong in mistakes.items():
+            if wrong is not None and _close(got, wrong, tol):
+                return CheckResult(name, False, f"{name}: case {n}: {mistake}", n - 1,
+                                   mistake=mistake)
+        if got.shape != expected.shape:
+            msg = f"{name}: case {n}: expected shape {expected.shape}, got {got.shape}"
+        elif np.isnan(got).any() and not np.isnan(expected).any():
+            msg = (f"{name}: case {n}: NaN in the answer (exp overflowing? subtract the row "
+                   "maximum before exp)")
+        else:
+            err = float(np.nanmax(np.abs(got.astype(np.float64) - expected)))
+            msg = f"{name}: case {n}: wrong values (largest difference {err:.3g})"
+        return CheckResult(name, False, msg, n - 1, details={"expected": expected, "got": got})
+    return CheckResult(name, True, f"{name}: correct ({n} cases)", n)

@@ -1,0 +1,92 @@
+"""The coursework checker: a correct solution passes every exercise, and each
+planted mistake is diagnosed by name."""
+import numpy as np
+import pytest
+
+from attnpy import exercises
+
+
+def softmax(scores):
+    e = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def scaled_scores(q, k):
+    return q @ k.T / np.sqrt(q.shape[-1])
+
+
+def masking(scores, mask):
+    return np.where(mask, scores, -np.inf)
+
+
+def attention(q, k, v, mask=None):
+    s = scaled_scores(q, k)
+    if mask is not None:
+        s = masking(s, mask)
+    return softmax(s) @ v
+
+
+def split_heads(x, num_heads):
+    N, L, E = x.shape
+    return x.reshape(N, L, num_heads, E // num_heads).transpose(0, 2, 1, 3)
+
+
+def merge_heads(x):
+    N, H, L, D = x.shape
+    return x.transpose(0, 2, 1, 3).reshape(N, L, H * D)
+
+
+def softmax_backward(w, g):
+    return w * (g - (w * g).sum(-1, keepdims=True))
+
+
+CORRECT = dict(softmax=softmax, scaled_scores=scaled_scores, masking=masking,
+               attention=attention, split_heads=split_heads, merge_heads=merge_heads,
+               softmax_backward=softmax_backward)
+
+MISTAKES = [
+    ("softmax", lambda s: np.exp(s) / np.exp(s).sum(-2, keepdims=True), "wrong axis"),
+    ("softmax", lambda s: np.exp(s - s.max(-1, keepdims=True)), "not normalised"),
+    ("softmax", lambda s: np.exp(s) / np.exp(s).sum(-1, keepdims=True), "subtract the row maximum"),  # noqa: E501
+    ("scaled_scores", lambda q, k: q @ k.T, "missing the 1/sqrt(d_k)"),
+    ("scaled_scores", lambda q, k: k @ q.T / np.sqrt(q.shape[-1]), "k not transposed"),
+    ("scaled_scores", lambda q, k: q @ k.T / q.shape[-1], "1/d_k instead"),
+    ("masking", lambda s, m: np.where(m, -np.inf, s), "mask inverted"),
+    ("masking", lambda s, m: np.where(m, s, 0.0), "not 0"),
+    ("attention", lambda q, k, v, mask=None: softmax(
+        q @ k.T + (0 if mask is None else np.where(mask, 0, -np.inf))) @ v,
+     "missing the 1/sqrt(d_k)"),
+    ("attention", lambda q, k, v, mask=None: softmax(
+        scaled_scores(q, k) + (0 if mask is None else np.where(mask, -np.inf, 0))) @ v,
+     "mask inverted"),
+    ("split_heads", lambda x, h: x.reshape(x.shape[0], h, x.shape[1], -1), "wrong order"),
+    ("split_heads", lambda x, h: x.reshape(x.shape[0], x.shape[1], h, -1), "not moved in front"),
+    ("merge_heads", lambda x: x.reshape(x.shape[0], x.shape[2], -1), "merged in the wrong order"),
+    ("softmax_backward", lambda w, g: w * g, "missing the -sum_j"),
+    ("softmax_backward", lambda w, g: w * (g - (w * g).sum(0, keepdims=True)), "wrong axis"),
+]
+
+
+@pytest.mark.parametrize("name", sorted(exercises.EXERCISES))
+def test_correct_solutions_pass(name):
+    result = exercises.check(name, CORRECT[name])
+    assert result, result.message
+    assert result.cases >= 2
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the planted mistakes overflow on purpose
+@pytest.mark.parametrize("name, fn, words", MISTAKES,
+                         ids=[f"{m[0]}-{m[2].split(':')[0]}" for m in MISTAKES])
+def test_mistakes_are_diagnosed(name, fn, words):
+    result = exercises.check(name, fn)
+    assert not result
+    assert words in result.message, result.message
+
+
+def test_other_failures_are_reported_not_raised():
+    assert "raised ZeroDivisionError" in str(exercises.check("softmax", lambda s: 1 / 0))
+    assert "returned None" in str(exercises.check("softmax", lambda s: None))
+    assert "expected shape" in str(exercises.check("masking", lambda s, m: s[:1]))
+    assert "wrong values" in str(exercises.check("scaled_scores", lambda q, k: q @ k.T * 0.5))
+    with pytest.raises(ValueError, match="name"):
+        exercises.check("softmaxx", softmax)
