@@ -165,6 +165,56 @@ static void fill_view(attn_view *view, char *data, const npy_intp *strides, int 
     view->col = strides[nd - 1];
 }
 
+/* How get_shaped treats its argument. */
+enum {
+    SHAPED_ALLOW_NONE = 1, /* None gives NULL (an absent parameter) */
+    SHAPED_CONVERT = 2,    /* array-likes are converted (ndarrays never are) */
+    SHAPED_WRITEABLE = 4   /* it will be written: must be a writeable ndarray */
+};
+
+/*
+ * An argument that must be an array of dtype typenum and exactly the shape
+ * dims (nd of them): a new reference in *out, NULL for an allowed None.
+ * Returns 0, or -1 with TypeError / ValueError naming the argument.
+ */
+static int get_shaped(PyObject *obj, const char *name, int typenum, int nd,
+                      const npy_intp *dims, int flags, PyArrayObject **out)
+{
+    char s1[SHAPE_BUF], s2[SHAPE_BUF];
+    *out = NULL;
+    if (obj == Py_None) {
+        if (flags & SHAPED_ALLOW_NONE) return 0;
+        PyErr_Format(PyExc_TypeError, "%s is required; got None", name);
+        return -1;
+    }
+    if (!PyArray_Check(obj) && !(flags & SHAPED_CONVERT)) {
+        PyErr_Format(PyExc_TypeError, "%s must be a NumPy array; got %.200s", name,
+                     Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    if (!(*out = as_array(obj, name, typenum)) || check_float(*out, name)) goto fail;
+    if (PyArray_TYPE(*out) != typenum) {
+        PyErr_Format(PyExc_TypeError, "%s must have dtype %s like query; got %s", name,
+                     typenum == NPY_FLOAT ? "float32" : "float64", dtype_name(*out));
+        goto fail;
+    }
+    int same = PyArray_NDIM(*out) == nd;
+    for (int d = 0; same && d < nd; d++) same = PyArray_DIM(*out, d) == dims[d];
+    if (!same) {
+        PyErr_Format(PyExc_ValueError, "%s must have shape %s; got %s", name,
+                     fmt_dims(dims, nd, s1, SHAPE_BUF), fmt_shape(*out, s2, SHAPE_BUF));
+        goto fail;
+    }
+    if ((flags & SHAPED_WRITEABLE) && !PyArray_ISWRITEABLE(*out)) {
+        PyErr_Format(PyExc_ValueError, "%s must be writeable", name);
+        goto fail;
+    }
+    return 0;
+fail:
+    Py_CLEAR(*out);
+    return -1;
+}
+
 /* A status from the core as a Python exception; 0 when there is none. */
 static int raise_for_status(int status)
 {
@@ -560,32 +610,12 @@ done:
     return result;
 }
 
-/* An input-like array of exactly `dims` and the call's dtype, as a view. */
-static PyArrayObject *get_like(PyObject *obj, const char *name, const sdpa_call *c,
-                               const npy_intp *dims, const char *what, attn_view *view)
+/* A view of an array already checked to have nd dims (stride 0 on size 1). */
+static void view_of_checked(PyArrayObject *arr, int nd, attn_view *view)
 {
-    char s1[SHAPE_BUF], s2[SHAPE_BUF];
-    PyArrayObject *arr = as_array(obj, name, c->typenum);
-    if (!arr || check_float(arr, name)) goto fail;
-    if (PyArray_TYPE(arr) != c->typenum) {
-        PyErr_Format(PyExc_TypeError, "%s must have dtype %s like query; got %s", name,
-                     c->typenum == NPY_FLOAT ? "float32" : "float64", dtype_name(arr));
-        goto fail;
-    }
-    int same = PyArray_NDIM(arr) == c->nd;
-    for (int d = 0; same && d < c->nd; d++) same = PyArray_DIM(arr, d) == dims[d];
-    if (!same) {
-        PyErr_Format(PyExc_ValueError, "%s must have %s shape %s; got %s", name, what,
-                     fmt_dims(dims, c->nd, s1, SHAPE_BUF), fmt_shape(arr, s2, SHAPE_BUF));
-        goto fail;
-    }
     npy_intp padded[NPY_MAXDIMS], strides[NPY_MAXDIMS];
-    pad_to(arr, c->nd, padded, strides);
-    fill_view(view, PyArray_BYTES(arr), strides, c->nd);
-    return arr;
-fail:
-    Py_XDECREF(arr);
-    return NULL;
+    pad_to(arr, nd, padded, strides);
+    fill_view(view, PyArray_BYTES(arr), strides, nd);
 }
 
 static PyObject *
@@ -613,12 +643,12 @@ attnpy_sdpa_backward(PyObject *Py_UNUSED(module), PyObject *args, PyObject *kwar
     const int nd = c.nd, typenum = c.typenum;
     attn_sdpa_args *a = &c.a;
 
-    if (!(arr[DOUT] = get_like(dout_o, "grad_output", &c, c.out_dims, "the output's",
-                               &g.grad_out)))
+    if (get_shaped(dout_o, "grad_output", typenum, nd, c.out_dims, SHAPED_CONVERT, &arr[DOUT]) ||
+        get_shaped(weights_o, "weights", typenum, nd, c.w_dims,
+                   SHAPED_CONVERT | SHAPED_ALLOW_NONE, &arr[W]))
         goto done;
-    if (weights_o != Py_None &&
-        !(arr[W] = get_like(weights_o, "weights", &c, c.w_dims, "the weights'", &g.weights)))
-        goto done;
+    view_of_checked(arr[DOUT], nd, &g.grad_out);
+    if (arr[W]) view_of_checked(arr[W], nd, &g.weights);
 
     /* Per-problem gradients, then the input-shaped ones they are summed into.
        An input that is neither broadcast nor shared by several query heads
@@ -676,38 +706,6 @@ done:
 
 /* ------------------------------------------------------------------------ */
 /* multihead_attention                                                       */
-
-/* An optional parameter: None, or an array of typenum with exactly the given
-   shape (nd <= 2), aligned; a new reference in *out (NULL for None). */
-static int get_param(PyObject *obj, const char *name, int typenum, int nd, npy_intp d0,
-                     npy_intp d1, int allow_none, PyArrayObject **out)
-{
-    char s1[SHAPE_BUF], s2[SHAPE_BUF];
-    npy_intp want[2] = {d0, d1};
-    *out = NULL;
-    if (obj == Py_None) {
-        if (allow_none) return 0;
-        PyErr_Format(PyExc_TypeError, "%s is required; got None", name);
-        return -1;
-    }
-    if (!(*out = as_array(obj, name, typenum)) || check_float(*out, name)) goto fail;
-    if (PyArray_TYPE(*out) != typenum) {
-        PyErr_Format(PyExc_TypeError, "%s must have dtype %s like query; got %s", name,
-                     typenum == NPY_FLOAT ? "float32" : "float64", dtype_name(*out));
-        goto fail;
-    }
-    int same = PyArray_NDIM(*out) == nd;
-    for (int d = 0; same && d < nd; d++) same = PyArray_DIM(*out, d) == want[d];
-    if (!same) {
-        PyErr_Format(PyExc_ValueError, "%s must have shape %s; got %s", name,
-                     fmt_dims(want, nd, s1, SHAPE_BUF), fmt_shape(*out, s2, SHAPE_BUF));
-        goto fail;
-    }
-    return 0;
-fail:
-    Py_CLEAR(*out);
-    return -1;
-}
 
 static attn_view3 view3_of(PyArrayObject *arr)
 {
@@ -831,16 +829,16 @@ static int mha_prepare(mha_call *c, PyObject *o[NIN], Py_ssize_t H, Py_ssize_t H
     const int has_out = o[WO] != Py_None;
     const npy_intp out_dim = has_out && PyArray_Check(o[WO]) && PyArray_NDIM((PyArrayObject *)o[WO]) == 2
                                  ? PyArray_DIM((PyArrayObject *)o[WO], 0) : H * Dv;
-    if (get_param(o[WQ], "q_proj_weight", typenum, 2, H * D, qdim, 0, &in[WQ]) ||
-        get_param(o[WK], "k_proj_weight", typenum, 2, Hkv * D, kdim, 0, &in[WK]) ||
-        get_param(o[WV], "v_proj_weight", typenum, 2, Hkv * Dv, vdim, 0, &in[WV]) ||
-        get_param(o[BQ], "q bias (in_proj_bias[:E])", typenum, 1, H * D, 0, 1, &in[BQ]) ||
-        get_param(o[BK], "k bias (in_proj_bias)", typenum, 1, Hkv * D, 0, 1, &in[BK]) ||
-        get_param(o[BV], "v bias (in_proj_bias)", typenum, 1, Hkv * Dv, 0, 1, &in[BV]) ||
-        get_param(o[WO], "out_proj.weight", typenum, 2, out_dim, H * Dv, 1, &in[WO]) ||
-        get_param(o[BO], "out_proj.bias", typenum, 1, out_dim, 0, 1, &in[BO]) ||
-        get_param(o[BIASK], "bias_k", typenum, 1, Hkv * D, 0, 1, &in[BIASK]) ||
-        get_param(o[BIASV], "bias_v", typenum, 1, Hkv * Dv, 0, 1, &in[BIASV]))
+    if (get_shaped(o[WQ], "q_proj_weight", typenum, 2, (npy_intp[]){H * D, qdim}, SHAPED_CONVERT, &in[WQ]) ||
+        get_shaped(o[WK], "k_proj_weight", typenum, 2, (npy_intp[]){Hkv * D, kdim}, SHAPED_CONVERT, &in[WK]) ||
+        get_shaped(o[WV], "v_proj_weight", typenum, 2, (npy_intp[]){Hkv * Dv, vdim}, SHAPED_CONVERT, &in[WV]) ||
+        get_shaped(o[BQ], "q bias (in_proj_bias[:E])", typenum, 1, (npy_intp[]){H * D}, SHAPED_CONVERT | SHAPED_ALLOW_NONE, &in[BQ]) ||
+        get_shaped(o[BK], "k bias (in_proj_bias)", typenum, 1, (npy_intp[]){Hkv * D}, SHAPED_CONVERT | SHAPED_ALLOW_NONE, &in[BK]) ||
+        get_shaped(o[BV], "v bias (in_proj_bias)", typenum, 1, (npy_intp[]){Hkv * Dv}, SHAPED_CONVERT | SHAPED_ALLOW_NONE, &in[BV]) ||
+        get_shaped(o[WO], "out_proj.weight", typenum, 2, (npy_intp[]){out_dim, H * Dv}, SHAPED_CONVERT | SHAPED_ALLOW_NONE, &in[WO]) ||
+        get_shaped(o[BO], "out_proj.bias", typenum, 1, (npy_intp[]){out_dim}, SHAPED_CONVERT | SHAPED_ALLOW_NONE, &in[BO]) ||
+        get_shaped(o[BIASK], "bias_k", typenum, 1, (npy_intp[]){Hkv * D}, SHAPED_CONVERT | SHAPED_ALLOW_NONE, &in[BIASK]) ||
+        get_shaped(o[BIASV], "bias_v", typenum, 1, (npy_intp[]){Hkv * Dv}, SHAPED_CONVERT | SHAPED_ALLOW_NONE, &in[BIASV]))
         goto fail;
     if (!in[WO] && in[BO]) {
         PyErr_SetString(PyExc_ValueError, "out_proj.bias given without out_proj.weight");
@@ -1020,39 +1018,6 @@ done:
     return result;
 }
 
-/* An array of exactly the given shape (nd <= 4) and dtype; writeable when
-   asked. A new reference, or NULL with an exception set. */
-static PyArrayObject *get_exact(PyObject *obj, const char *name, int typenum, int nd,
-                                const npy_intp *dims, int writeable)
-{
-    char s1[SHAPE_BUF], s2[SHAPE_BUF];
-    if (!PyArray_Check(obj)) {
-        PyErr_Format(PyExc_TypeError, "%s must be a NumPy array; got %.200s", name,
-                     Py_TYPE(obj)->tp_name);
-        return NULL;
-    }
-    PyArrayObject *arr = (PyArrayObject *)obj;
-    if (check_float(arr, name)) return NULL;
-    if (PyArray_TYPE(arr) != typenum) {
-        PyErr_Format(PyExc_TypeError, "%s must have dtype %s like query; got %s", name,
-                     typenum == NPY_FLOAT ? "float32" : "float64", dtype_name(arr));
-        return NULL;
-    }
-    int same = PyArray_NDIM(arr) == nd;
-    for (int d = 0; same && d < nd; d++) same = PyArray_DIM(arr, d) == dims[d];
-    if (!same) {
-        PyErr_Format(PyExc_ValueError, "%s must have shape %s; got %s", name,
-                     fmt_dims(dims, nd, s1, SHAPE_BUF), fmt_shape(arr, s2, SHAPE_BUF));
-        return NULL;
-    }
-    if (writeable && !PyArray_ISWRITEABLE(arr)) {
-        PyErr_Format(PyExc_ValueError, "%s must be writeable", name);
-        return NULL;
-    }
-    Py_INCREF(arr);
-    return arr;
-}
-
 /*
  * The multi-head layer's backward pass: the forward's arguments, its trace
  * buffers (q, k, v, concat as (N, rows, features), weights (N, H, L, S')),
@@ -1105,7 +1070,7 @@ attnpy_mha_backward(PyObject *Py_UNUSED(module), PyObject *args, PyObject *kwarg
     const char *t_names[NT] = {"grad_output", "trace q", "trace k", "trace v", "trace concat",
                                "trace weights"};
     for (int i = 0; i < NT; i++)
-        if (!(t[i] = get_exact(t_o[i], t_names[i], typenum, i == TW ? 4 : 3, t_dims[i], 0)))
+        if (get_shaped(t_o[i], t_names[i], typenum, i == TW ? 4 : 3, t_dims[i], 0, &t[i]))
             goto done;
     g.grad_out = view3_of(t[DOUT]);
     m->q = view3_of(t[TQ]);
@@ -1127,8 +1092,8 @@ attnpy_mha_backward(PyObject *Py_UNUSED(module), PyObject *args, PyObject *kwarg
                          g_names[i]);
             goto done;
         }
-        if (!(pg[i] = get_exact(g_o[i], g_names[i], typenum, PyArray_NDIM(param),
-                                PyArray_DIMS(param), 1)))
+        if (get_shaped(g_o[i], g_names[i], typenum, PyArray_NDIM(param), PyArray_DIMS(param),
+                       SHAPED_WRITEABLE, &pg[i]))
             goto done;
     }
     if (!pg[GBIASK] != !pg[GBIASV]) {
