@@ -12,6 +12,17 @@ cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
 VENV="$PWD/.venv"
 
+# Debian's chromium and chromium-driver, for the head view's browser test.
+browser() {
+    if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then
+        return
+    fi
+    local sudo=""
+    [ "$(id -u)" = 0 ] || sudo="sudo"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq chromium chromium-driver >/dev/null
+}
+
 setup() {
     if [ ! -x "$VENV/bin/python" ]; then
         "$PY" -m venv "$VENV"
@@ -74,6 +85,7 @@ case "${1:-}" in
         "$VENV/bin/python" -m attnpy demo "${@:2}"
         ;;
     test)
+        browser
         setup
         c_tests
         "$VENV/bin/python" -m pytest -q tests "${@:2}"

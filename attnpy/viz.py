@@ -8,9 +8,15 @@ computes attention.
 """
 from __future__ import annotations
 
+import html
+import json
+import uuid
+from pathlib import Path
+
 import numpy as np
 
-__all__ = ["heatmap", "heads", "layers", "head_stats", "plot_head_stats", "rollout"]
+__all__ = ["heatmap", "heads", "layers", "head_stats", "plot_head_stats", "rollout",
+           "head_view", "HeadView"]
 
 ANNOTATE_MAX = 12  # maps up to this many rows and columns get their values printed
 
@@ -271,3 +277,163 @@ def rollout(list_of_weights, *, head_fusion="mean", residual=True):
     if result is None:
         raise ValueError("list_of_weights is empty")
     return result
+
+
+# --- the interactive head view ----------------------------------------------
+
+# one colour per head (cycled past 12): matplotlib's tab10 plus two
+HEAD_COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b",
+               "#e377c2", "#7f7f7f", "#bcbd22", "#17becf", "#393b79", "#637939"]
+
+_STYLE = """
+.attnpy-view { font: 13px sans-serif; color: #222; }
+.attnpy-view .attnpy-controls { margin-bottom: 6px; }
+.attnpy-view .attnpy-head { border: 0; color: white; margin-right: 2px; min-width: 22px;
+  cursor: pointer; border-radius: 3px; }
+.attnpy-view .attnpy-note { margin-left: 8px; color: #666; }
+.attnpy-view .attnpy-scroll { overflow: auto; display: inline-block; }
+.attnpy-view .attnpy-token { cursor: default; fill: #222; }
+"""
+
+
+class HeadView:
+    """An interactive head view: shows itself in Jupyter (classic Notebook and
+    JupyterLab) and writes a standalone page with :meth:`save_html`.
+
+    The HTML holds its data, its script (plain JavaScript and SVG) and its
+    style: no CDN, no internet, no require.js. Made by :func:`head_view`.
+    """
+
+    def __init__(self, payload, title):
+        self._payload = payload
+        self.title = title
+
+    def _fragment(self):
+        root_id = "attnpy-hv-" + uuid.uuid4().hex[:12]
+        # JSON inside <script>: "<", ">" and "&" escaped so a token such as
+        # "</script>" cannot end the element
+        data = (json.dumps(self._payload, separators=(",", ":"))
+                .replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026"))
+        script = _SCRIPT.replace("ATTNPY_ROOT_ID", root_id)
+        return (f'<div class="attnpy-view" id="{root_id}">'
+                f'<style>{_STYLE}</style>'
+                f'<div class="attnpy-title"><b>{html.escape(self.title)}</b></div>'
+                f'<script type="application/json" class="attnpy-data">{data}</script>'
+                f'</div><script>{script}</script>')
+
+    def _repr_html_(self):
+        return self._fragment()
+
+    def to_html(self):
+        """The whole standalone page, as a string."""
+        return ("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\">"
+                f"<title>{html.escape(self.title)}</title></head>\n<body>\n"
+                f"{self._fragment()}\n</body></html>\n")
+
+    def save_html(self, path):
+        """Write the view as one self-contained HTML file; returns the path."""
+        path = Path(path)
+        path.write_text(self.to_html(), encoding="utf-8")
+        return path
+
+    def __repr__(self):
+        layers = self._payload["layers"]
+        return (f"HeadView({self.title!r}: {len(layers)} layer(s), "
+                f"{len(self._payload['tokens'])} x {len(self._payload['key_tokens'])} tokens)")
+
+
+_SCRIPT = (Path(__file__).with_name("_headview.js")).read_text(encoding="utf-8")
+
+
+def _top_lines(w, top_k, min_weight):
+    """The lines of one layer, w of shape (H, L, S): for every head and query
+    its top_k keys with weight >= min_weight, as a flat int list
+    [query, key, head, round(1000 * weight), ...]. At most H * L * top_k
+    lines, so long inputs stay linear in L."""
+    H, L, S = w.shape
+    k = min(top_k, S)
+    if k == 0:
+        return []
+    idx = np.argpartition(-np.nan_to_num(w, nan=0.0), k - 1, axis=-1)[..., :k]   # (H, L, k)
+    vals = np.take_along_axis(w, idx, axis=-1)
+    h, q, j = np.nonzero(vals >= min_weight)
+    keys = idx[h, q, j]
+    milli = np.rint(vals[h, q, j] * 1000).astype(np.int64)
+    return np.stack([q, keys, h, milli], axis=1).ravel().tolist()
+
+
+def head_view(weights, tokens, key_tokens=None, *, layer_names=None, top_k=None,
+              min_weight=0.01, max_lines=20000, max_height=600, title="attention"):
+    """An interactive head view: hover a token to see what it attends to.
+
+    Parameters
+    ----------
+    weights : array_like, shape (H, L, S) or (layers, H, L, S), or a list of (H, L, S)
+        Attention weights per head (for example ``res.weights[0]`` from
+        :class:`attnpy.MultiheadAttention` with ``average_attn_weights=False``),
+        one entry per layer for a whole model.
+    tokens : sequence of str, length L
+        The queries (left column).
+    key_tokens : sequence of str, length S, optional
+        The keys (right column); default ``tokens`` (self-attention).
+    layer_names : sequence of str, optional
+        Names in the layer menu; default ``layer 0``, ``layer 1``, ...
+    top_k : int, optional
+        Lines kept per (head, query): its ``top_k`` largest weights. Default
+        all keys up to S = 64, else 16: the page then grows linearly with L.
+    min_weight : float, default 0.01
+        Lines below this weight are left out (they would be invisible).
+    max_lines : int, default 20000
+        Above this many lines in a layer, lines are drawn only for the hovered
+        token.
+    max_height : int, default 600
+        Pixels; longer inputs scroll.
+
+    Returns
+    -------
+    HeadView
+        Shows itself in Jupyter; ``.save_html(path)`` writes a standalone page.
+    """
+    if isinstance(weights, (list, tuple)):
+        maps = [_as_maps(w, f"weights[{i}]", 3) for i, w in enumerate(weights)]
+    else:
+        w = np.asarray(weights)
+        if w.ndim == 3:
+            maps = [_as_maps(w, "weights", 3)]
+        elif w.ndim == 4:
+            maps = [_as_maps(m, f"weights[{i}]", 3) for i, m in enumerate(w)]
+        else:
+            raise ValueError("weights must have shape (H, L, S) or (layers, H, L, S); "
+                             f"got {w.shape}")
+    if not maps:
+        raise ValueError("weights is empty: no layer to show")
+    tokens = [str(t) for t in tokens]
+    key_tokens = tokens if key_tokens is None else [str(t) for t in key_tokens]
+    for i, m in enumerate(maps):
+        if m.shape[1:] != (len(tokens), len(key_tokens)):
+            raise ValueError(f"weights[{i}] has shape {m.shape}; with {len(tokens)} tokens "
+                             f"and {len(key_tokens)} key_tokens it must be "
+                             f"(H, {len(tokens)}, {len(key_tokens)})")
+    if layer_names is None:
+        layer_names = [f"layer {i}" for i in range(len(maps))]
+    elif len(layer_names) != len(maps):
+        raise ValueError(f"layer_names has {len(layer_names)} names for {len(maps)} layers")
+    S = len(key_tokens)
+    if top_k is None:
+        top_k = S if S <= 64 else 16
+    if top_k < 1:
+        raise ValueError(f"top_k must be at least 1; got {top_k}")
+    longest = max([len(t) for t in tokens + key_tokens] + [1])
+    payload = {
+        "tokens": tokens,
+        "key_tokens": key_tokens,
+        "layers": [{"name": str(name), "heads": int(m.shape[0]),
+                    "lines": _top_lines(m.astype(np.float64), top_k, min_weight)}
+                   for name, m in zip(layer_names, maps)],
+        "colors": HEAD_COLORS,
+        "label_width": min(8 * longest + 12, 240),
+        "gap": 220,
+        "max_lines": int(max_lines),
+        "max_height": int(max_height),
+    }
+    return HeadView(payload, title)
