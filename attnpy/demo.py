@@ -71,8 +71,10 @@ def run(outdir="attnpy-demo"):
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     np.save(outdir / "weights.npy", weights)
-    png = _save_heads_png(weights, tokens, outdir / "weights.png")
-    print(f"wrote {outdir / 'weights.npy'}" + (f" and {png}" if png else ""))
+    written = [outdir / "weights.npy"] + _save_pictures(weights, tokens, mask[:, 0], outdir)
+    print(f"wrote into {outdir}/:")
+    for path in written:
+        print(f"  {path.name}")
     return res
 
 
@@ -87,28 +89,30 @@ def _check_against_torch(q, k, v, mask, out):
     return float(np.abs(t.numpy() - out).max())
 
 
-def _save_heads_png(weights, tokens, path):
+def _save_pictures(weights, tokens, mask, outdir):
+    """heads.png (all heads, one colour scale), head_<h>.png (one map each,
+    masked cells hatched) and head_view.html (interactive, self-contained)."""
+    from . import viz
+    view = viz.head_view(weights, tokens, title="attnpy demo: " + SENTENCE)
+    written = [view.save_html(outdir / "head_view.html")]
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("(matplotlib not installed: no picture; pip install attnpy[viz])")
-        return None
-    H, L, _ = weights.shape
-    fig, axes = plt.subplots(1, H, figsize=(4.2 * H, 4.6), constrained_layout=True)
-    for h, ax in enumerate(axes):
-        im = ax.imshow(weights[h], vmin=0, vmax=1, cmap="viridis")
-        ax.set_title(f"head {h}: {HEAD_NAMES[h]}")
-        ax.set_xticks(range(L), tokens, rotation=90)
-        ax.set_yticks(range(L), tokens)
-        ax.set_xlabel("key")
-        if h == 0:
-            ax.set_ylabel("query")
-    fig.colorbar(im, ax=axes, shrink=0.8, label="attention weight")
-    fig.savefig(path, dpi=110)
+        print("(matplotlib not installed: no PNG pictures; pip install attnpy[viz])")
+        return written
+    titles = [f"head {h}: {name}" for h, name in enumerate(HEAD_NAMES)]
+    fig = viz.heads(weights, tokens, cols=len(HEAD_NAMES), titles=titles)
+    fig.savefig(outdir / "heads.png", dpi=110)
     plt.close(fig)
-    return path
+    written.append(outdir / "heads.png")
+    for h, title in enumerate(titles):
+        ax = viz.heatmap(weights[h], tokens, tokens, masked=np.isneginf(mask[h]), title=title)
+        ax.figure.savefig(outdir / f"head_{h}.png", dpi=110)
+        plt.close(ax.figure)
+        written.append(outdir / f"head_{h}.png")
+    return written
 
 
 if __name__ == "__main__":

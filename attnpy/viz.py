@@ -83,6 +83,7 @@ def heatmap(weights, x_labels=None, y_labels=None, ax=None, *, masked=None, crop
                              constrained_layout=True)
     vmax = float(np.nanmax(w)) if vmax is None and w.size else (1.0 if vmax is None else vmax)
     im = ax.imshow(w, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto", interpolation="nearest")
+    m = None
     if masked is not None:
         m = np.asarray(masked, bool)
         m = np.broadcast_to(m, np.asarray(weights).shape)[rows, cols]
@@ -103,6 +104,8 @@ def heatmap(weights, x_labels=None, y_labels=None, ax=None, *, masked=None, crop
         annotate = L <= ANNOTATE_MAX and S <= ANNOTATE_MAX
     if annotate:
         for (y, x), val in np.ndenumerate(w):
+            if m is not None and m[y, x]:
+                continue                                # masked: hatched, no number
             ax.text(x, y, f"{val:.2f}", ha="center", va="center", fontsize=7,
                     color="white" if val < 0.6 * vmax else "black")
     ax.set_xlabel("key")
