@@ -4,6 +4,7 @@
 #   bash dev.sh test   set everything up from a fresh clone, run every test (C and Python),
 #                      then again under AddressSanitizer + UndefinedBehaviorSanitizer
 #   bash dev.sh bench  set everything up, run the benchmark (writes bench/results.md, .png)
+#   bash dev.sh notebooks  set everything up, run the notebooks and keep their outputs
 # "Set up" means: a virtual environment in .venv, the pinned dependencies,
 # and the C extension built in place with -Wall -Wextra -Werror.
 set -euo pipefail
@@ -61,7 +62,8 @@ sanitizer_tests() {
     preload="$(${CC:-cc} -print-file-name=libasan.so) $(${CC:-cc} -print-file-name=libstdc++.so.6)"
     (
         cd build/asan
-        export LD_PRELOAD="$preload" ASAN_OPTIONS=detect_leaks=0 \
+        # PYTHONPATH: the notebooks' kernels import this build too
+        export PYTHONPATH="$PWD" LD_PRELOAD="$preload" ASAN_OPTIONS=detect_leaks=0 \
             UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
         "$VENV/bin/python" -c \
             "import attnpy, sys; sys.exit('build/asan' not in attnpy._core.__file__)"
@@ -91,12 +93,16 @@ case "${1:-}" in
         "$VENV/bin/python" -m pytest -q tests "${@:2}"
         sanitizer_tests
         ;;
+    notebooks)
+        setup
+        "$VENV/bin/python" notebooks/execute.py "${@:2}"
+        ;;
     bench)
         setup
         "$VENV/bin/python" bench/bench.py "${@:2}"
         ;;
     *)
-        echo "usage: bash dev.sh demo|test|bench [args...]" >&2
+        echo "usage: bash dev.sh demo|test|notebooks|bench [args...]" >&2
         exit 2
         ;;
 esac

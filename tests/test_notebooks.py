@@ -1,0 +1,99 @@
+"""The notebooks: committed with their outputs, and run top to bottom here.
+
+Each notebook is executed on a copy (nothing in notebooks/ is rewritten),
+with a first cell added that checks the kernel imports the same attnpy build
+as this test process (in the sanitizer pass, the ASan build). Every claim a
+notebook prints as "...: True" must come out the same in the fresh run as in
+the committed outputs. The exercises notebook is also run with its stubs
+replaced by correct answers: every checker must then say "correct".
+"""
+import inspect
+import re
+import sys
+import time
+from pathlib import Path
+
+import nbformat
+import pytest
+
+import attnpy
+from attnpy import exercises
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "notebooks"))
+from execute import execute  # noqa: E402  (notebooks/execute.py)
+
+NOTEBOOKS = ["01_self_attention.ipynb", "02_multi_head.ipynb", "03_masks.ipynb",
+             "04_check_against_pytorch.ipynb", "05_inside_minilm.ipynb",
+             "06_gradients.ipynb", "exercises.ipynb"]
+CLAIM = re.compile(r"^(.*): (True|False)$", re.M)
+
+
+def test_the_notebooks_are_all_there():
+    assert sorted(p.name for p in (ROOT / "notebooks").glob("*.ipynb")) == sorted(NOTEBOOKS)
+
+
+def code_cells(nb):
+    return [c for c in nb.cells if c.cell_type == "code"]
+
+
+def text_of(cell):
+    return "".join(o.get("text", "") for o in cell.outputs if o.output_type == "stream")
+
+
+def images_of(nb):
+    return sum("image/png" in o.get("data", {}) for c in code_cells(nb) for o in c.outputs)
+
+
+def run_copy(nb, tmp_path):
+    check = nbformat.v4.new_code_cell(
+        "import attnpy\n"
+        f"assert attnpy._core.__file__ == {attnpy._core.__file__!r}, attnpy._core.__file__")
+    nb.cells.insert(0, check)
+    start = time.perf_counter()
+    execute(nb, ROOT / "notebooks")
+    elapsed = time.perf_counter() - start
+    nb.cells.pop(0)
+    return nb, elapsed
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_committed_with_outputs(name):
+    nb = nbformat.read(ROOT / "notebooks" / name, as_version=4)
+    cells = code_cells(nb)
+    # run top to bottom, once: execution counts 1, 2, 3, ...
+    assert [c.execution_count for c in cells] == list(range(1, len(cells) + 1))
+    assert not [o for c in cells for o in c.outputs if o.output_type == "error"]
+    if name != "exercises.ipynb":
+        assert images_of(nb) >= 2, "the pictures are committed"
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_runs_top_to_bottom_and_says_what_it_committed(name, tmp_path):
+    committed = nbformat.read(ROOT / "notebooks" / name, as_version=4)
+    fresh, elapsed = run_copy(nbformat.read(ROOT / "notebooks" / name, as_version=4), tmp_path)
+    print(f"{name}: {elapsed:.1f} s")
+    assert images_of(fresh) == images_of(committed)
+    for old, new in zip(code_cells(committed), code_cells(fresh)):
+        assert CLAIM.findall(text_of(new)) == CLAIM.findall(text_of(old)), old.source[:80]
+    claims = [c for cell in code_cells(fresh) for c in CLAIM.findall(text_of(cell))]
+    if name != "exercises.ipynb":
+        assert claims and all(value == "True" for _, value in claims)
+
+
+def test_exercise_stubs_accept_correct_answers(tmp_path):
+    import test_exercises
+
+    nb = nbformat.read(ROOT / "notebooks" / "exercises.ipynb", as_version=4)
+    stubs = [c for c in nb.cells if "stub" in c.metadata.get("tags", [])]
+    assert sorted(c.metadata["exercise"] for c in stubs) == sorted(exercises.EXERCISES)
+    for cell in stubs:
+        answer = test_exercises.CORRECT[cell.metadata["exercise"]]
+        stub_name = re.match(r"def (\w+)\(", cell.source).group(1)
+        # the test's answer, renamed to the stub's name and signature
+        cell.source = re.sub(r"^def \w+\(", f"def {stub_name}(", inspect.getsource(answer))
+    fresh, _ = run_copy(nb, tmp_path)
+    verdicts = [text_of(c).strip() for c in code_cells(fresh) if "exercises.check(" in c.source]
+    assert len(verdicts) == len(exercises.EXERCISES)
+    for verdict in verdicts:
+        assert re.fullmatch(r"\w+: correct \(\d+ cases\)", verdict), verdict
