@@ -54,7 +54,7 @@ sanitizer_tests() {
     rm -rf build/asan build/asan-tmp
     ATTNPY_STRICT=1 ATTNPY_SANITIZE=1 "$VENV/bin/python" setup.py -q build_ext \
         --build-lib build/asan --build-temp build/asan-tmp >/dev/null
-    cp attnpy/*.py build/asan/attnpy/
+    cp attnpy/*.py attnpy/*.js build/asan/attnpy/
     # libstdc++ preloaded after libasan: C++ extensions loaded later (torch,
     # matplotlib) throw exceptions, and ASan's __cxa_throw interceptor must
     # find the real one at start-up
