@@ -25,3 +25,15 @@ def test_trace_table_lists_exactly_the_trace_fields():
     table = README.read_text().split("### The trace", 1)[1].split("\n## ", 1)[0]
     documented = re.findall(r"^\| `(\w+)` \|", table, re.M)
     assert documented == [f.name for f in dataclasses.fields(attnpy.Trace)]
+
+
+def test_pictures_and_links_exist():
+    text = README.read_text()
+    targets = re.findall(r"\]\(((?:docs|notebooks|bench)/[^)#]+)\)", text)
+    pictures = [t for t in targets if t.endswith(".png")]
+    assert len(pictures) >= 3                      # the README shows its pictures
+    for target in targets:
+        path = README.parent / target
+        assert path.is_file(), target
+        if target.endswith(".png"):
+            assert path.read_bytes()[:4] == b"\x89PNG" and path.stat().st_size > 10_000, target
