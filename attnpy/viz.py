@@ -18,7 +18,9 @@ import numpy as np
 __all__ = ["heatmap", "heads", "layers", "head_stats", "plot_head_stats", "rollout",
            "head_view", "HeadView"]
 
-ANNOTATE_MAX = 12  # maps up to this many rows and columns get their values printed
+ANNOTATE_MAX = 12   # maps up to this many rows and columns get their values printed
+HATCH_MAX = 2000    # above this many masked cells, the grey overlay alone marks them
+LABELS_MAX = 60     # above this many tokens, every k-th label is shown (at most 60)
 
 
 def _plt():
@@ -46,6 +48,14 @@ def _window(w, crop):
     rows = rows if rows is not None else slice(None)
     cols = cols if cols is not None else slice(None)
     return w[..., rows, cols], rows, cols
+
+
+def _ticks(labels):
+    """Tick positions and labels; long inputs get every k-th label, so that the
+    labels stay readable and their number stays bounded."""
+    step = max(1, -(-len(labels) // LABELS_MAX))
+    ticks = range(0, len(labels), step)
+    return ticks, [labels[i] for i in ticks]
 
 
 def heatmap(weights, x_labels=None, y_labels=None, ax=None, *, masked=None, crop=None,
@@ -79,7 +89,9 @@ def heatmap(weights, x_labels=None, y_labels=None, ax=None, *, masked=None, crop
     w, rows, cols = _window(w, crop)
     L, S = w.shape
     if ax is None:
-        _, ax = plt.subplots(figsize=(max(3.0, 0.45 * S + 1.5), max(2.5, 0.4 * L + 1.0)),
+        # grows with the tokens up to a page: longer inputs get smaller cells
+        _, ax = plt.subplots(figsize=(min(14.0, max(3.0, 0.45 * S + 1.5)),
+                                      min(12.0, max(2.5, 0.4 * L + 1.0))),
                              constrained_layout=True)
     vmax = float(np.nanmax(w)) if vmax is None and w.size else (1.0 if vmax is None else vmax)
     im = ax.imshow(w, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto", interpolation="nearest")
@@ -91,15 +103,16 @@ def heatmap(weights, x_labels=None, y_labels=None, ax=None, *, masked=None, crop
         ax.imshow(overlay, cmap="Greys", vmin=0, vmax=2.5, aspect="auto",
                   interpolation="nearest")
         ys, xs = np.nonzero(m)
-        for y, x in zip(ys, xs):
-            ax.add_patch(plt.Rectangle((x - 0.5, y - 0.5), 1, 1, fill=False, hatch="///",
-                                       edgecolor="0.45", linewidth=0))
+        if len(ys) <= HATCH_MAX:                  # one patch per cell: only for small maps
+            for y, x in zip(ys, xs):
+                ax.add_patch(plt.Rectangle((x - 0.5, y - 0.5), 1, 1, fill=False, hatch="///",
+                                           edgecolor="0.45", linewidth=0))
     if x_labels is not None:
-        labels = list(x_labels)[cols]
-        ax.set_xticks(range(len(labels)), labels, rotation=90)
+        ticks, labels = _ticks(list(x_labels)[cols])
+        ax.set_xticks(ticks, labels, rotation=90)
     if y_labels is not None:
-        labels = list(y_labels)[rows]
-        ax.set_yticks(range(len(labels)), labels)
+        ticks, labels = _ticks(list(y_labels)[rows])
+        ax.set_yticks(ticks, labels)
     if annotate is None:
         annotate = L <= ANNOTATE_MAX and S <= ANNOTATE_MAX
     if annotate:
@@ -141,7 +154,8 @@ def heads(weights, tokens=None, *, cols=None, masked=None, crop=None, cmap="viri
     rows = int(np.ceil(H / cols))
     shown, _, _ = _window(w, crop)
     L, S = shown.shape[-2:]
-    size = figsize or (cols * max(2.4, 0.3 * S + 1.2), rows * max(2.2, 0.28 * L + 1.0))
+    size = figsize or (cols * min(6.0, max(2.4, 0.3 * S + 1.2)),
+                       rows * min(5.5, max(2.2, 0.28 * L + 1.0)))
     fig, axes = plt.subplots(rows, cols, figsize=size, squeeze=False, constrained_layout=True)
     vmax = float(np.nanmax(shown)) if shown.size else 1.0
     for h, ax in enumerate(axes.flat):

@@ -111,3 +111,26 @@ def test_bad_maps_name_the_argument():
         viz.heads(np.zeros((3, 4)))
     with pytest.raises(ValueError, match=r"list_of_weights\[1\]"):
         viz.layers([np.zeros((2, 3, 3)), np.zeros((3, 3))])
+
+
+def test_long_inputs_stay_readable_and_linear():
+    # 500 tokens, causal: the drawing holds a fixed number of artists, not one
+    # per cell, and at most 60 labels per axis
+    L = 500
+    tokens = [f"tok{i}" for i in range(L)]
+    w = np.tril(np.ones((L, L)))
+    w /= w.sum(-1, keepdims=True)
+    masked = np.triu(np.ones((L, L), bool), 1)
+    ax = viz.heatmap(w, tokens, tokens, masked=masked)
+    assert len(ax.patches) == 0 and len(ax.texts) == 0
+    assert len(ax.images) == 2                          # the map and the grey overlay
+    labels = [t.get_text() for t in ax.get_xticklabels()]
+    assert 30 <= len(labels) <= 60 and labels[:2] == ["tok0", "tok9"]
+    # a window of the same map keeps the labels of that window
+    ax = viz.heatmap(w, tokens, tokens, masked=masked, crop=(slice(100, 120), slice(90, 110)))
+    assert [t.get_text() for t in ax.get_yticklabels()] == tokens[100:120]
+    assert ax.images[0].get_array().shape == (20, 20)
+    hatched = [p for p in ax.patches if p.get_hatch() == "///"]
+    assert len(hatched) == int(masked[100:120, 90:110].sum())
+    assert max(viz.heatmap(w, tokens, tokens).figure.get_size_inches()) <= 14
+    assert max(viz.heads(np.stack([w, w]), tokens).get_size_inches()) <= 12
