@@ -77,6 +77,10 @@ static PyArrayObject *as_array(PyObject *obj, const char *name, int cast_to)
     }
     PyArrayObject *arr = (PyArrayObject *)PyArray_FROM_O(obj);
     if (!arr) {
+        /* only a failed conversion is a TypeError; MemoryError, KeyboardInterrupt
+           and the like go through as they are */
+        if (!PyErr_ExceptionMatches(PyExc_TypeError) && !PyErr_ExceptionMatches(PyExc_ValueError))
+            return NULL;
         PyErr_Format(PyExc_TypeError, "%s must be an array of float32 or float64; could not convert %.200s",
                      name, Py_TYPE(obj)->tp_name);
         return NULL;
