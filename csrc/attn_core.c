@@ -35,6 +35,52 @@ static inline double attn_dropout_factor(const attn_sdpa_args *a, const attn_hea
                                                                     : 0.0;
 }
 
+/* ------------------------------------------------------------------------ */
+/* Allocation                                                                 */
+
+#ifdef ATTN_FAULT_INJECTION
+static atomic_llong fault_countdown; /* > 0: the allocation that brings it to 0 fails */
+static atomic_llong fault_counted;   /* allocations since the last attn_fault_inject */
+static atomic_llong fault_live;      /* attn_malloc blocks not yet freed */
+
+int64_t attn_fault_inject(int64_t n, int64_t *live)
+{
+    atomic_store(&fault_countdown, n > 0 ? n : 0);
+    if (live) *live = atomic_load(&fault_live);
+    return atomic_exchange(&fault_counted, 0);
+}
+
+int attn_fault_next(void)
+{
+    atomic_fetch_add(&fault_counted, 1);
+    /* decrement only while positive: exactly one allocation sees 1 -> 0 */
+    long long c = atomic_load(&fault_countdown);
+    while (c > 0 && !atomic_compare_exchange_weak(&fault_countdown, &c, c - 1)) {
+    }
+    return c == 1;
+}
+#endif
+
+void *attn_malloc(size_t n)
+{
+#ifdef ATTN_FAULT_INJECTION
+    if (attn_fault_next()) return NULL;
+    void *p = malloc(n);
+    if (p) atomic_fetch_add(&fault_live, 1);
+    return p;
+#else
+    return malloc(n);
+#endif
+}
+
+void attn_free(void *p)
+{
+#ifdef ATTN_FAULT_INJECTION
+    if (p) atomic_fetch_sub(&fault_live, 1);
+#endif
+    free(p);
+}
+
 #define T float
 #define SFX f32
 #include "attn_kernels.inc"
@@ -188,18 +234,18 @@ int attn_sdpa(const attn_sdpa_args *a)
     int threads = attn_threads_for(flops);
     if (threads > items) threads = (int)items;
 
-    job.work = malloc(job.work_size * (size_t)threads);
+    job.work = attn_malloc(job.work_size * (size_t)threads);
     if (!job.work && job.kernel != ATTN_KERNEL_REFERENCE) {
         /* the fast kernels' tiles did not fit: the reference needs far less */
         job.kernel = ATTN_KERNEL_REFERENCE;
         job.blocks = 1;
         items = nproblems;
         job.work_size = (size_t)(ATTN_KEY_BLOCK + a->Ev) * sizeof(double);
-        job.work = malloc(job.work_size * (size_t)threads);
+        job.work = attn_malloc(job.work_size * (size_t)threads);
     }
     if (!job.work) return ATTN_ENOMEM;
     attn_parallel_for(items, threads, attn_sdpa_item, &job);
-    free(job.work);
+    attn_free(job.work);
     return ATTN_OK;
 }
 
@@ -329,11 +375,11 @@ int attn_sdpa_backward(const attn_sdpa_grad_args *g)
 
     if (job.kernel != ATTN_KERNEL_REFERENCE) {
         job.work_size = (attn_fast_backward_workspace(a) + 63) / 64 * 64;
-        job.work = malloc(job.work_size * (size_t)threads);
+        job.work = attn_malloc(job.work_size * (size_t)threads);
         /* the binding caps every dimension at 2**31 - 1, but nproblems can
            be large through broadcasting: no product may wrap */
         job.stats = (double)nproblems * 3.0 * (double)a->L * (double)es < 1e18
-                        ? malloc((size_t)nproblems * (size_t)(3 * a->L) * es) : NULL;
+                        ? attn_malloc((size_t)nproblems * (size_t)(3 * a->L) * es) : NULL;
         if (job.work && job.stats) {
             job.phase = 0;
             job.blocks = (a->L + ATTN_FAST_BR - 1) / ATTN_FAST_BR;
@@ -344,16 +390,16 @@ int attn_sdpa_backward(const attn_sdpa_grad_args *g)
         } else {
             status = ATTN_ENOMEM;
         }
-        free(job.work);
-        free(job.stats);
+        attn_free(job.work);
+        attn_free(job.stats);
         return status;
     }
     job.work_size = ((size_t)(2 * (a->S > 0 ? a->S : 1)) * sizeof(double) + 63) / 64 * 64;
     if (threads > nproblems) threads = (int)nproblems;
-    job.work = malloc(job.work_size * (size_t)threads);
+    job.work = attn_malloc(job.work_size * (size_t)threads);
     if (!job.work) return ATTN_ENOMEM;
     attn_parallel_for(nproblems, threads, attn_backward_item, &job);
-    free(job.work);
+    attn_free(job.work);
     return ATTN_OK;
 }
 
@@ -404,11 +450,11 @@ int attn_linear(const attn_linear_args *p)
     if (threads > items) threads = (int)items;
     if (job.kernel != ATTN_KERNEL_REFERENCE) {
         job.work_size = (attn_fast_linear_workspace(p) + 63) / 64 * 64;
-        job.work = malloc(job.work_size * (size_t)threads);
+        job.work = attn_malloc(job.work_size * (size_t)threads);
         if (!job.work) job.kernel = ATTN_KERNEL_REFERENCE; /* needs no workspace */
     }
     attn_parallel_for(items, threads, attn_linear_item, &job);
-    free(job.work);
+    attn_free(job.work);
     return ATTN_OK;
 }
 
@@ -449,10 +495,10 @@ static int attn_linear_shared_x(const attn_linear_args *ps, int count)
     int threads = attn_threads_for(flops);
     if (items < 2 * threads) return -1; /* too few row blocks: split columns instead */
     job.work_size = (attn_fast_linear_workspace(p) + 63) / 64 * 64;
-    job.work = malloc(job.work_size * (size_t)threads);
+    job.work = attn_malloc(job.work_size * (size_t)threads);
     if (!job.work) return -1;
     attn_parallel_for(items, threads, attn_linear_many_item, &job);
-    free(job.work);
+    attn_free(job.work);
     return ATTN_OK;
 }
 
