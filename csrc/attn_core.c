@@ -212,6 +212,14 @@ int attn_sdpa(const attn_sdpa_args *a)
         (a->dtype != ATTN_FLOAT32 && a->dtype != ATTN_FLOAT64))
         return ATTN_EINVAL;
 
+    if (a->E == 0 && a->scale != 0.0) {
+        /* q k^T is an empty sum, 0, whatever the scale (torch scales q and k
+           by sqrt(scale) first, so its scores are 0 too, even for the default
+           scale 1 / sqrt(0) = inf, where scale * 0 would be NaN) */
+        attn_sdpa_args zero_width = *a;
+        zero_width.scale = 0.0;
+        return attn_sdpa(&zero_width);
+    }
     int64_t nproblems = a->num_heads;
     for (int d = 0; d < a->nbatch; d++) nproblems *= a->batch_shape[d];
     if (nproblems == 0 || a->L == 0 || (a->Ev == 0 && !a->weights.data)) return ATTN_OK;
@@ -348,6 +356,11 @@ int attn_sdpa_backward(const attn_sdpa_grad_args *g)
         !(a->dropout_p >= 0.0 && a->dropout_p <= 1.0) ||
         (a->dtype != ATTN_FLOAT32 && a->dtype != ATTN_FLOAT64))
         return ATTN_EINVAL;
+    if (a->E == 0 && a->scale != 0.0) { /* the scores are 0: see attn_sdpa */
+        attn_sdpa_grad_args zero_width = *g;
+        zero_width.fwd.scale = 0.0;
+        return attn_sdpa_backward(&zero_width);
+    }
     int64_t nproblems = a->num_heads;
     for (int d = 0; d < a->nbatch; d++) nproblems *= a->batch_shape[d];
     if (nproblems == 0) return ATTN_OK;
