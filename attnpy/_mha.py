@@ -430,6 +430,12 @@ class MultiheadAttention:
                 raise ValueError(f"{name} must be {want}-D like query "
                                  f"({'unbatched (L, E)' if unbatched else 'batched'}); "
                                  f"got shape {x.shape}")
+        widths = (("query", query, self.embed_dim, "embed_dim"), ("key", key, self.kdim, "kdim"),
+                  ("value", value, self.vdim, "vdim"))
+        for name, x, width, what in widths:
+            if x.shape[-1] != width:
+                raise ValueError(f"{name} must have {width} features ({what}) in its last "
+                                 f"dimension; got shape {x.shape}")
         if unbatched:
             query, key, value = query[None], key[None], value[None]
         elif not self.batch_first:
