@@ -343,6 +343,33 @@ static void attn_backward_item(void *ctx, int64_t item, int thread)
                                (double *)work);
 }
 
+/*
+ * Are q, k, v and dO free of NaN and inf in every problem? The fast backward
+ * multiplies whole tiles (dq = dS k, dk = dS^T q, dv = P^T dO), where a zero
+ * weight times a NaN is NaN; the reference kernel skips the keys with no
+ * weight, as the forward does. So a call with a non-finite input takes the
+ * reference kernel: one read of the inputs, against 8 L S (E + Ev) flops.
+ */
+static int attn_backward_inputs_finite(const attn_sdpa_grad_args *g, int64_t nproblems)
+{
+    const attn_sdpa_args *a = &g->fwd;
+    int (*finite)(const char *, int64_t, int64_t, int64_t, int64_t) =
+        a->dtype == ATTN_FLOAT32 ? attn_all_finite_f32 : attn_all_finite_f64;
+    attn_sdpa_args in_dout = *a; /* its out view: dO */
+    in_dout.out = g->grad_out;
+    for (int64_t p = 0; p < nproblems; p++) {
+        attn_head hd, hg;
+        attn_locate(a, p, &hd);
+        attn_locate(&in_dout, p, &hg);
+        if (!finite(hd.q, a->q.row, a->q.col, a->L, a->E) ||
+            !finite(hd.k, a->k.row, a->k.col, a->S, a->E) ||
+            !finite(hd.v, a->v.row, a->v.col, a->S, a->Ev) ||
+            !finite(hg.out, g->grad_out.row, g->grad_out.col, a->L, a->Ev))
+            return 0;
+    }
+    return 1;
+}
+
 int attn_sdpa_backward(const attn_sdpa_grad_args *g)
 {
     const attn_sdpa_args *a = &g->fwd;
@@ -378,8 +405,9 @@ int attn_sdpa_backward(const attn_sdpa_grad_args *g)
     job.locate_dst.v = g->grad_v;
     /* the fast kernels recompute the weights and know no dropout; the given
        weights, the trace and dropout take the reference kernel */
-    if (g->weights.data || g->grad_weights.data || g->grad_scores.data || a->dropout_p > 0.0 ||
-        a->L == 0 || a->S == 0)
+    if (job.kernel != ATTN_KERNEL_REFERENCE &&
+        (g->weights.data || g->grad_weights.data || g->grad_scores.data ||
+         a->dropout_p > 0.0 || a->L == 0 || a->S == 0 || !attn_backward_inputs_finite(g, nproblems)))
         job.kernel = ATTN_KERNEL_REFERENCE;
     size_t es = a->dtype == ATTN_FLOAT32 ? sizeof(float) : sizeof(double);
     double flops = 8.0 * (double)nproblems * (double)a->L * (double)a->S * (double)(a->E + a->Ev);

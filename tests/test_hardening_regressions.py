@@ -51,3 +51,42 @@ def test_a_dtype_numpy_does_not_know_is_named():
         attnpy.causal_mask(3, dtype="nonsense")
     with pytest.raises(TypeError, match="^dtype must be float32 or float64; got 'nonsense'"):
         attnpy.MultiheadAttention(4, 2, dtype="nonsense")
+
+
+@pytest.mark.parametrize("kernel", ["reference"] + attnpy.supported_kernels()[1:])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("mask_kind", ["bool", "float"])
+def test_a_masked_pair_never_counts_whatever_its_score(kernel, dtype, mask_kind):
+    """A key the mask hides (bool False, or a float -inf) gets no weight even
+    when its score is NaN or inf: a NaN in a masked key's row, or scale=inf
+    times a zero dot product. The reference kernel skipped such pairs; the
+    tiled kernels added the score to the mask's -inf and got NaN for the
+    whole row. Found by tests/test_properties.py."""
+    allowed = np.array([[True, False], [True, False], [False, False]])
+    mask = allowed if mask_kind == "bool" else np.where(allowed, 0.0, -np.inf).astype(dtype)
+    q = np.array([[1.0, 0.0], [0.5, 0.0], [1.0, 1.0]], dtype)
+    v = np.array([[1.0, 2.0], [3.0, 4.0]], dtype)
+    cases = [  # key 1 (masked everywhere) holds a NaN / an inf score
+        (np.array([[1.0, 0.0], [np.nan, 0.0]], dtype), None),
+        (np.array([[1.0, 0.0], [np.inf, 0.0]], dtype), None),
+        (np.array([[1.0, 0.0], [0.0, 0.0]], dtype), float("inf")),   # inf * 0 = NaN
+    ]
+    want_w = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 0.0]])
+    with attnpy.use_kernel(kernel):
+        for k, scale in cases:
+            for need_weights in (True, False):
+                out, w = attnpy.scaled_dot_product_attention(
+                    q, k, v, attn_mask=mask, scale=scale, need_weights=need_weights)
+                if scale is None:
+                    np.testing.assert_array_equal(out, want_w @ v)
+                    if need_weights:
+                        np.testing.assert_array_equal(w, want_w)
+                else:   # key 0's score is inf * 1 = inf: rows 0, 1 NaN; row 2 masked
+                    assert np.isnan(out[:2]).all()
+                    np.testing.assert_array_equal(out[2], 0.0)
+            grads = attnpy.scaled_dot_product_attention_backward(
+                np.ones((3, 2), dtype), q, k, v, attn_mask=mask, scale=scale)
+            if scale is None:
+                for g in grads[:3]:
+                    assert np.isfinite(g).all()
+                np.testing.assert_array_equal(grads.value[1], 0.0)
