@@ -344,17 +344,19 @@ static void attn_backward_item(void *ctx, int64_t item, int thread)
 }
 
 /*
- * Are q, k, v and dO free of NaN and inf in every problem? The fast backward
- * multiplies whole tiles (dq = dS k, dk = dS^T q, dv = P^T dO), where a zero
- * weight times a NaN is NaN; the reference kernel skips the keys with no
- * weight, as the forward does. So a call with a non-finite input takes the
- * reference kernel: one read of the inputs, against 8 L S (E + Ev) flops.
+ * Are the scale, q, k, v and dO free of NaN and inf in every problem? The
+ * fast backward multiplies whole tiles (dq = scale dS k, dk = scale dS^T q,
+ * dv = P^T dO), where a zero weight times a NaN, or an infinite scale times
+ * a zero, is NaN; the reference kernel skips the keys with no weight, as the
+ * forward does. So a call with a non-finite input takes the reference
+ * kernel: one read of the inputs, against 8 L S (E + Ev) flops.
  */
 static int attn_backward_inputs_finite(const attn_sdpa_grad_args *g, int64_t nproblems)
 {
     const attn_sdpa_args *a = &g->fwd;
     int (*finite)(const char *, int64_t, int64_t, int64_t, int64_t) =
         a->dtype == ATTN_FLOAT32 ? attn_all_finite_f32 : attn_all_finite_f64;
+    if (!isfinite(a->scale)) return 0;
     attn_sdpa_args in_dout = *a; /* its out view: dO */
     in_dout.out = g->grad_out;
     for (int64_t p = 0; p < nproblems; p++) {

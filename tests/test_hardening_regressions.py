@@ -90,3 +90,18 @@ def test_a_masked_pair_never_counts_whatever_its_score(kernel, dtype, mask_kind)
                 for g in grads[:3]:
                     assert np.isfinite(g).all()
                 np.testing.assert_array_equal(grads.value[1], 0.0)
+
+
+@pytest.mark.parametrize("kernel", ["reference"] + attnpy.supported_kernels()[1:])
+def test_backward_with_an_infinite_scale_agrees_across_kernels(kernel):
+    """scale=inf sends a negative score to -inf: the row has no weight and
+    passes no gradient (the reference kernel's 0). The tiled backward computed
+    dq = scale * (dS k) = inf * 0 = NaN. Found by tests/test_properties.py."""
+    q = np.array([[1.0, -1.5, 1.0]], np.float32)
+    k = np.array([[1.0, 1.5, -2.0]], np.float32)
+    v = np.array([[0.5]], np.float32)
+    with attnpy.use_kernel(kernel):
+        g = attnpy.scaled_dot_product_attention_backward(
+            np.ones((1, 1), np.float32), q, k, v, scale=float("inf"))
+    for grad in g[:3]:
+        np.testing.assert_array_equal(grad, 0.0)
