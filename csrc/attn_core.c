@@ -198,6 +198,40 @@ static int attn_fast_applies(const attn_sdpa_args *a)
            !a->dropped.data && (!a->weights.data || a->weights.col == elem);
 }
 
+/*
+ * Are all of this call's scores finite? The tiled kernels add q k^T to a
+ * mask tile where a blocked pair is -inf: right as long as every product is
+ * finite (-inf + inf would be NaN, where the reference kernel never scores a
+ * blocked pair). So: a finite scale, finite q and k, and |scale| E max|q|
+ * max|k| far from overflowing. One read of q and k; with a NaN or an inf the
+ * reference kernel runs. Given dout (the backward), v and dO must be finite
+ * too: the tiled backward multiplies whole tiles (dv = P^T dO, dP = dO v^T),
+ * where a zero weight times a NaN is NaN; the reference kernel skips keys
+ * with no weight.
+ */
+static int attn_scores_finite(const attn_sdpa_args *a, int64_t nproblems, const attn_view *dout)
+{
+    if (!isfinite(a->scale)) return 0;
+    double (*max_abs)(const char *, int64_t, int64_t, int64_t, int64_t) =
+        a->dtype == ATTN_FLOAT32 ? attn_max_abs_f32 : attn_max_abs_f64;
+    attn_sdpa_args located = *a; /* its out view: dO */
+    if (dout) located.out = *dout;
+    double mq = 0.0, mk = 0.0;
+    for (int64_t p = 0; p < nproblems; p++) {
+        attn_head hd;
+        attn_locate(&located, p, &hd);
+        double q = max_abs(hd.q, a->q.row, a->q.col, a->L, a->E);
+        double k = max_abs(hd.k, a->k.row, a->k.col, a->S, a->E);
+        mq = q > mq ? q : mq;
+        mk = k > mk ? k : mk;
+        if (isinf(mq) || isinf(mk)) return 0;
+        if (dout && (isinf(max_abs(hd.v, a->v.row, a->v.col, a->S, a->Ev)) ||
+                     isinf(max_abs(hd.out, dout->row, dout->col, a->L, a->Ev))))
+            return 0;
+    }
+    return fabs(a->scale) * (double)a->E * mq * mk < (a->dtype == ATTN_FLOAT32 ? 1e37 : 1e300);
+}
+
 int attn_sdpa(const attn_sdpa_args *a)
 {
     if (a->nbatch < 0 || a->nbatch > ATTN_MAX_DIMS || a->num_heads < 0 ||
@@ -225,7 +259,9 @@ int attn_sdpa(const attn_sdpa_args *a)
     if (nproblems == 0 || a->L == 0 || (a->Ev == 0 && !a->weights.data)) return ATTN_OK;
 
     attn_sdpa_job job = {.a = a, .kernel = attn_get_kernel(), .blocks = 1};
-    if (!attn_fast_applies(a)) job.kernel = ATTN_KERNEL_REFERENCE;
+    if (job.kernel != ATTN_KERNEL_REFERENCE &&
+        (!attn_fast_applies(a) || !attn_scores_finite(a, nproblems, NULL)))
+        job.kernel = ATTN_KERNEL_REFERENCE;
     int64_t items = nproblems;
     if (job.kernel != ATTN_KERNEL_REFERENCE) {
         job.blocks = (a->L + ATTN_FAST_BR - 1) / ATTN_FAST_BR;
@@ -343,35 +379,6 @@ static void attn_backward_item(void *ctx, int64_t item, int thread)
                                (double *)work);
 }
 
-/*
- * Are the scale, q, k, v and dO free of NaN and inf in every problem? The
- * fast backward multiplies whole tiles (dq = scale dS k, dk = scale dS^T q,
- * dv = P^T dO), where a zero weight times a NaN, or an infinite scale times
- * a zero, is NaN; the reference kernel skips the keys with no weight, as the
- * forward does. So a call with a non-finite input takes the reference
- * kernel: one read of the inputs, against 8 L S (E + Ev) flops.
- */
-static int attn_backward_inputs_finite(const attn_sdpa_grad_args *g, int64_t nproblems)
-{
-    const attn_sdpa_args *a = &g->fwd;
-    int (*finite)(const char *, int64_t, int64_t, int64_t, int64_t) =
-        a->dtype == ATTN_FLOAT32 ? attn_all_finite_f32 : attn_all_finite_f64;
-    if (!isfinite(a->scale)) return 0;
-    attn_sdpa_args in_dout = *a; /* its out view: dO */
-    in_dout.out = g->grad_out;
-    for (int64_t p = 0; p < nproblems; p++) {
-        attn_head hd, hg;
-        attn_locate(a, p, &hd);
-        attn_locate(&in_dout, p, &hg);
-        if (!finite(hd.q, a->q.row, a->q.col, a->L, a->E) ||
-            !finite(hd.k, a->k.row, a->k.col, a->S, a->E) ||
-            !finite(hd.v, a->v.row, a->v.col, a->S, a->Ev) ||
-            !finite(hg.out, g->grad_out.row, g->grad_out.col, a->L, a->Ev))
-            return 0;
-    }
-    return 1;
-}
-
 int attn_sdpa_backward(const attn_sdpa_grad_args *g)
 {
     const attn_sdpa_args *a = &g->fwd;
@@ -409,7 +416,8 @@ int attn_sdpa_backward(const attn_sdpa_grad_args *g)
        weights, the trace and dropout take the reference kernel */
     if (job.kernel != ATTN_KERNEL_REFERENCE &&
         (g->weights.data || g->grad_weights.data || g->grad_scores.data ||
-         a->dropout_p > 0.0 || a->L == 0 || a->S == 0 || !attn_backward_inputs_finite(g, nproblems)))
+         a->dropout_p > 0.0 || a->L == 0 || a->S == 0 ||
+         !attn_scores_finite(a, nproblems, &g->grad_out)))
         job.kernel = ATTN_KERNEL_REFERENCE;
     size_t es = a->dtype == ATTN_FLOAT32 ? sizeof(float) : sizeof(double);
     double flops = 8.0 * (double)nproblems * (double)a->L * (double)a->S * (double)(a->E + a->Ev);
