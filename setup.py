@@ -3,7 +3,8 @@
 The core (csrc/attn_core.c) is plain C11 and knows nothing of Python; the
 binding (csrc/attnpy_module.c) is the only file that includes Python.h and
 numpy's headers.  ATTNPY_STRICT=1 (set by dev.sh and CI) turns warnings into
-errors.
+errors; ATTNPY_FAULT_INJECTION=1 (and ATTNPY_SANITIZE=1) builds the allocation
+fault-injection hook in.
 """
 import os
 
@@ -24,6 +25,12 @@ if os.environ.get("ATTNPY_SANITIZE") == "1":
     extra_compile_args += sanitize + ["-O1", "-g", "-fno-omit-frame-pointer"]
     extra_link_args += sanitize
 
+define_macros = [("NPY_NO_DEPRECATED_API", "NPY_2_0_API_VERSION")]
+if os.environ.get("ATTNPY_FAULT_INJECTION") == "1" or os.environ.get("ATTNPY_SANITIZE") == "1":
+    # a debug hook, never in a release build: _core._fail_alloc(n) makes the n-th
+    # allocation fail (tests/test_fault_injection.py); the sanitizer build has it too
+    define_macros.append(("ATTN_FAULT_INJECTION", "1"))
+
 core = Extension(
     "attnpy._core",
     sources=["csrc/attnpy_module.c", "csrc/attn_core.c", "csrc/attn_fast.c",
@@ -31,7 +38,7 @@ core = Extension(
     depends=["csrc/attn_core.h", "csrc/attn_internal.h", "csrc/attn_kernels.inc",
              "csrc/attn_fast.inc", "csrc/attn_fast_instance.h"],
     include_dirs=[np.get_include(), "csrc"],
-    define_macros=[("NPY_NO_DEPRECATED_API", "NPY_2_0_API_VERSION")],
+    define_macros=define_macros,
     extra_compile_args=extra_compile_args,
     extra_link_args=extra_link_args,
     libraries=["m"],

@@ -170,7 +170,10 @@ def _check_int(name, n, minimum=1):
 
 
 def _float_dtype(dtype):
-    dt = np.dtype(dtype)
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"dtype must be float32 or float64; got {dtype!r}") from None
     if dt not in (np.float32, np.float64):
         raise TypeError(f"dtype must be float32 or float64; got {dt}")
     return dt
@@ -430,6 +433,12 @@ class MultiheadAttention:
                 raise ValueError(f"{name} must be {want}-D like query "
                                  f"({'unbatched (L, E)' if unbatched else 'batched'}); "
                                  f"got shape {x.shape}")
+        widths = (("query", query, self.embed_dim, "embed_dim"), ("key", key, self.kdim, "kdim"),
+                  ("value", value, self.vdim, "vdim"))
+        for name, x, width, what in widths:
+            if x.shape[-1] != width:
+                raise ValueError(f"{name} must have {width} features ({what}) in its last "
+                                 f"dimension; got shape {x.shape}")
         if unbatched:
             query, key, value = query[None], key[None], value[None]
         elif not self.batch_first:
@@ -591,8 +600,17 @@ def self_attention(x, w_q, w_k, w_v, *, attn_mask=None, is_causal=False, scale=N
     """
     x = x if isinstance(x, np.ndarray) else np.asarray(x, dtype=np.float64)
     dtype = x.dtype
+    if dtype not in (np.float32, np.float64):
+        raise TypeError(f"x must be float32 or float64 (native byte order); got {dtype}")
     w_q, w_k, w_v = (_as_input(w, name, dtype) for w, name in
                      ((w_q, "w_q"), (w_k, "w_k"), (w_v, "w_v")))
+    # x is the core's query, key and value and w_q.T its q_proj_weight: its
+    # messages would name those, so the layout is checked here
+    for name, a in (("x", x), ("w_q", w_q), ("w_k", w_k), ("w_v", w_v)):
+        if not a.flags.aligned:
+            raise ValueError(f"{name} is not aligned for {dtype} (its buffer or strides are not "
+                             f"a multiple of {dtype.itemsize} bytes); attnpy reads arrays in "
+                             f"place and does not copy them")
     if x.ndim not in (2, 3):
         raise ValueError(f"x must have shape (L, d_model) or (N, L, d_model); got {x.shape}")
     for name, w in (("w_q", w_q), ("w_k", w_k), ("w_v", w_v)):

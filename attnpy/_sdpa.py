@@ -136,7 +136,10 @@ def causal_mask(L, S=None, *, align="top_left", dtype=np.float32):
     L, S = _size("L", L), _size("S", S)
     if align not in ("top_left", "bottom_right"):
         raise ValueError(f"align must be 'top_left' or 'bottom_right'; got {align!r}")
-    dtype = np.dtype(dtype)
+    try:
+        dtype = np.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"dtype must be float32 or float64; got {dtype!r}") from None
     if dtype not in (np.float32, np.float64):
         raise TypeError(f"dtype must be float32 or float64; got {dtype}")
     offset = 0 if align == "top_left" else S - L

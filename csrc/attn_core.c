@@ -35,6 +35,52 @@ static inline double attn_dropout_factor(const attn_sdpa_args *a, const attn_hea
                                                                     : 0.0;
 }
 
+/* ------------------------------------------------------------------------ */
+/* Allocation                                                                 */
+
+#ifdef ATTN_FAULT_INJECTION
+static atomic_llong fault_countdown; /* > 0: the allocation that brings it to 0 fails */
+static atomic_llong fault_counted;   /* allocations since the last attn_fault_inject */
+static atomic_llong fault_live;      /* attn_malloc blocks not yet freed */
+
+int64_t attn_fault_inject(int64_t n, int64_t *live)
+{
+    atomic_store(&fault_countdown, n > 0 ? n : 0);
+    if (live) *live = atomic_load(&fault_live);
+    return atomic_exchange(&fault_counted, 0);
+}
+
+int attn_fault_next(void)
+{
+    atomic_fetch_add(&fault_counted, 1);
+    /* decrement only while positive: exactly one allocation sees 1 -> 0 */
+    long long c = atomic_load(&fault_countdown);
+    while (c > 0 && !atomic_compare_exchange_weak(&fault_countdown, &c, c - 1)) {
+    }
+    return c == 1;
+}
+#endif
+
+void *attn_malloc(size_t n)
+{
+#ifdef ATTN_FAULT_INJECTION
+    if (attn_fault_next()) return NULL;
+    void *p = malloc(n);
+    if (p) atomic_fetch_add(&fault_live, 1);
+    return p;
+#else
+    return malloc(n);
+#endif
+}
+
+void attn_free(void *p)
+{
+#ifdef ATTN_FAULT_INJECTION
+    if (p) atomic_fetch_sub(&fault_live, 1);
+#endif
+    free(p);
+}
+
 #define T float
 #define SFX f32
 #include "attn_kernels.inc"
@@ -152,6 +198,40 @@ static int attn_fast_applies(const attn_sdpa_args *a)
            !a->dropped.data && (!a->weights.data || a->weights.col == elem);
 }
 
+/*
+ * Are all of this call's scores finite? The tiled kernels add q k^T to a
+ * mask tile where a blocked pair is -inf: right as long as every product is
+ * finite (-inf + inf would be NaN, where the reference kernel never scores a
+ * blocked pair). So: a finite scale, finite q and k, and |scale| E max|q|
+ * max|k| far from overflowing. One read of q and k; with a NaN or an inf the
+ * reference kernel runs. Given dout (the backward), v and dO must be finite
+ * too: the tiled backward multiplies whole tiles (dv = P^T dO, dP = dO v^T),
+ * where a zero weight times a NaN is NaN; the reference kernel skips keys
+ * with no weight.
+ */
+static int attn_scores_finite(const attn_sdpa_args *a, int64_t nproblems, const attn_view *dout)
+{
+    if (!isfinite(a->scale)) return 0;
+    double (*max_abs)(const char *, int64_t, int64_t, int64_t, int64_t) =
+        a->dtype == ATTN_FLOAT32 ? attn_max_abs_f32 : attn_max_abs_f64;
+    attn_sdpa_args located = *a; /* its out view: dO */
+    if (dout) located.out = *dout;
+    double mq = 0.0, mk = 0.0;
+    for (int64_t p = 0; p < nproblems; p++) {
+        attn_head hd;
+        attn_locate(&located, p, &hd);
+        double q = max_abs(hd.q, a->q.row, a->q.col, a->L, a->E);
+        double k = max_abs(hd.k, a->k.row, a->k.col, a->S, a->E);
+        mq = q > mq ? q : mq;
+        mk = k > mk ? k : mk;
+        if (isinf(mq) || isinf(mk)) return 0;
+        if (dout && (isinf(max_abs(hd.v, a->v.row, a->v.col, a->S, a->Ev)) ||
+                     isinf(max_abs(hd.out, dout->row, dout->col, a->L, a->Ev))))
+            return 0;
+    }
+    return fabs(a->scale) * (double)a->E * mq * mk < (a->dtype == ATTN_FLOAT32 ? 1e37 : 1e300);
+}
+
 int attn_sdpa(const attn_sdpa_args *a)
 {
     if (a->nbatch < 0 || a->nbatch > ATTN_MAX_DIMS || a->num_heads < 0 ||
@@ -166,12 +246,22 @@ int attn_sdpa(const attn_sdpa_args *a)
         (a->dtype != ATTN_FLOAT32 && a->dtype != ATTN_FLOAT64))
         return ATTN_EINVAL;
 
+    if (a->E == 0 && a->scale != 0.0) {
+        /* q k^T is an empty sum, 0, whatever the scale (torch scales q and k
+           by sqrt(scale) first, so its scores are 0 too, even for the default
+           scale 1 / sqrt(0) = inf, where scale * 0 would be NaN) */
+        attn_sdpa_args zero_width = *a;
+        zero_width.scale = 0.0;
+        return attn_sdpa(&zero_width);
+    }
     int64_t nproblems = a->num_heads;
     for (int d = 0; d < a->nbatch; d++) nproblems *= a->batch_shape[d];
     if (nproblems == 0 || a->L == 0 || (a->Ev == 0 && !a->weights.data)) return ATTN_OK;
 
     attn_sdpa_job job = {.a = a, .kernel = attn_get_kernel(), .blocks = 1};
-    if (!attn_fast_applies(a)) job.kernel = ATTN_KERNEL_REFERENCE;
+    if (job.kernel != ATTN_KERNEL_REFERENCE &&
+        (!attn_fast_applies(a) || !attn_scores_finite(a, nproblems, NULL)))
+        job.kernel = ATTN_KERNEL_REFERENCE;
     int64_t items = nproblems;
     if (job.kernel != ATTN_KERNEL_REFERENCE) {
         job.blocks = (a->L + ATTN_FAST_BR - 1) / ATTN_FAST_BR;
@@ -188,18 +278,18 @@ int attn_sdpa(const attn_sdpa_args *a)
     int threads = attn_threads_for(flops);
     if (threads > items) threads = (int)items;
 
-    job.work = malloc(job.work_size * (size_t)threads);
+    job.work = attn_malloc(job.work_size * (size_t)threads);
     if (!job.work && job.kernel != ATTN_KERNEL_REFERENCE) {
         /* the fast kernels' tiles did not fit: the reference needs far less */
         job.kernel = ATTN_KERNEL_REFERENCE;
         job.blocks = 1;
         items = nproblems;
         job.work_size = (size_t)(ATTN_KEY_BLOCK + a->Ev) * sizeof(double);
-        job.work = malloc(job.work_size * (size_t)threads);
+        job.work = attn_malloc(job.work_size * (size_t)threads);
     }
     if (!job.work) return ATTN_ENOMEM;
     attn_parallel_for(items, threads, attn_sdpa_item, &job);
-    free(job.work);
+    attn_free(job.work);
     return ATTN_OK;
 }
 
@@ -302,6 +392,11 @@ int attn_sdpa_backward(const attn_sdpa_grad_args *g)
         !(a->dropout_p >= 0.0 && a->dropout_p <= 1.0) ||
         (a->dtype != ATTN_FLOAT32 && a->dtype != ATTN_FLOAT64))
         return ATTN_EINVAL;
+    if (a->E == 0 && a->scale != 0.0) { /* the scores are 0: see attn_sdpa */
+        attn_sdpa_grad_args zero_width = *g;
+        zero_width.fwd.scale = 0.0;
+        return attn_sdpa_backward(&zero_width);
+    }
     int64_t nproblems = a->num_heads;
     for (int d = 0; d < a->nbatch; d++) nproblems *= a->batch_shape[d];
     if (nproblems == 0) return ATTN_OK;
@@ -319,8 +414,10 @@ int attn_sdpa_backward(const attn_sdpa_grad_args *g)
     job.locate_dst.v = g->grad_v;
     /* the fast kernels recompute the weights and know no dropout; the given
        weights, the trace and dropout take the reference kernel */
-    if (g->weights.data || g->grad_weights.data || g->grad_scores.data || a->dropout_p > 0.0 ||
-        a->L == 0 || a->S == 0)
+    if (job.kernel != ATTN_KERNEL_REFERENCE &&
+        (g->weights.data || g->grad_weights.data || g->grad_scores.data ||
+         a->dropout_p > 0.0 || a->L == 0 || a->S == 0 ||
+         !attn_scores_finite(a, nproblems, &g->grad_out)))
         job.kernel = ATTN_KERNEL_REFERENCE;
     size_t es = a->dtype == ATTN_FLOAT32 ? sizeof(float) : sizeof(double);
     double flops = 8.0 * (double)nproblems * (double)a->L * (double)a->S * (double)(a->E + a->Ev);
@@ -329,11 +426,11 @@ int attn_sdpa_backward(const attn_sdpa_grad_args *g)
 
     if (job.kernel != ATTN_KERNEL_REFERENCE) {
         job.work_size = (attn_fast_backward_workspace(a) + 63) / 64 * 64;
-        job.work = malloc(job.work_size * (size_t)threads);
+        job.work = attn_malloc(job.work_size * (size_t)threads);
         /* the binding caps every dimension at 2**31 - 1, but nproblems can
            be large through broadcasting: no product may wrap */
         job.stats = (double)nproblems * 3.0 * (double)a->L * (double)es < 1e18
-                        ? malloc((size_t)nproblems * (size_t)(3 * a->L) * es) : NULL;
+                        ? attn_malloc((size_t)nproblems * (size_t)(3 * a->L) * es) : NULL;
         if (job.work && job.stats) {
             job.phase = 0;
             job.blocks = (a->L + ATTN_FAST_BR - 1) / ATTN_FAST_BR;
@@ -344,16 +441,16 @@ int attn_sdpa_backward(const attn_sdpa_grad_args *g)
         } else {
             status = ATTN_ENOMEM;
         }
-        free(job.work);
-        free(job.stats);
+        attn_free(job.work);
+        attn_free(job.stats);
         return status;
     }
     job.work_size = ((size_t)(2 * (a->S > 0 ? a->S : 1)) * sizeof(double) + 63) / 64 * 64;
     if (threads > nproblems) threads = (int)nproblems;
-    job.work = malloc(job.work_size * (size_t)threads);
+    job.work = attn_malloc(job.work_size * (size_t)threads);
     if (!job.work) return ATTN_ENOMEM;
     attn_parallel_for(nproblems, threads, attn_backward_item, &job);
-    free(job.work);
+    attn_free(job.work);
     return ATTN_OK;
 }
 
@@ -404,11 +501,11 @@ int attn_linear(const attn_linear_args *p)
     if (threads > items) threads = (int)items;
     if (job.kernel != ATTN_KERNEL_REFERENCE) {
         job.work_size = (attn_fast_linear_workspace(p) + 63) / 64 * 64;
-        job.work = malloc(job.work_size * (size_t)threads);
+        job.work = attn_malloc(job.work_size * (size_t)threads);
         if (!job.work) job.kernel = ATTN_KERNEL_REFERENCE; /* needs no workspace */
     }
     attn_parallel_for(items, threads, attn_linear_item, &job);
-    free(job.work);
+    attn_free(job.work);
     return ATTN_OK;
 }
 
@@ -449,10 +546,10 @@ static int attn_linear_shared_x(const attn_linear_args *ps, int count)
     int threads = attn_threads_for(flops);
     if (items < 2 * threads) return -1; /* too few row blocks: split columns instead */
     job.work_size = (attn_fast_linear_workspace(p) + 63) / 64 * 64;
-    job.work = malloc(job.work_size * (size_t)threads);
+    job.work = attn_malloc(job.work_size * (size_t)threads);
     if (!job.work) return -1;
     attn_parallel_for(items, threads, attn_linear_many_item, &job);
-    free(job.work);
+    attn_free(job.work);
     return ATTN_OK;
 }
 

@@ -274,4 +274,19 @@ typedef struct {
 
 int attn_mha_backward(attn_mha_grad_args *g);
 
+/* ------------------------------------------------------------------------ */
+/* Fault injection (debug builds compiled with -DATTN_FAULT_INJECTION only)  */
+
+#ifdef ATTN_FAULT_INJECTION
+/*
+ * Every allocation of the core (and each one the binding makes for a result
+ * array) is counted. attn_fault_inject(n) makes the n-th allocation from now
+ * fail, once (n = 0: none fails), and returns what happened since the last
+ * call: the allocations counted, and in *live the core's blocks not yet freed.
+ * attn_fault_next counts one allocation and says whether it must fail.
+ */
+int64_t attn_fault_inject(int64_t n, int64_t *live);
+int attn_fault_next(void);
+#endif
+
 #endif /* ATTN_CORE_H */

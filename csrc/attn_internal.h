@@ -41,6 +41,11 @@ static inline int attn_blocked(const attn_sdpa_args *a, const attn_head *hd, int
            attn_bool_hides(a->mask2_kind, hd->mask2 + i * a->mask2.row + j * a->mask2.col);
 }
 
+/* Every allocation of the core goes through these two (attn_core.c): one
+   place to count them and, in a fault-injection build, to make one fail. */
+void *attn_malloc(size_t n);
+void attn_free(void *p);
+
 static inline int64_t attn_round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
 /* Where one problem's gradient goes: element (r, c) at data + r*row + c*col. */

@@ -64,6 +64,53 @@ static const char *dtype_name(PyArrayObject *arr)
 }
 
 /*
+ * Every array the binding allocates comes from here: a new array of shape
+ * dims, zero-filled or not. `what` names it and the arguments its shape
+ * comes from, for the error when it could not exist at all (fits: its bytes
+ * overflow a 64-bit size, and NumPy's own message would name neither). In a
+ * fault-injection build each one counts as an allocation and the chosen one
+ * fails as NumPy's would, with MemoryError.
+ */
+static int fits(int nd, const npy_intp *dims, int typenum, const char *what)
+{
+    char s1[SHAPE_BUF];
+    /* bytes = itemsize * prod(dims), over the nonzero dims as NumPy counts */
+    npy_intp bytes = typenum == NPY_BOOL ? 1 : typenum == NPY_FLOAT ? 4 : 8;
+    for (int d = 0; d < nd; d++) {
+        if (dims[d] != 0 && __builtin_mul_overflow(bytes, dims[d], &bytes)) {
+            PyErr_Format(PyExc_ValueError,
+                         "%s would have shape %s: more bytes than any memory holds",
+                         what, fmt_dims(dims, nd, s1, SHAPE_BUF));
+            return 0;
+        }
+    }
+    return 1;
+}
+
+static PyArrayObject *new_array(int nd, const npy_intp *dims, int typenum, int zero,
+                                const char *what)
+{
+    if (!fits(nd, dims, typenum, what)) return NULL;
+#ifdef ATTN_FAULT_INJECTION
+    if (attn_fault_next()) return (PyArrayObject *)PyErr_NoMemory();
+#endif
+    return (PyArrayObject *)(zero ? PyArray_ZEROS(nd, dims, typenum, 0)
+                                  : PyArray_EMPTY(nd, dims, typenum, 0));
+}
+
+/* A conversion or cast that allocates: counted like new_array. */
+static int conversion_fails(void)
+{
+#ifdef ATTN_FAULT_INJECTION
+    if (attn_fault_next()) {
+        PyErr_NoMemory();
+        return 1;
+    }
+#endif
+    return 0;
+}
+
+/*
  * obj as an array, as a new reference.
  * An ndarray is taken as it is: never copied, never cast. Anything else (a
  * list, a scalar) is converted; integer and bool array-likes are cast to
@@ -75,15 +122,20 @@ static PyArrayObject *as_array(PyObject *obj, const char *name, int cast_to)
         Py_INCREF(obj);
         return (PyArrayObject *)obj;
     }
-    PyArrayObject *arr = (PyArrayObject *)PyArray_FROM_O(obj);
+    PyArrayObject *arr = conversion_fails() ? NULL : (PyArrayObject *)PyArray_FROM_O(obj);
     if (!arr) {
+        /* only a failed conversion is a TypeError; MemoryError, KeyboardInterrupt
+           and the like go through as they are */
+        if (!PyErr_ExceptionMatches(PyExc_TypeError) && !PyErr_ExceptionMatches(PyExc_ValueError))
+            return NULL;
         PyErr_Format(PyExc_TypeError, "%s must be an array of float32 or float64; could not convert %.200s",
                      name, Py_TYPE(obj)->tp_name);
         return NULL;
     }
     if (cast_to >= 0 && (PyArray_ISINTEGER(arr) || PyArray_ISBOOL(arr) || PyArray_ISFLOAT(arr)) &&
         PyArray_TYPE(arr) != cast_to) {
-        PyArrayObject *cast = (PyArrayObject *)PyArray_Cast(arr, cast_to);
+        PyArrayObject *cast =
+            conversion_fails() ? NULL : (PyArrayObject *)PyArray_Cast(arr, cast_to);
         Py_DECREF(arr);
         return cast;
     }
@@ -248,7 +300,7 @@ static PyArrayObject *get_mask(PyObject *obj, const char *name, int typenum, int
     }
     if (!PyArray_Check(obj) && PyArray_TYPE(mask) != NPY_BOOL) {
         /* a float list: cast to the inputs' dtype */
-        Py_SETREF(mask, (PyArrayObject *)PyArray_Cast(mask, typenum));
+        Py_SETREF(mask, conversion_fails() ? NULL : (PyArrayObject *)PyArray_Cast(mask, typenum));
         if (!mask) return NULL;
     }
     if (PyArray_TYPE(mask) != NPY_BOOL && PyArray_TYPE(mask) != typenum) {
@@ -497,12 +549,17 @@ fail:
     return -1;
 }
 
+#define WEIGHTS_OF_QK \
+    "the weights (..., Hq, L, S) of query and key (need_weights=False does without them)"
+#define MHA_WEIGHTS \
+    "the attention weights (N, num_heads, L, S) of query and key (need_weights=False " \
+    "does without them)"
+
 /* A freshly allocated array of shape dims described as a core view. */
 static PyArrayObject *new_view(int nd, const npy_intp *dims, int typenum, int zero,
-                               attn_view *view)
+                               const char *what, attn_view *view)
 {
-    PyArrayObject *arr = (PyArrayObject *)(zero ? PyArray_ZEROS(nd, dims, typenum, 0)
-                                                : PyArray_EMPTY(nd, dims, typenum, 0));
+    PyArrayObject *arr = new_array(nd, dims, typenum, zero, what);
     if (arr) {
         npy_intp padded[NPY_MAXDIMS], strides[NPY_MAXDIMS];
         pad_to(arr, nd, padded, strides);
@@ -549,6 +606,8 @@ attnpy_sdpa(PyObject *Py_UNUSED(module), PyObject *args, PyObject *kwargs)
     const int nd = c.nd, typenum = c.typenum;
 
     /* --- outputs ------------------------------------------------------------ */
+    /* the weights first: they are the large ones, and nothing is allocated yet */
+    if (need_weights && !fits(nd, c.w_dims, typenum, WEIGHTS_OF_QK)) goto done;
     if (out_o != Py_None) {
         if (!PyArray_Check(out_o)) {
             PyErr_Format(PyExc_TypeError, "out must be a NumPy array; got %.200s",
@@ -591,10 +650,12 @@ attnpy_sdpa(PyObject *Py_UNUSED(module), PyObject *args, PyObject *kwargs)
         pad_to(out, nd, c.out_dims, o_strides);
         fill_view(&c.a.out, PyArray_BYTES(out), o_strides, nd);
     }
-    else if (!(out = new_view(nd, c.out_dims, typenum, 0, &c.a.out))) {
+    else if (!(out = new_view(nd, c.out_dims, typenum, 0, "the output (..., Hq, L, Ev) of query, key and value", &c.a.out))) {
         goto done;
     }
-    if (need_weights && !(weights = new_view(nd, c.w_dims, typenum, 0, &c.a.weights))) goto done;
+    if (need_weights &&
+        !(weights = new_view(nd, c.w_dims, typenum, 0, WEIGHTS_OF_QK, &c.a.weights)))
+        goto done;
 
     int status;
     Py_BEGIN_ALLOW_THREADS
@@ -664,28 +725,30 @@ attnpy_sdpa_backward(PyObject *Py_UNUSED(module), PyObject *args, PyObject *kwar
                                     "the value gradient")};
     if (slab[0] < 0 || slab[1] < 0 || slab[2] < 0) goto done;
     PyArrayObject *inputs[3] = {c.q, c.k, c.v};
+    const char *qkv_grad_names[3] = {"the gradient of query", "the gradient of key",
+                                     "the gradient of value"};
     char **dst[3] = {&g.dq, &g.dk, &g.dv};
     attn_sdpa_args r = *a; /* the reduction: q, k, v views on the gradients */
     attn_view *rv[3] = {&r.q, &r.k, &r.v};
     for (int i = 0; i < 3; i++) {
         int direct = PyArray_SIZE(inputs[i]) == slab[i];
-        PyArrayObject *grad = (PyArrayObject *)(direct
-            ? PyArray_EMPTY(PyArray_NDIM(inputs[i]), PyArray_DIMS(inputs[i]), typenum, 0)
-            : PyArray_ZEROS(PyArray_NDIM(inputs[i]), PyArray_DIMS(inputs[i]), typenum, 0));
+        PyArrayObject *grad =
+            new_array(PyArray_NDIM(inputs[i]), PyArray_DIMS(inputs[i]), typenum, !direct,
+                      qkv_grad_names[i]);
         if (!(arr[GQ + i] = grad)) goto done;
         if (direct) {
             *dst[i] = PyArray_BYTES(grad);
             rv[i]->data = NULL;
             continue;
         }
-        if (!(arr[DQF + i] = (PyArrayObject *)PyArray_EMPTY(1, &slab[i], typenum, 0))) goto done;
+        if (!(arr[DQF + i] = new_array(1, &slab[i], typenum, 0, qkv_grad_names[i]))) goto done;
         *dst[i] = PyArray_BYTES(arr[DQF + i]);
         npy_intp padded[NPY_MAXDIMS], strides[NPY_MAXDIMS];
         pad_to(grad, nd, padded, strides); /* stride 0 where the input broadcast */
         fill_view(rv[i], PyArray_BYTES(grad), strides, nd);
     }
-    if (want_trace && (!(arr[GW] = new_view(nd, c.w_dims, typenum, 0, &g.grad_weights)) ||
-                       !(arr[GS] = new_view(nd, c.w_dims, typenum, 0, &g.grad_scores))))
+    if (want_trace && (!(arr[GW] = new_view(nd, c.w_dims, typenum, 0, "the trace's grad_weights (..., Hq, L, S) of query and key", &g.grad_weights)) ||
+                       !(arr[GS] = new_view(nd, c.w_dims, typenum, 0, "the trace's grad_scores (..., Hq, L, S) of query and key", &g.grad_scores))))
         goto done;
     g.fwd = *a;
 
@@ -963,18 +1026,19 @@ attnpy_mha(PyObject *Py_UNUSED(module), PyObject *args, PyObject *kwargs)
     npy_intp dq[3] = {N, L, H * D}, dk[3] = {N, S2, Hkv * D}, dv[3] = {N, S2, Hkv * Dv};
     npy_intp dc[3] = {N, L, H * Dv}, dout[3] = {N, L, out_dim}, dw[4] = {N, H, L, S2};
     const int want_maps = need_weights || want_trace, dropout = dropout_p > 0.0;
-    if (!(buf[PQ] = (PyArrayObject *)PyArray_EMPTY(3, dq, typenum, 0)) ||
-        !(buf[PK] = (PyArrayObject *)PyArray_EMPTY(3, dk, typenum, 0)) ||
-        !(buf[PV] = (PyArrayObject *)PyArray_EMPTY(3, dv, typenum, 0)) ||
-        !(buf[CONCAT] = (PyArrayObject *)PyArray_EMPTY(3, dc, typenum, 0)) ||
-        (in[WO] && !(buf[OUT] = (PyArrayObject *)PyArray_EMPTY(3, dout, typenum, 0))) ||
-        (want_maps && !(buf[WEIGHTS] = (PyArrayObject *)PyArray_EMPTY(4, dw, typenum, 0))) ||
+    if (want_maps && !fits(4, dw, typenum, MHA_WEIGHTS)) goto done; /* before any allocation */
+    if (!(buf[PQ] = new_array(3, dq, typenum, 0, "the projected query (N, L, num_heads * D)")) ||
+        !(buf[PK] = new_array(3, dk, typenum, 0, "the projected key (N, S, num_kv_heads * D)")) ||
+        !(buf[PV] = new_array(3, dv, typenum, 0, "the projected value (N, S, num_kv_heads * Dv)")) ||
+        !(buf[CONCAT] = new_array(3, dc, typenum, 0, "the heads' output (N, L, num_heads * Dv) of query")) ||
+        (in[WO] && !(buf[OUT] = new_array(3, dout, typenum, 0, "the output (N, L, out_dim) of query"))) ||
+        (want_maps && !(buf[WEIGHTS] = new_array(4, dw, typenum, 0, MHA_WEIGHTS))) ||
         (want_maps && dropout &&
-         !(buf[DROPPED] = (PyArrayObject *)PyArray_EMPTY(4, dw, typenum, 0))) ||
-        (want_trace && !(buf[SCORES] = (PyArrayObject *)PyArray_EMPTY(4, dw, typenum, 0))) ||
-        (want_trace && !(buf[LOGITS] = (PyArrayObject *)PyArray_EMPTY(4, dw, typenum, 0))) ||
+         !(buf[DROPPED] = new_array(4, dw, typenum, 0, MHA_WEIGHTS))) ||
+        (want_trace && !(buf[SCORES] = new_array(4, dw, typenum, 0, MHA_WEIGHTS))) ||
+        (want_trace && !(buf[LOGITS] = new_array(4, dw, typenum, 0, MHA_WEIGHTS))) ||
         (want_trace && dropout &&
-         !(buf[DMASK] = (PyArrayObject *)PyArray_EMPTY(4, dw, NPY_BOOL, 0))))
+         !(buf[DMASK] = new_array(4, dw, NPY_BOOL, 0, MHA_WEIGHTS))))
         goto done;
     if (!in[WO]) {
         buf[OUT] = buf[CONCAT];
@@ -1138,15 +1202,15 @@ attnpy_mha_backward(PyObject *Py_UNUSED(module), PyObject *args, PyObject *kwarg
                                           "the value slabs"), Dv, "the value slabs");
     if (hk < 0 || hv < 0) goto done;
     const int shared_kv = Hkv != H;
-    if (!(buf[GQUERY] = (PyArrayObject *)PyArray_ZEROS(3, d_gq, typenum, 0)) ||
-        !(buf[GKEY] = (PyArrayObject *)PyArray_ZEROS(3, d_gk, typenum, 0)) ||
-        !(buf[GVALUE] = (PyArrayObject *)PyArray_ZEROS(3, d_gv, typenum, 0)) ||
-        !(buf[DQ] = (PyArrayObject *)PyArray_EMPTY(3, d_q, typenum, 0)) ||
-        !(buf[DK] = (PyArrayObject *)PyArray_EMPTY(3, d_k, typenum, 0)) ||
-        !(buf[DV] = (PyArrayObject *)PyArray_EMPTY(3, d_v, typenum, 0)) ||
-        !(buf[DC] = (PyArrayObject *)PyArray_EMPTY(3, d_c, typenum, 0)) ||
-        (shared_kv && !(buf[HK] = (PyArrayObject *)PyArray_EMPTY(1, &hk, typenum, 0))) ||
-        (shared_kv && !(buf[HV] = (PyArrayObject *)PyArray_EMPTY(1, &hv, typenum, 0))))
+    if (!(buf[GQUERY] = new_array(3, d_gq, typenum, 1, "the gradient of query")) ||
+        !(buf[GKEY] = new_array(3, d_gk, typenum, 1, "the gradient of key")) ||
+        !(buf[GVALUE] = new_array(3, d_gv, typenum, 1, "the gradient of value")) ||
+        !(buf[DQ] = new_array(3, d_q, typenum, 0, "the gradient of the projected query")) ||
+        !(buf[DK] = new_array(3, d_k, typenum, 0, "the gradient of the projected key")) ||
+        !(buf[DV] = new_array(3, d_v, typenum, 0, "the gradient of the projected value")) ||
+        !(buf[DC] = new_array(3, d_c, typenum, 0, "the gradient of the heads' output")) ||
+        (shared_kv && !(buf[HK] = new_array(1, &hk, typenum, 0, "the key slabs"))) ||
+        (shared_kv && !(buf[HV] = new_array(1, &hv, typenum, 0, "the value slabs"))))
         goto done;
     g.grad_query = view3_of(buf[GQUERY]);
     g.grad_key = view3_of(buf[GKEY]);
@@ -1249,6 +1313,23 @@ static PyObject *attnpy_supported_kernels(PyObject *Py_UNUSED(module), PyObject 
     return list;
 }
 
+#ifdef ATTN_FAULT_INJECTION
+/* _fail_alloc(n): the n-th allocation from now fails (0: none). Returns
+   (allocations counted since the last call, the core's blocks still live). */
+static PyObject *attnpy_fail_alloc(PyObject *Py_UNUSED(module), PyObject *arg)
+{
+    long long n = PyLong_AsLongLong(arg);
+    if (n == -1 && PyErr_Occurred()) return NULL;
+    if (n < 0) {
+        PyErr_Format(PyExc_ValueError, "n must be >= 0; got %lld", n);
+        return NULL;
+    }
+    int64_t live;
+    int64_t counted = attn_fault_inject((int64_t)n, &live);
+    return Py_BuildValue("(LL)", (long long)counted, (long long)live);
+}
+#endif
+
 /* ------------------------------------------------------------------------ */
 
 static PyMethodDef attnpy_methods[] = {
@@ -1276,6 +1357,11 @@ static PyMethodDef attnpy_methods[] = {
     {"supported_kernels", attnpy_supported_kernels, METH_NOARGS, "Kernels this CPU runs."},
     {"fma_peak", attnpy_fma_peak, METH_VARARGS,
      "fma_peak(threads, iters): float32 FMA GFLOP/s of the selected kernel's vectors."},
+#ifdef ATTN_FAULT_INJECTION
+    {"_fail_alloc", attnpy_fail_alloc, METH_O,
+     "Fault-injection builds only: _fail_alloc(n) makes the n-th allocation from now fail "
+     "(0: none); returns (allocations counted since the last call, core blocks live)."},
+#endif
     {NULL, NULL, 0, NULL},
 };
 

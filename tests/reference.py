@@ -6,13 +6,22 @@ Written from the math, not from attnpy's code:
     weights = softmax(scores, axis=-1)     (a row of only -inf gives zeros)
     out     = weights @ v
 
+and, for values that are not finite, the rules attnpy promises:
+- a pair the mask sets to -inf (bool False, causal, a float -inf) is never
+  attended, whatever q . k is (NaN and inf included);
+- with E = 0 every q . k is an empty sum, 0, whatever the scale (as torch);
+- a key whose weight is exactly 0 is not read: NaN or inf in its value row
+  does not reach the output;
+- otherwise IEEE arithmetic: a NaN score makes its row NaN, and so does a
+  +inf one (inf - inf).
+
 Leading dims broadcast like np.matmul; with enable_gqa, query head h reads
 key/value head h // (Hq // H). Everything is computed in float64 on copies of
 the inputs, whatever their dtype or strides.
 """
 import numpy as np
 
-__all__ = ["sdpa_reference", "additive_mask", "softmax_rows"]
+__all__ = ["sdpa_reference", "additive_mask", "softmax_rows", "weighted_sum"]
 
 
 def additive_mask(attn_mask, is_causal, L, S):
@@ -38,18 +47,21 @@ def softmax_rows(scores):
     scores = np.asarray(scores, dtype=np.float64)
     if scores.shape[-1] == 0:
         return scores.copy()
-    row_max = scores.max(axis=-1, keepdims=True)
-    dead = np.isneginf(row_max)
-    shifted = scores - np.where(dead, 0.0, row_max)
-    e = np.exp(shifted)  # exp(-inf) = 0
-    total = e.sum(axis=-1, keepdims=True)
-    return np.where(dead, 0.0, e / np.where(dead, 1.0, total))
+    with np.errstate(invalid="ignore"):
+        row_max = scores.max(axis=-1, keepdims=True)   # NaN when the row holds one
+        dead = np.isneginf(row_max)
+        shifted = scores - np.where(dead, 0.0, row_max)
+        e = np.exp(shifted)  # exp(-inf) = 0; a +inf score gives inf - inf = NaN
+        total = e.sum(axis=-1, keepdims=True)
+        return np.where(dead, 0.0, e / np.where(dead, 1.0, total))
 
 
 def _expand_kv_heads(x, Hq):
     """GQA by index mapping: head h of the result is head h // (Hq // H) of x."""
     H = x.shape[-3]
-    if Hq % H != 0:
+    if H == 0 and Hq == 0:
+        return x
+    if H == 0 or Hq % H != 0:
         raise ValueError(f"Hq={Hq} is not a multiple of H={H}")
     group = Hq // H
     index = np.arange(Hq) // group
@@ -57,10 +69,11 @@ def _expand_kv_heads(x, Hq):
 
 
 def sdpa_reference(query, key, value, attn_mask=None, is_causal=False, scale=None,
-                   enable_gqa=False):
+                   enable_gqa=False, with_values=False):
     """Return (out, weights) in float64 for torch-SDPA semantics.
 
-    out: (..., Hq, L, Ev), weights: (..., Hq, L, S).
+    out: (..., Hq, L, Ev), weights: (..., Hq, L, S). with_values=True also
+    returns the value rows each problem reads, broadcast to (..., Hq, S, Ev).
     """
     q = np.array(query, dtype=np.float64)  # copies: the inputs are never touched
     k = np.array(key, dtype=np.float64)
@@ -72,7 +85,7 @@ def sdpa_reference(query, key, value, attn_mask=None, is_causal=False, scale=Non
     if k.shape[-1] != E or v.shape[-2] != S:
         raise ValueError("inconsistent E or S")
     if scale is None:
-        scale = 1.0 / np.sqrt(E)
+        scale = 1.0 / np.sqrt(E) if E else 1.0
 
     if enable_gqa and q.ndim >= 3:
         Hq = q.shape[-3]
@@ -84,12 +97,25 @@ def sdpa_reference(query, key, value, attn_mask=None, is_causal=False, scale=Non
     k = np.broadcast_to(k, batch + (S, E))
     v = np.broadcast_to(v, batch + (S, v.shape[-1]))
 
-    scores = float(scale) * np.einsum("...le,...se->...ls", q, k)
-    m = additive_mask(attn_mask, is_causal, L, S)
-    if m is not None:
-        if np.broadcast_shapes(scores.shape, m.shape) != scores.shape:
-            raise ValueError(f"mask {m.shape} does not broadcast to {scores.shape}")
-        scores = scores + m
-    weights = softmax_rows(scores)
-    out = np.einsum("...ls,...sc->...lc", weights, v)
-    return out, weights
+    with np.errstate(invalid="ignore", over="ignore"):
+        if E == 0:
+            scores = np.zeros(batch + (L, S))
+        else:
+            scores = float(scale) * np.einsum("...le,...se->...ls", q, k)
+        m = additive_mask(attn_mask, is_causal, L, S)
+        if m is not None:
+            if np.broadcast_shapes(scores.shape, m.shape) != scores.shape:
+                raise ValueError(f"mask {m.shape} does not broadcast to {scores.shape}")
+            scores = np.where(m == -np.inf, -np.inf, scores + m)
+        weights = softmax_rows(scores)
+        out = weighted_sum(weights, v)
+    return (out, weights, v) if with_values else (out, weights)
+
+
+def weighted_sum(weights, v):
+    """weights @ v, where a weight of exactly 0 does not read its value row."""
+    if np.isfinite(v).all():
+        return np.einsum("...ls,...sc->...lc", weights, v)
+    with np.errstate(invalid="ignore", over="ignore"):
+        terms = np.where(weights[..., None] == 0, 0.0, weights[..., None] * v[..., None, :, :])
+    return terms.sum(axis=-2)

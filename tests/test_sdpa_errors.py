@@ -309,3 +309,27 @@ def test_inputs_bit_identical_after_successful_calls(dtype):
         sdpa(q, k, v, **kwargs)
         for a, c in zip(arrays, copies):
             assert np.array_equal(a, c) and a.tobytes() == c.tobytes()
+
+
+class _RaisesOnConversion:
+    """An array-like whose conversion fails with a given exception."""
+
+    def __init__(self, exc):
+        self.exc = exc
+
+    def __array__(self, dtype=None, copy=None):
+        raise self.exc
+
+
+@pytest.mark.parametrize("exc", [MemoryError, KeyboardInterrupt])
+def test_conversion_errors_other_than_bad_input_pass_through(exc):
+    """A MemoryError (or Ctrl-C) while converting an array-like used to come
+    out as "TypeError: query must be an array ...": only a failed conversion
+    is the caller's bad input."""
+    x = np.ones((3, 4))
+    with pytest.raises(exc):
+        sdpa(_RaisesOnConversion(exc()), x, x)
+    with pytest.raises(exc):
+        sdpa(x, x, x, attn_mask=_RaisesOnConversion(exc()))
+    with pytest.raises(TypeError, match="query"):
+        sdpa(_RaisesOnConversion(ValueError("no")), x, x)
