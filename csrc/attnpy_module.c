@@ -479,6 +479,10 @@ static int sdpa_prepare(sdpa_call *c, PyObject *query_o, PyObject *key_o, PyObje
     a->E = E;
     a->Ev = Ev;
     a->scale = scale_o == Py_None ? 1.0 / sqrt((double)E) : scale;
+    /* E = 0: q k^T is an empty sum, exactly 0 whatever the scale (torch gives
+       uniform weights); the default 1/sqrt(0) = inf, or an inf/nan scale,
+       would turn those zeros into NaN */
+    if (E == 0) a->scale = 1.0;
     a->is_causal = is_causal;
     fill_view(&a->q, PyArray_BYTES(q), strides[0], nd);
     fill_view(&a->k, PyArray_BYTES(k), strides[1], nd);
@@ -863,6 +867,7 @@ static int mha_prepare(mha_call *c, PyObject *o[NIN], Py_ssize_t H, Py_ssize_t H
             goto fail;
         }
     }
+    if (D == 0) scale = 1.0; /* zero-width heads: scores are exactly 0 (see sdpa_prepare) */
 
     /* --- masks, as (N, H, L, S) ---------------------------------------------- */
     npy_intp target[4] = {N, H, L, S}, m_strides[NPY_MAXDIMS], k_strides[NPY_MAXDIMS];

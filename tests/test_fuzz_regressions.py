@@ -1,0 +1,71 @@
+"""Regressions for what the coverage-guided fuzzer (fuzz/fuzz_binding.py) found.
+
+Each test reproduces a minimised fuzzer input by hand and failed before its fix.
+"""
+import numpy as np
+import pytest
+
+import attnpy
+from attnpy import _core
+
+
+# -- finding 1: a zero-width query/key (E = 0, or head_dim 0) gave NaN -------------
+# q k^T is then an empty sum, exactly 0 whatever the scale, so every key gets the
+# same weight (torch 2.13: uniform weights for any scale, NaN included). attnpy
+# multiplied those zeros by the default scale 1/sqrt(0) = inf and returned NaN.
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("need_weights", [True, False])
+@pytest.mark.parametrize("scale", [None, 2.0, float("inf"), float("nan")])
+def test_sdpa_zero_width_query_gives_uniform_weights(dtype, need_weights, scale):
+    q, k = np.zeros((2, 0), dtype), np.zeros((3, 0), dtype)
+    v = np.arange(6, dtype=dtype).reshape(3, 2)
+    out, w = attnpy.scaled_dot_product_attention(q, k, v, scale=scale,
+                                                 need_weights=need_weights)
+    np.testing.assert_allclose(out, np.broadcast_to(v.mean(axis=0), (2, 2)), rtol=1e-6)
+    if need_weights:
+        np.testing.assert_allclose(w, np.full((2, 3), 1 / 3), rtol=1e-6)
+
+
+@pytest.mark.parametrize("kernel", attnpy.supported_kernels())
+def test_sdpa_zero_width_every_kernel_and_causal(kernel):
+    q, k = np.zeros((1, 3, 0)), np.zeros((1, 3, 0))
+    v = np.arange(9.0).reshape(1, 3, 3)
+    with attnpy.use_kernel(kernel):
+        for nw in (True, False):
+            out, _ = attnpy.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                         need_weights=nw)
+            want = np.stack([v[0, :i + 1].mean(axis=0) for i in range(3)])[None]
+            np.testing.assert_allclose(out, want, rtol=1e-12)
+
+
+def test_sdpa_backward_zero_width_query():
+    q, k = np.zeros((2, 0)), np.zeros((3, 0))
+    v = np.arange(6.0).reshape(3, 2)
+    dout = np.ones((2, 2))
+    gq, gk, gv, _ = attnpy.scaled_dot_product_attention_backward(dout, q, k, v)
+    assert gq.shape == (2, 0) and gk.shape == (3, 0)
+    # P uniform (1/3): dV = P^T dO = 2/3 everywhere
+    np.testing.assert_allclose(gv, np.full((3, 2), 2 / 3), rtol=1e-12)
+
+
+def test_self_attention_zero_width_projection():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 4))
+    w_qk = np.zeros((4, 0))
+    w_v = rng.standard_normal((4, 2))
+    res = attnpy.self_attention(x, w_qk, w_qk, w_v)
+    np.testing.assert_allclose(res.weights, np.full((3, 3), 1 / 3), rtol=1e-12)
+    np.testing.assert_allclose(res.output, np.broadcast_to((x @ w_v).mean(axis=0), (3, 2)),
+                               rtol=1e-12)
+
+
+def test_core_multihead_zero_head_dim():
+    x = np.ones((1, 2, 3))
+    w0 = np.zeros((0, 3))
+    w_v = np.ones((2, 3))
+    out, w, _ = _core.multihead_attention(
+        x, x, x, w0, w0, w_v, None, None, None, None, None, None, None, 2, 2, False, None,
+        None, False, False, None, 0.0, 0, True, False)
+    np.testing.assert_allclose(w, np.full((1, 2, 2, 2), 0.5))
+    np.testing.assert_allclose(out, np.full((1, 2, 2), 3.0))
