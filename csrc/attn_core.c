@@ -168,7 +168,9 @@ int attn_sdpa(const attn_sdpa_args *a)
 
     int64_t nproblems = a->num_heads;
     for (int d = 0; d < a->nbatch; d++) nproblems *= a->batch_shape[d];
-    if (nproblems == 0 || a->L == 0 || (a->Ev == 0 && !a->weights.data)) return ATTN_OK;
+    /* nothing to write: return before walking (maybe billions of) empty problems */
+    if (nproblems == 0 || a->L == 0 || (a->Ev == 0 && (!a->weights.data || a->S == 0)))
+        return ATTN_OK;
 
     attn_sdpa_job job = {.a = a, .kernel = attn_get_kernel(), .blocks = 1};
     if (!attn_fast_applies(a)) job.kernel = ATTN_KERNEL_REFERENCE;
@@ -289,6 +291,15 @@ static void attn_backward_item(void *ctx, int64_t item, int thread)
                                (double *)work);
 }
 
+/* Do the gradients (and the trace) of one problem hold no element at all? */
+static int attn_grads_empty(const attn_sdpa_grad_args *g)
+{
+    const attn_sdpa_args *a = &g->fwd;
+    int trace = g->grad_weights.data || g->grad_scores.data;
+    return (a->L == 0 || a->E == 0) && (a->S == 0 || (a->E == 0 && a->Ev == 0)) &&
+           (!trace || a->L == 0 || a->S == 0);
+}
+
 int attn_sdpa_backward(const attn_sdpa_grad_args *g)
 {
     const attn_sdpa_args *a = &g->fwd;
@@ -304,7 +315,7 @@ int attn_sdpa_backward(const attn_sdpa_grad_args *g)
         return ATTN_EINVAL;
     int64_t nproblems = a->num_heads;
     for (int d = 0; d < a->nbatch; d++) nproblems *= a->batch_shape[d];
-    if (nproblems == 0) return ATTN_OK;
+    if (nproblems == 0 || attn_grads_empty(g)) return ATTN_OK;
 
     /* a second description whose out / weights / scores / logits views are
        dO, the given weights and the trace, so attn_locate finds them too */
@@ -362,6 +373,7 @@ int attn_sdpa_reduce_grads(const attn_sdpa_grad_args *g, const attn_sdpa_args *r
     const attn_sdpa_args *a = &g->fwd;
     int64_t nproblems = a->num_heads;
     for (int d = 0; d < a->nbatch; d++) nproblems *= a->batch_shape[d];
+    if (attn_grads_empty(g)) return ATTN_OK;
     size_t es = a->dtype == ATTN_FLOAT32 ? sizeof(float) : sizeof(double);
     void (*add)(char *, int64_t, int64_t, const char *, int64_t, int64_t) =
         a->dtype == ATTN_FLOAT32 ? attn_add_block_f32 : attn_add_block_f64;
@@ -468,6 +480,7 @@ static void attn_append_kv(const attn_mha_args *m)
     void (*copy)(char *, int64_t, const char *, int64_t, int64_t) =
         m->dtype == ATTN_FLOAT32 ? attn_copy_row_f32 : attn_copy_row_f64;
     int64_t row = m->S;
+    if ((!m->bias_k.data && !m->add_zero_attn) || (kw == 0 && vw == 0)) return; /* nothing */
     for (int64_t n = 0; n < m->N; n++) {
         char *k = m->k.data + n * m->k.batch, *v = m->v.data + n * m->v.batch;
         if (m->bias_k.data) {

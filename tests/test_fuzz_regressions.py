@@ -69,3 +69,56 @@ def test_core_multihead_zero_head_dim():
         None, False, False, None, 0.0, 0, True, False)
     np.testing.assert_allclose(w, np.full((1, 2, 2, 2), 0.5))
     np.testing.assert_allclose(out, np.full((1, 2, 2), 3.0))
+
+
+# -- finding 2: billions of empty problems took a minute ------------------------------
+# Valid empty inputs (np.empty((2**31 - 1, 0, 4)) costs no memory) whose outputs hold no
+# element at all: the core still walked every one of the 2**31 - 1 problems, 24 s (the
+# forward with weights, S = Ev = 0), 65 s (the backward, L = S = 0) and 1.5 s
+# (self_attention, L = 0). Now they return at once; the bound leaves a 100x margin.
+
+BIG = 2**31 - 1
+FAST = 1.0  # seconds
+
+
+def _zeros(shape, dtype=np.float32):
+    return np.lib.stride_tricks.as_strided(np.zeros(1, dtype), shape, (0,) * len(shape))
+
+
+def _timed(fn, *args, **kwargs):
+    import time
+    t = time.perf_counter()
+    res = fn(*args, **kwargs)
+    return res, time.perf_counter() - t
+
+
+def test_forward_with_weights_over_empty_problems_is_immediate():
+    q, k, v = _zeros((BIG, 2, 4)), np.empty((BIG, 0, 4), np.float32), np.empty((BIG, 0, 0),
+                                                                                np.float32)
+    (out, w), dt = _timed(attnpy.scaled_dot_product_attention, q, k, v)
+    assert out.shape == (BIG, 2, 0) and w.shape == (BIG, 2, 0)
+    assert dt < FAST, dt
+
+
+def test_backward_over_empty_problems_is_immediate():
+    q = np.empty((BIG, 0, 4), np.float32)
+    (gq, gk, gv, _), dt = _timed(attnpy.scaled_dot_product_attention_backward, q, q, q, q)
+    assert gq.shape == gk.shape == gv.shape == q.shape
+    assert dt < FAST, dt
+
+
+def test_backward_empty_queries_still_zero_key_gradients():
+    # L = 0 but S > 0: the key and value gradients exist and must be exactly zero
+    q = np.empty((3, 0, 4))
+    k = np.ones((3, 5, 4))
+    gq, gk, gv, _ = attnpy.scaled_dot_product_attention_backward(np.empty((3, 0, 4)), q, k, k)
+    assert not gk.any() and not gv.any() and gk.shape == (3, 5, 4)
+
+
+def test_self_attention_over_empty_rows_is_immediate():
+    x = np.empty((BIG, 0, 0), np.float32)
+    w = np.empty((0, 0), np.float32)
+    res, dt = _timed(attnpy.self_attention, x, w, w, w)
+    assert res.output.shape == (BIG, 0, 0)
+    assert dt < FAST, dt
+
