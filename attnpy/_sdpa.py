@@ -139,6 +139,8 @@ def causal_mask(L, S=None, *, align="top_left", dtype=np.float32):
     dtype = np.dtype(dtype)
     if dtype not in (np.float32, np.float64):
         raise TypeError(f"dtype must be float32 or float64; got {dtype}")
+    if L == 0 or S == 0:
+        return np.empty((L, S), dtype=dtype)
     offset = 0 if align == "top_left" else S - L
     i = np.arange(L)[:, None]
     j = np.arange(S)[None, :]
@@ -150,7 +152,12 @@ def _size(name, n):
         raise TypeError(f"{name} must be an int; got {type(n).__name__}")
     if n < 0:
         raise ValueError(f"{name} must be >= 0; got {n}")
+    if n > _MAX_EXTENT:
+        raise ValueError(f"{name} is {n}; attnpy supports dimensions up to 2**31 - 1")
     return int(n)
+
+
+_MAX_EXTENT = 2**31 - 1  # as the C binding's ATTN_MAX_EXTENT
 
 
 class BackwardTrace(NamedTuple):

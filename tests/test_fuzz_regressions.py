@@ -122,3 +122,26 @@ def test_self_attention_over_empty_rows_is_immediate():
     assert res.output.shape == (BIG, 0, 0)
     assert dt < FAST, dt
 
+
+# -- finding 3: causal_mask(2**63, 0) returned a (0, 0) array --------------------------
+# A size beyond what NumPy can index came back as an empty mask of the wrong shape.
+# Sizes are now limited like every other dimension (2**31 - 1, a ValueError naming
+# the argument), and an empty mask is built without a row index as long as L.
+
+@pytest.mark.parametrize("L, S, name", [(2**63, 0, "L"), (2**63 + 5, 0, "L"), (3, 2**64, "S"),
+                                        (2**31, 1, "L"), (0, 2**31, "S")])
+def test_causal_mask_too_large_raises_naming_the_size(L, S, name):
+    with pytest.raises(ValueError, match=rf"^{name} "):
+        attnpy.causal_mask(L, S)
+
+
+def test_causal_mask_empty_at_the_largest_size():
+    import tracemalloc
+    tracemalloc.start()
+    try:
+        m = attnpy.causal_mask(2**31 - 1, 0, align="bottom_right")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert m.shape == (2**31 - 1, 0) and m.dtype == np.float32
+    assert peak < 1 << 20, peak
