@@ -833,6 +833,19 @@ static int mha_prepare(mha_call *c, PyObject *o[NIN], Py_ssize_t H, Py_ssize_t H
     const int has_out = o[WO] != Py_None;
     const npy_intp out_dim = has_out && PyArray_Check(o[WO]) && PyArray_NDIM((PyArrayObject *)o[WO]) == 2
                                  ? PyArray_DIM((PyArrayObject *)o[WO], 0) : H * Dv;
+    /* the projections' widths are dimensions of the outputs too: the same limit */
+    const npy_intp widths[3] = {PyArray_DIM(wq_probe, 0), PyArray_DIM(wv_probe, 0), out_dim};
+    const char *width_names[3] = {"q_proj_weight rows (num_heads * head_dim)",
+                                  "v_proj_weight rows (num_kv_heads * head_dim_v)",
+                                  "out_proj.weight rows"};
+    for (int i = 0; i < 3; i++) {
+        if (widths[i] > ATTN_MAX_EXTENT) {
+            PyErr_Format(PyExc_ValueError,
+                         "%s is %ld; attnpy supports dimensions up to 2**31 - 1",
+                         width_names[i], (long)widths[i]);
+            goto fail;
+        }
+    }
     if (get_shaped(o[WQ], "q_proj_weight", typenum, 2, (npy_intp[]){H * D, qdim}, SHAPED_CONVERT, &in[WQ]) ||
         get_shaped(o[WK], "k_proj_weight", typenum, 2, (npy_intp[]){Hkv * D, kdim}, SHAPED_CONVERT, &in[WK]) ||
         get_shaped(o[WV], "v_proj_weight", typenum, 2, (npy_intp[]){Hkv * Dv, vdim}, SHAPED_CONVERT, &in[WV]) ||

@@ -145,3 +145,38 @@ def test_causal_mask_empty_at_the_largest_size():
         tracemalloc.stop()
     assert m.shape == (2**31 - 1, 0) and m.dtype == np.float32
     assert peak < 1 << 20, peak
+
+
+# -- finding 4: projection widths above 2**31 - 1 were not refused -----------------------
+# self_attention(x, w_q, w_k, w_v) with w_v of shape (2, 2**31) (a zero-stride view)
+# allocated an 8 GiB output and ran for minutes: the multi-head binding limited the
+# inputs' dimensions but not the projections' (head_dim * heads, out_dim).
+
+def _wide(rows, cols, dtype=np.float32):
+    return np.lib.stride_tricks.as_strided(np.zeros(1, dtype), (rows, cols), (0, 0))
+
+
+def test_self_attention_value_width_beyond_limit_raises():
+    x = np.ones((1, 2), np.float32)
+    w = np.ones((2, 3), np.float32)
+    for wq, wk, wv in ((w, w, _wide(2, 2**31)), (_wide(2, 2**31), _wide(2, 2**31), w)):
+        with pytest.raises(ValueError, match=r"2\*\*31"):
+            attnpy.self_attention(x, wq, wk, wv)
+
+
+@pytest.mark.parametrize("which", ["w_q", "w_v", "w_out"])
+def test_core_multihead_projection_rows_beyond_limit_raise(which):
+    x = np.ones((1, 2, 3))
+    w = {"w_q": np.ones((2, 3)), "w_k": np.ones((2, 3)), "w_v": np.ones((2, 3)),
+         "w_out": np.ones((2, 2))}
+    if which == "w_out":
+        w["w_out"] = _wide(2**31, 2, np.float64)
+    else:
+        w[which] = _wide(2**31, 3, np.float64)
+        if which == "w_q":
+            w["w_k"] = w["w_q"]
+        w["w_out"] = None
+    with pytest.raises(ValueError, match=r"2\*\*31"):
+        _core.multihead_attention(x, x, x, w["w_q"], w["w_k"], w["w_v"], None, None, None,
+                                  w["w_out"], None, None, None, 1, 1, False, None, None, False,
+                                  False, None, 0.0, 0, True, False)
