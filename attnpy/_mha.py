@@ -252,8 +252,11 @@ class MultiheadAttention:
         self.vdim = self.embed_dim if vdim is None else _check_int("vdim", vdim)
         if isinstance(dropout, (bool, np.bool_)) or not isinstance(dropout, (int, float, np.floating, np.integer)):
             raise TypeError(f"dropout must be a float; got {type(dropout).__name__}")
-        if not 0.0 <= float(dropout) <= 1.0:
-            raise ValueError(f"dropout must be in [0, 1]; got {dropout}")
+        # compared as given: exact for ints of any size (float() would overflow)
+        if not 0 <= dropout <= 1:
+            shown = (f"{dropout}" if not isinstance(dropout, (int, np.integer)) or
+                     abs(int(dropout)) < 2**64 else f"an int of {int(dropout).bit_length()} bits")
+            raise ValueError(f"dropout must be in [0, 1]; got {shown}")
         self.dropout = float(dropout)
         self.bias = bool(bias)
         self.add_bias_kv = bool(add_bias_kv)

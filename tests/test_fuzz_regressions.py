@@ -180,3 +180,20 @@ def test_core_multihead_projection_rows_beyond_limit_raise(which):
         _core.multihead_attention(x, x, x, w["w_q"], w["w_k"], w["w_v"], None, None, None,
                                   w["w_out"], None, None, None, 1, 1, False, None, None, False,
                                   False, None, 0.0, 0, True, False)
+
+
+# -- finding 5: MultiheadAttention(dropout=10**400) raised OverflowError ---------------
+# float(dropout) overflowed before the range check; an int of any size is compared
+# exactly now, and the message stays short.
+
+@pytest.mark.parametrize("p", [10**400, -(10**400), 2**64, 10**5000],
+                         ids=["1e400", "-1e400", "2**64", "1e5000"])
+def test_mha_huge_int_dropout_is_a_value_error(p):
+    with pytest.raises(ValueError, match=r"^dropout must be in \[0, 1\]") as info:
+        attnpy.MultiheadAttention(4, 2, dropout=p)
+    assert len(str(info.value)) < 200
+
+
+def test_mha_int_dropout_in_range_still_accepted():
+    assert attnpy.MultiheadAttention(4, 2, dropout=1).dropout == 1.0
+    assert attnpy.MultiheadAttention(4, 2, dropout=np.int64(0)).dropout == 0.0
