@@ -197,3 +197,43 @@ def test_mha_huge_int_dropout_is_a_value_error(p):
 def test_mha_int_dropout_in_range_still_accepted():
     assert attnpy.MultiheadAttention(4, 2, dropout=1).dropout == 1.0
     assert attnpy.MultiheadAttention(4, 2, dropout=np.int64(0)).dropout == 0.0
+
+
+# -- finding 6: huge Python ints gave self-contradicting TypeErrors -------------------
+# scale=10**400 raised "TypeError: scale must be a float or None; got int" (ints are
+# accepted as scales); likewise dropout_p, and set_num_threads(2**70) said "n must be
+# an int; got int". They are ValueErrors about the range now.
+
+def _x():
+    return np.ones((2, 2))
+
+
+@pytest.mark.parametrize("call", [
+    lambda: attnpy.scaled_dot_product_attention(_x(), _x(), _x(), scale=10**400),
+    lambda: attnpy.scaled_dot_product_attention_backward(_x(), _x(), _x(), _x(),
+                                                         scale=-(10**400)),
+    lambda: attnpy.self_attention(_x(), _x(), _x(), _x(), scale=10**400),
+], ids=["sdpa", "sdpa_backward", "self_attention"])
+def test_scale_out_of_float_range_is_a_value_error_naming_scale(call):
+    with pytest.raises(ValueError, match=r"^scale is out of the float range"):
+        call()
+
+
+def test_dropout_p_out_of_float_range_is_a_value_error():
+    with pytest.raises(ValueError, match=r"^dropout_p is out of the float range"):
+        attnpy.scaled_dot_product_attention(_x(), _x(), _x(), dropout_p=10**400)
+
+
+@pytest.mark.parametrize("n", [2**70, -(2**70)], ids=["2**70", "-2**70"])
+def test_set_num_threads_huge_int_is_a_value_error(n):
+    before = attnpy.get_num_threads()
+    with pytest.raises(ValueError, match=r"^n must be between 1 and 256"):
+        attnpy.set_num_threads(n)
+    assert attnpy.get_num_threads() == before
+
+
+def test_non_numbers_still_type_errors():
+    with pytest.raises(TypeError, match=r"^scale must be a float or None; got str"):
+        attnpy.scaled_dot_product_attention(_x(), _x(), _x(), scale="2")
+    with pytest.raises(TypeError, match=r"^n must be an int; got float"):
+        attnpy.set_num_threads(1.5)
