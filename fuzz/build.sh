@@ -22,5 +22,21 @@ CC="$CLANG" LDSHARED="$CLANG -shared" ATTNPY_STRICT=1 ATTNPY_FUZZ=1 \
     "$PYTHON" setup.py -q build_ext --build-lib "$out" --build-temp "$out-tmp" >/dev/null
 cp attnpy/*.py "$out/attnpy/"
 # the coverage hooks must be in the module, or the fuzzer would run blind
-nm -D "$out"/attnpy/_core*.so | grep -q __sanitizer_cov_8bit_counters_init
+nm -D "$out"/attnpy/_core*.so | grep __sanitizer_cov_8bit_counters_init >/dev/null
 echo "built $(ls "$out"/attnpy/_core*.so) with $CLANG"
+
+if [ "${ATTNPY_FUZZ_ASAN:-0}" = 1 ]; then
+    # ASan's runtime and libFuzzer in one shared object, preloaded (python is
+    # not instrumented). One object, because ASan's weak no-op coverage hooks
+    # would otherwise win over libFuzzer's. asan_preinit is left out: a
+    # .preinit_array cannot live in a shared object.
+    rt="$("$CLANG" -print-resource-dir)/lib/linux"
+    tmp=$(mktemp -d)
+    trap 'rm -rf "$tmp"' EXIT
+    mkdir "$tmp/asan" "$tmp/fuzzer"
+    (cd "$tmp/asan" && ar x "$rt/libclang_rt.asan-x86_64.a" && rm -f asan_preinit*.o)
+    (cd "$tmp/fuzzer" && ar x "$rt/libclang_rt.fuzzer_no_main-x86_64.a")
+    "$CLANG" -shared -fPIC -o "$out/asan_with_fuzzer.so" "$tmp"/asan/*.o "$tmp"/fuzzer/*.o \
+        -lstdc++ -ldl -lpthread -lrt -lm
+    echo "built $out/asan_with_fuzzer.so (ASan + libFuzzer, to preload)"
+fi
