@@ -3,14 +3,15 @@
 #   bash fuzz/run.sh -max_total_time=600 fuzz/corpus
 # ATTNPY_FUZZ_MODE=asan (default): the extension with coverage + ASan + UBSan,
 #   ASan and libFuzzer preloaded; plain: coverage + UBSan, atheris's libFuzzer.
-# FUZZ_NO_BUILD=1 reuses the last build. PYTHON: the venv's python.
+# FUZZ_NO_BUILD=1 reuses the last build; FUZZ_BUILD: its directory (build/fuzz-asan or
+# build/fuzz). PYTHON: the venv's python.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHON=${PYTHON:-.venv/bin/python}
 mode=${ATTNPY_FUZZ_MODE:-asan}
 case "$mode" in
-    asan) build=build/fuzz-asan ;;
-    plain) build=build/fuzz ;;
+    asan) build=${FUZZ_BUILD:-build/fuzz-asan} ;;
+    plain) build=${FUZZ_BUILD:-build/fuzz} ;;
     *) echo "ATTNPY_FUZZ_MODE must be asan or plain" >&2; exit 2 ;;
 esac
 if [ "${FUZZ_NO_BUILD:-0}" != 1 ] || [ ! -d "$build/attnpy" ]; then
