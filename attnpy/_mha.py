@@ -120,10 +120,21 @@ class MultiheadAttentionGradients:
 # helpers
 
 
+def _convert(x, name, dtype):
+    """An array-like (not an ndarray) as an array of dtype, or an error naming it."""
+    try:
+        return np.asarray(x, dtype=dtype)
+    except OverflowError:
+        raise ValueError(f"{name} holds a value out of the {np.dtype(dtype)} range") from None
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"{name} must be an array of {np.dtype(dtype)}; could not convert "
+                        f"{type(x).__name__}: {e}") from None
+
+
 def _as_input(x, name, dtype):
     """An ndarray as it is (checked, never copied); other array-likes converted."""
     if not isinstance(x, np.ndarray):
-        x = np.asarray(x, dtype=dtype)
+        x = _convert(x, name, dtype)
     if x.dtype != dtype:
         raise TypeError(
             f"{name} has dtype {x.dtype} but the layer computes in {np.dtype(dtype)}; "
@@ -592,8 +603,10 @@ def self_attention(x, w_q, w_k, w_v, *, attn_mask=None, is_causal=False, scale=N
     MultiheadAttentionResult
         ``output (…, L, d_v)``, ``weights (…, L, L)``, and the trace.
     """
-    x = x if isinstance(x, np.ndarray) else np.asarray(x, dtype=np.float64)
+    x = x if isinstance(x, np.ndarray) else _convert(x, "x", np.float64)
     dtype = x.dtype
+    if dtype not in (np.float32, np.float64):  # before the weights are converted to it
+        raise TypeError(f"x has dtype {dtype}; supported dtypes are float32 and float64")
     w_q, w_k, w_v = (_as_input(w, name, dtype) for w, name in
                      ((w_q, "w_q"), (w_k, "w_k"), (w_v, "w_v")))
     if x.ndim not in (2, 3):

@@ -237,3 +237,30 @@ def test_non_numbers_still_type_errors():
         attnpy.scaled_dot_product_attention(_x(), _x(), _x(), scale="2")
     with pytest.raises(TypeError, match=r"^n must be an int; got float"):
         attnpy.set_num_threads(1.5)
+
+
+# -- finding 7: array-likes out of range raised OverflowError -------------------------
+# self_attention(x int16, ..., w_v=[[3e38]]) converted w_v to x's dtype (int16) and
+# NumPy raised OverflowError; MultiheadAttention()(query=[[10**400, ...]]) likewise.
+# Array-likes that do not convert are a ValueError/TypeError naming the argument now,
+# and a non-float x is refused before any weight is converted.
+
+def test_self_attention_int_x_is_refused_before_converting_weights():
+    x = np.ones((1, 1), np.int16)
+    w = np.ones((1, 1), np.int16)
+    with pytest.raises(TypeError, match=r"^x has dtype int16"):
+        attnpy.self_attention(x, w, w, [[3e38]])
+
+
+@pytest.mark.parametrize("bad", [[[10**400, 0.0]], [[1.0, "a"]], [[1.0], [1.0, 2.0]]],
+                         ids=["huge-int", "str", "ragged"])
+def test_mha_array_like_that_does_not_convert_names_the_argument(bad):
+    layer = attnpy.MultiheadAttention(2, 1)
+    with pytest.raises((TypeError, ValueError), match=r"^query "):
+        layer(bad)
+
+
+def test_self_attention_list_x_out_of_range_names_x():
+    w = np.ones((2, 2))
+    with pytest.raises((TypeError, ValueError), match=r"^x "):
+        attnpy.self_attention([[10**400, 1.0]], w, w, w)
