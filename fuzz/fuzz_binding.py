@@ -840,7 +840,11 @@ def scenario_core_mha(fdp, backward):
             b("w_out", (od, iH * Dv), True), b("b_out", (od,), True),
             b("bias_k", (iK * D,), True), b("bias_v", (iK * Dv,), True),
             H, Hkv, pick_flag(fdp) if fdp.ConsumeIntInRange(0, 7) == 0 else fdp.ConsumeBool()]
-    S2 = S + (args[11] is not None) + bool(args[15])
+    try:  # the flag may be an array whose truth is ambiguous (the call must refuse it)
+        zero_attn = bool(args[15])
+    except ValueError:
+        zero_attn = False
+    S2 = S + (args[11] is not None) + zero_attn
     args += [build_mask(fdp, [(L, S), (N, iH, L, S), (N, 1, 1, S), (S,)][
                  fdp.ConsumeIntInRange(0, 3)], dtype, inputs),
              build_mask(fdp, (N, 1, 1, S), dtype, inputs, "key_padding_mask"),
@@ -1008,7 +1012,10 @@ def main():
     extra = {}
     if os.environ.get("ATTNPY_FUZZ_GLOBAL_LIBFUZZER") == "1":
         extra["internal_libfuzzer"] = True  # the one loaded above
-    atheris.Setup(sys.argv, TestOneInput, **extra)
+    # libFuzzer starts argv[0] again for -merge=1 and -fork=N: a script that
+    # runs this file with the same python (fuzz/self.sh)
+    argv = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "self.sh")] + sys.argv[1:]
+    atheris.Setup(argv, TestOneInput, **extra)
     atheris.Fuzz()
 
 

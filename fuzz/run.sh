@@ -2,7 +2,8 @@
 # Run the fuzzer: bash fuzz/run.sh [libFuzzer flags and corpus dirs...]
 #   bash fuzz/run.sh -max_total_time=600 fuzz/corpus
 # ATTNPY_FUZZ_MODE=asan (default): the extension with coverage + ASan + UBSan,
-#   ASan and libFuzzer preloaded; plain: coverage + UBSan, atheris's libFuzzer.
+#   ASan and libFuzzer preloaded; plain: coverage + UBSan, atheris's libFuzzer;
+#   python: no clang at hand, the installed extension, Python-level coverage only.
 # FUZZ_NO_BUILD=1 reuses the last build; FUZZ_BUILD: its directory (build/fuzz-asan or
 # build/fuzz). PYTHON: the venv's python.
 set -euo pipefail
@@ -12,9 +13,12 @@ mode=${ATTNPY_FUZZ_MODE:-asan}
 case "$mode" in
     asan) build=${FUZZ_BUILD:-build/fuzz-asan} ;;
     plain) build=${FUZZ_BUILD:-build/fuzz} ;;
-    *) echo "ATTNPY_FUZZ_MODE must be asan or plain" >&2; exit 2 ;;
+    python) build= ;;  # no clang: the installed extension, Python-level coverage only
+    *) echo "ATTNPY_FUZZ_MODE must be asan, plain or python" >&2; exit 2 ;;
 esac
-if [ "${FUZZ_NO_BUILD:-0}" != 1 ] || [ ! -d "$build/attnpy" ]; then
+if [ "$mode" = python ]; then
+    :
+elif [ "${FUZZ_NO_BUILD:-0}" != 1 ] || [ ! -d "$build/attnpy" ]; then
     if [ "$mode" = asan ]; then
         ATTNPY_FUZZ_ASAN=1 FUZZ_BUILD=$build bash fuzz/build.sh
     else
@@ -29,6 +33,9 @@ fi
 mkdir -p fuzz/artifacts
 defaults=(-timeout=30 -rss_limit_mb=3072 -malloc_limit_mb=1048576
           -artifact_prefix=fuzz/artifacts/ -print_final_stats=1)
+if [ "$mode" = python ]; then
+    exec "$PYTHON" fuzz/fuzz_binding.py "${defaults[@]}" "$@"
+fi
 export ATTNPY_FUZZ_BUILD=$build
 if [ "$mode" = asan ]; then
     cxx=$(${CC:-cc} -print-file-name=libstdc++.so.6)
