@@ -431,6 +431,10 @@ def ref_sdpa(q, k, v, mask, is_causal, scale, gqa):
             logits = logits + m
         w = ref_softmax(logits)
         out = np.matmul(w, v)
+    # the weights have the full broadcast batch shape (value's leading dims too)
+    lead = out.shape[:-2]
+    w = np.broadcast_to(w, lead + w.shape[-2:])
+    logits = np.broadcast_to(logits, lead + logits.shape[-2:])
     return out, w, logits
 
 
