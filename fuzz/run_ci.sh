@@ -43,7 +43,7 @@ status=0
 mkdir -p fuzz/artifacts
 bash fuzz/run.sh -max_total_time="$seconds" -artifact_prefix=fuzz/artifacts/ \
     "$corpus" fuzz/seeds > fuzz/artifacts/ci.log 2>&1 || status=$?
-grep -E "^#[0-9]+ +(INITED|pulse|DONE)" fuzz/artifacts/ci.log | tail -3 || true
+grep -E "^#[0-9]+[[:space:]]+(INITED|pulse|DONE)" fuzz/artifacts/ci.log | tail -2 || true
 grep -E "^stat::" fuzz/artifacts/ci.log || true
 if [ "$status" != 0 ]; then
     echo "fuzz: FAILED (exit $status); the report:"
