@@ -575,6 +575,7 @@ int attn_mha(attn_mha_args *m)
 static void attn_zero3(attn_dtype dt, attn_view3 x, int64_t N, int64_t rows, int64_t cols)
 {
     size_t es = dt == ATTN_FLOAT32 ? sizeof(float) : sizeof(double);
+    if (rows == 0 || cols == 0) return; /* not N empty loops */
     for (int64_t n = 0; n < N; n++)
         for (int64_t r = 0; r < rows; r++)
             for (int64_t c = 0; c < cols; c++)
@@ -599,6 +600,13 @@ static int attn_linear_backward(attn_dtype dtype, int64_t N, int64_t M, int64_t 
                                 attn_view3 dw, attn_vec db)
 {
     int status;
+    if (N == 0 || M == 0) {
+        /* no rows: dx is empty, dW and db are zero (not N empty loops) */
+        size_t es = dtype == ATTN_FLOAT32 ? sizeof(float) : sizeof(double);
+        if (dw.data) attn_zero3(dtype, dw, 1, O, K);
+        for (int64_t o = 0; db.data && o < O; o++) memset(db.data + o * db.stride, 0, es);
+        return ATTN_OK;
+    }
     if (dx.data) {
         attn_linear_args p = {.dtype = dtype, .N = N, .M = M, .K = O, .O = K,
                               .x = dy, .w = attn_transposed(w), .y = dx};
@@ -620,7 +628,6 @@ static int attn_linear_backward(attn_dtype dtype, int64_t N, int64_t M, int64_t 
                                   .accumulate = n > 0};
             if ((status = attn_linear(&p))) return status;
         }
-        if (N == 0) attn_zero3(dtype, dw, 1, O, K); /* no rows: the gradient is zero */
     }
     if (db.data) {
         if (dtype == ATTN_FLOAT32) attn_bias_grad_f32(&dy, N, M, O, db);

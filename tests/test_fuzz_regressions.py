@@ -264,3 +264,40 @@ def test_self_attention_list_x_out_of_range_names_x():
     w = np.ones((2, 2))
     with pytest.raises((TypeError, ValueError), match=r"^x "):
         attnpy.self_attention([[10**400, 1.0]], w, w, w)
+
+
+# -- finding 8: the multi-head backward over 2**31 - 1 empty sequences took 34 s -------
+# (L, N, E) = (0, 2**31 - 1, 12): the forward returns at once, the backward walked
+# every empty sequence in the weight and bias gradients (and GQA's zeroing).
+# Without rows, the input gradients are empty and the parameter gradients zero.
+
+@pytest.mark.parametrize("num_kv_heads", [3, 1])
+def test_mha_backward_over_empty_sequences_is_immediate(num_kv_heads):
+    layer = attnpy.MultiheadAttention(12, 3, batch_first=False, dtype=np.float64,
+                                      num_kv_heads=num_kv_heads, seed=0)
+    q = np.empty((0, BIG, 12))
+    res = layer(q, trace=True)
+    grads, dt = _timed(layer.backward, res, np.empty((0, BIG, 12)))
+    assert dt < FAST, dt
+    assert grads.query.shape == q.shape
+    for name, g in grads.params.items():
+        assert not g.any(), name
+
+
+def test_core_mha_backward_without_rows_zeroes_given_gradients():
+    # the private entry point overwrites the gradient arrays it is given: with no
+    # rows, with zeros (not left as they were)
+    x = np.empty((2, 0, 2))
+    w = np.ones((2, 2))
+    b = np.ones(2)
+    out, _, raw = _core.multihead_attention(x, x, x, w, w, w, b, b, b, w, b, None, None, 1, 1,
+                                            False, None, None, False, False, None, 0.0, 0,
+                                            True, True)
+    gw = [np.full((2, 2), 7.0) for _ in range(4)]
+    gb = [np.full(2, 7.0) for _ in range(4)]
+    _core.multihead_attention_backward(
+        x, x, x, w, w, w, b, b, b, w, b, None, None, 1, 1, False, None, None, False, False,
+        None, 0.0, 0, np.empty((2, 0, 2)), raw["q"], raw["k"], raw["v"], raw["concat"],
+        raw["weights"], gw[0], gw[1], gw[2], gb[0], gb[1], gb[2], gw[3], gb[3], None, None)
+    for g in gw + gb:
+        assert not g.any()
