@@ -740,7 +740,10 @@ def scenario_mha(fdp):
     need_weights = fdp.ConsumeBool()
     trace = fdp.ConsumeBool()
     heads = layer.num_heads * (1 if unbatched else N) * L * (S + 2)
-    if legit_but_huge((query, key, value, am, kpm), 8 * heads,
+    # the projected keys and values (with bias_k / the zero key appended) exist
+    # even when there is no query: (N, S + 2, E) each
+    kv = 2 * (1 if unbatched else N) * (S + 2) * layer.embed_dim
+    if legit_but_huge((query, key, value, am, kpm), 8 * heads + kv,
                       heads * layer.head_dim * 2 + 8 * dims_product(query) * layer.embed_dim):
         return
     res = call(inputs, "MultiheadAttention.__call__", layer, query, key, value,
