@@ -358,17 +358,27 @@ def legit_but_huge(args, out_elems=0, work=0, checked=None):
 
 def sdpa_sizes(q, k, v, gqa):
     """(output elements incl. weights and gradients, multiply-adds) or None."""
-    if not all(isinstance(a, np.ndarray) and a.ndim >= 2 for a in (q, k, v)):
+    def shape(a):  # an ndarray's, or a small list's
+        if isinstance(a, np.ndarray):
+            return a.shape
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return np.shape(a) if isinstance(a, list) else None
+        except ValueError:  # ragged
+            return None
+    qs, ks, vs = shape(q), shape(k), shape(v)
+    if not all(sh is not None and len(sh) >= 2 for sh in (qs, ks, vs)):
         return None
     try:
-        lead = np.broadcast_shapes(q.shape[:-2], k.shape[:-2] if not gqa else q.shape[:-2],
-                                   v.shape[:-2] if not gqa else q.shape[:-2])
+        lead = np.broadcast_shapes(qs[:-2], ks[:-2] if not gqa else qs[:-2],
+                                   vs[:-2] if not gqa else qs[:-2])
     except ValueError:
         return None
-    P, (L, E), S, Ev = math.prod(lead), q.shape[-2:], k.shape[-2], v.shape[-1]
+    P, (L, E), S, Ev = math.prod(lead), qs[-2:], ks[-2], vs[-1]
     # the leading (batch, head) dims are not limited, only these
-    checked = list(q.shape[-2:]) + list(k.shape[-2:]) + list(v.shape[-2:])
-    return (P * (2 * L * E + 3 * L * S + 2 * S * E + 2 * S * Ev),
+    checked = list(qs[-2:]) + list(ks[-2:]) + list(vs[-2:])
+    return (P * (2 * L * E + 2 * L * Ev + 3 * L * S + 2 * S * E + 2 * S * Ev),
             P * max(L, 1) * max(S, 1) * (E + Ev + 1), checked)
 
 
