@@ -756,14 +756,16 @@ def scenario_mha(fdp):
     if legit_but_huge((query, key, value, am, kpm), 8 * heads + kv,
                       heads * layer.head_dim * 2 + 8 * dims_product(query) * layer.embed_dim):
         return
+    average = fdp.ConsumeBool()
     res = call(inputs, "MultiheadAttention.__call__", layer, query, key, value,
                key_padding_mask=kpm, need_weights=need_weights, attn_mask=am,
-               average_attn_weights=fdp.ConsumeBool(), is_causal=is_causal, trace=trace)
+               average_attn_weights=average, is_causal=is_causal, trace=trace)
     if res is None:
         return
     if isinstance(query, np.ndarray) and res.output.shape != query.shape[:-1] + (layer.embed_dim,):
         raise Finding(f"MultiheadAttention: output shape {res.output.shape} for query "
                       f"{query.shape}")
+    check_mha_result(layer, res, query, key, value, kpm, am, need_weights, average)
     if trace and fdp.ConsumeBool():
         gshape = res.output.shape
         if fdp.ConsumeIntInRange(0, 3) == 0:
@@ -773,6 +775,84 @@ def scenario_mha(fdp):
         target = attnpy.MultiheadAttention(E, H, **kwargs) if other else layer
         call(inputs, "MultiheadAttention.backward", target.backward,
              res if fdp.ConsumeIntInRange(0, 7) else res.output, go)
+
+
+def ref_mha(layer, query, key, value, kpm, am):
+    """float64 forward of the layer in eval mode: (output, per-head weights),
+    torch's conventions (bool masks: True = masked out; float masks added)."""
+    f = np.float64
+    p = {name: a.astype(f) for name, a in layer.state_dict().items()}
+    unb = query.ndim == 2
+    q, k, v = (np.asarray(x, f) for x in (query, key, value))
+    if unb:
+        q, k, v = q[None], k[None], v[None]
+    elif not layer.batch_first:
+        q, k, v = (x.swapaxes(0, 1) for x in (q, k, v))
+    E, H, Hkv = layer.embed_dim, layer.num_heads, layer.num_kv_heads
+    D, kvE = E // H, Hkv * (E // H)
+    if "in_proj_weight" in p:
+        w = p["in_proj_weight"]
+        wq, wk, wv = w[:E], w[E:E + kvE], w[E + kvE:]
+    else:
+        wq, wk, wv = p["q_proj_weight"], p["k_proj_weight"], p["v_proj_weight"]
+    b = p.get("in_proj_bias", np.zeros(E + 2 * kvE))
+    Q, K, V = q @ wq.T + b[:E], k @ wk.T + b[E:E + kvE], v @ wv.T + b[E + kvE:]
+    N, L, S = Q.shape[0], Q.shape[1], K.shape[1]
+    if "bias_k" in p:
+        K = np.concatenate([K, np.broadcast_to(p["bias_k"].reshape(1, 1, kvE), (N, 1, kvE))], 1)
+        V = np.concatenate([V, np.broadcast_to(p["bias_v"].reshape(1, 1, kvE), (N, 1, kvE))], 1)
+    if layer.add_zero_attn:
+        K = np.concatenate([K, np.zeros((N, 1, kvE))], 1)
+        V = np.concatenate([V, np.zeros((N, 1, kvE))], 1)
+    S2 = K.shape[1]
+    group = H // Hkv
+    Qh = Q.reshape(N, L, H, D).transpose(0, 2, 1, 3)
+    Kh = np.repeat(K.reshape(N, S2, Hkv, D).transpose(0, 2, 1, 3), group, axis=1)
+    Vh = np.repeat(V.reshape(N, S2, Hkv, D).transpose(0, 2, 1, 3), group, axis=1)
+    logits = Qh @ Kh.swapaxes(-1, -2) / math.sqrt(D)
+    add = np.zeros((N, H, L, S2))
+    for m, shape in ((am, None), (kpm, (N, 1, 1, S))):
+        if m is None:
+            continue
+        m = np.asarray(m)
+        m = np.where(m, -np.inf, 0.0) if m.dtype == np.bool_ else m.astype(f)
+        m = m.reshape(shape) if shape else (m.reshape(N, H, L, S) if m.ndim == 3 else m)
+        add[..., :S] += np.broadcast_to(m, (N, H, L, S))   # extra keys never masked
+    logits = logits + add
+    w = ref_softmax(logits)
+    concat = (w @ Vh).transpose(0, 2, 1, 3).reshape(N, L, E)
+    out = concat @ p["out_proj.weight"].T + p.get("out_proj.bias", np.zeros(E))
+    size = (1 + np.max(np.abs(Qh), initial=0)) * (1 + np.max(np.abs(Kh), initial=0)) * D
+    size *= (1 + np.max(np.abs(Vh), initial=0)) * (S2 + 1) * (E + 1) * (
+        1 + np.max(np.abs(p["out_proj.weight"]), initial=0))
+    if unb:
+        out, w = out[0], w[0]
+    elif not layer.batch_first:
+        out = out.swapaxes(0, 1)
+    return out, w, logits, size
+
+
+def check_mha_result(layer, res, query, key, value, kpm, am, need_weights, average):
+    """The layer's output (and weights) against the float64 reference, eval mode."""
+    if layer.training and layer.dropout > 0:
+        return
+    key = query if key is None else key
+    value = key if value is None else value
+    for m in (kpm, am):
+        if m is not None and not isinstance(m, np.ndarray):
+            return
+    if not finite_moderate(query, key, value, kpm, am):
+        return
+    if any(x.size > MAX_WORK for x in (query, key, value)):
+        return
+    with np.errstate(all="ignore"):
+        want_out, want_w, logits, size = ref_mha(layer, query, key, value, kpm, am)
+    if np.any(np.isposinf(logits)) or not np.all(np.isfinite(want_out)) or size > 1e12:
+        return
+    close("output", res.output, want_out, layer.dtype, size, "MultiheadAttention")
+    if need_weights:
+        want = want_w.mean(axis=-3) if average else want_w
+        close("weights", res.weights, want, layer.dtype, size, "MultiheadAttention")
 
 
 def dims_product(x):
