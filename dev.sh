@@ -5,6 +5,7 @@
 #                      then again under AddressSanitizer + UndefinedBehaviorSanitizer
 #   bash dev.sh bench  set everything up, run the benchmark (writes bench/results.md, .png)
 #   bash dev.sh notebooks  set everything up, run the notebooks and keep their outputs
+#   bash dev.sh fuzz [SECONDS]  set everything up, fuzz the binding (default 600 s)
 # "Set up" means: a virtual environment in .venv, the pinned dependencies,
 # and the C extension built in place with -Wall -Wextra -Werror.
 set -euo pipefail
@@ -92,6 +93,12 @@ case "${1:-}" in
         c_tests
         "$VENV/bin/python" -m pytest -q tests "${@:2}"
         sanitizer_tests
+        # the coverage-guided fuzzer over the binding, a bounded run (fuzz/README.md)
+        PYTHON="$VENV/bin/python" bash fuzz/run_ci.sh
+        ;;
+    fuzz)
+        setup
+        PYTHON="$VENV/bin/python" FUZZ_SECONDS="${2:-600}" bash fuzz/run_ci.sh
         ;;
     notebooks)
         setup
@@ -102,7 +109,7 @@ case "${1:-}" in
         "$VENV/bin/python" bench/bench.py "${@:2}"
         ;;
     *)
-        echo "usage: bash dev.sh demo|test|notebooks|bench [args...]" >&2
+        echo "usage: bash dev.sh demo|test|notebooks|fuzz|bench [args...]" >&2
         exit 2
         ;;
 esac

@@ -3,7 +3,8 @@
 The core (csrc/attn_core.c) is plain C11 and knows nothing of Python; the
 binding (csrc/attnpy_module.c) is the only file that includes Python.h and
 numpy's headers.  ATTNPY_STRICT=1 (set by dev.sh and CI) turns warnings into
-errors; ATTNPY_FAULT_INJECTION=1 (and ATTNPY_SANITIZE=1) builds the allocation
+errors; ATTNPY_SANITIZE=1 and ATTNPY_FUZZ=1 make the sanitizer and fuzzer builds;
+ATTNPY_FAULT_INJECTION=1 (and ATTNPY_SANITIZE=1) builds the allocation
 fault-injection hook in.
 """
 import os
@@ -24,6 +25,22 @@ if os.environ.get("ATTNPY_SANITIZE") == "1":
     sanitize = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all"]
     extra_compile_args += sanitize + ["-O1", "-g", "-fno-omit-frame-pointer"]
     extra_link_args += sanitize
+if os.environ.get("ATTNPY_FUZZ") == "1":
+    # the fuzzer's build (fuzz/build.sh, with CC=clang): libFuzzer's coverage
+    # instrumentation (what -fsanitize=fuzzer-no-link turns on, less
+    # stack-depth, whose symbol atheris's libFuzzer does not export) on every
+    # edge of the binding and the core, resolved at import time by the
+    # libFuzzer inside atheris. UBSan traps (no runtime needed), so undefined
+    # behaviour is a crash the fuzzer sees. ATTNPY_FUZZ_ASAN=1 adds ASan.
+    fuzz = ["-fsanitize-coverage=inline-8bit-counters,pc-table,trace-cmp,indirect-calls",
+            "-fsanitize=undefined", "-fsanitize-trap=undefined"]
+    if os.environ.get("ATTNPY_FUZZ_ASAN") == "1":
+        fuzz.append("-fsanitize=address")
+    # clang ignores "#pragma GCC target": in this build the avx2/avx512 kernel
+    # copies are compiled for the baseline ISA (same source, same logic).
+    extra_compile_args += fuzz + ["-O1", "-g", "-fno-omit-frame-pointer",
+                                  "-Wno-unknown-pragmas", "-Wno-psabi"]
+    extra_link_args += fuzz
 
 define_macros = [("NPY_NO_DEPRECATED_API", "NPY_2_0_API_VERSION")]
 if os.environ.get("ATTNPY_FAULT_INJECTION") == "1" or os.environ.get("ATTNPY_SANITIZE") == "1":

@@ -120,10 +120,21 @@ class MultiheadAttentionGradients:
 # helpers
 
 
+def _convert(x, name, dtype):
+    """An array-like (not an ndarray) as an array of dtype, or an error naming it."""
+    try:
+        return np.asarray(x, dtype=dtype)
+    except OverflowError:
+        raise ValueError(f"{name} holds a value out of the {np.dtype(dtype)} range") from None
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"{name} must be an array of {np.dtype(dtype)}; could not convert "
+                        f"{type(x).__name__}: {e}") from None
+
+
 def _as_input(x, name, dtype):
     """An ndarray as it is (checked, never copied); other array-likes converted."""
     if not isinstance(x, np.ndarray):
-        x = np.asarray(x, dtype=dtype)
+        x = _convert(x, name, dtype)
     if x.dtype != dtype:
         raise TypeError(
             f"{name} has dtype {x.dtype} but the layer computes in {np.dtype(dtype)}; "
@@ -255,8 +266,11 @@ class MultiheadAttention:
         self.vdim = self.embed_dim if vdim is None else _check_int("vdim", vdim)
         if isinstance(dropout, (bool, np.bool_)) or not isinstance(dropout, (int, float, np.floating, np.integer)):
             raise TypeError(f"dropout must be a float; got {type(dropout).__name__}")
-        if not 0.0 <= float(dropout) <= 1.0:
-            raise ValueError(f"dropout must be in [0, 1]; got {dropout}")
+        # compared as given: exact for ints of any size (float() would overflow)
+        if not 0 <= dropout <= 1:
+            shown = (f"{dropout}" if not isinstance(dropout, (int, np.integer)) or
+                     abs(int(dropout)) < 2**64 else f"an int of {int(dropout).bit_length()} bits")
+            raise ValueError(f"dropout must be in [0, 1]; got {shown}")
         self.dropout = float(dropout)
         self.bias = bool(bias)
         self.add_bias_kv = bool(add_bias_kv)
@@ -598,7 +612,7 @@ def self_attention(x, w_q, w_k, w_v, *, attn_mask=None, is_causal=False, scale=N
     MultiheadAttentionResult
         ``output (…, L, d_v)``, ``weights (…, L, L)``, and the trace.
     """
-    x = x if isinstance(x, np.ndarray) else np.asarray(x, dtype=np.float64)
+    x = x if isinstance(x, np.ndarray) else _convert(x, "x", np.float64)
     dtype = x.dtype
     if dtype not in (np.float32, np.float64):
         raise TypeError(f"x must be float32 or float64 (native byte order); got {dtype}")

@@ -142,10 +142,16 @@ def causal_mask(L, S=None, *, align="top_left", dtype=np.float32):
         raise TypeError(f"dtype must be float32 or float64; got {dtype!r}") from None
     if dtype not in (np.float32, np.float64):
         raise TypeError(f"dtype must be float32 or float64; got {dtype}")
+    if L * S * dtype.itemsize >= 2**63:
+        raise ValueError(f"L x S = {L} x {S} is too large for one array of {dtype}")
+    mask = np.zeros((L, S), dtype=dtype)   # first: too large is a MemoryError before any index
+    if mask.size == 0:
+        return mask                           # no L-long index for an empty mask
     offset = 0 if align == "top_left" else S - L
     i = np.arange(L)[:, None]
     j = np.arange(S)[None, :]
-    return np.where(j <= i + offset, 0.0, -np.inf).astype(dtype)
+    mask[j > i + offset] = -np.inf
+    return mask
 
 
 def _size(name, n):
@@ -153,7 +159,12 @@ def _size(name, n):
         raise TypeError(f"{name} must be an int; got {type(n).__name__}")
     if n < 0:
         raise ValueError(f"{name} must be >= 0; got {n}")
+    if n > _MAX_EXTENT:
+        raise ValueError(f"{name} is {n}; attnpy supports dimensions up to 2**31 - 1")
     return int(n)
+
+
+_MAX_EXTENT = 2**31 - 1  # as the C binding's ATTN_MAX_EXTENT
 
 
 class BackwardTrace(NamedTuple):

@@ -256,7 +256,9 @@ int attn_sdpa(const attn_sdpa_args *a)
     }
     int64_t nproblems = a->num_heads;
     for (int d = 0; d < a->nbatch; d++) nproblems *= a->batch_shape[d];
-    if (nproblems == 0 || a->L == 0 || (a->Ev == 0 && !a->weights.data)) return ATTN_OK;
+    /* nothing to write: return before walking (maybe billions of) empty problems */
+    if (nproblems == 0 || a->L == 0 || (a->Ev == 0 && (!a->weights.data || a->S == 0)))
+        return ATTN_OK;
 
     attn_sdpa_job job = {.a = a, .kernel = attn_get_kernel(), .blocks = 1};
     if (job.kernel != ATTN_KERNEL_REFERENCE &&
@@ -379,6 +381,15 @@ static void attn_backward_item(void *ctx, int64_t item, int thread)
                                (double *)work);
 }
 
+/* Do the gradients (and the trace) of one problem hold no element at all? */
+static int attn_grads_empty(const attn_sdpa_grad_args *g)
+{
+    const attn_sdpa_args *a = &g->fwd;
+    int trace = g->grad_weights.data || g->grad_scores.data;
+    return (a->L == 0 || a->E == 0) && (a->S == 0 || (a->E == 0 && a->Ev == 0)) &&
+           (!trace || a->L == 0 || a->S == 0);
+}
+
 int attn_sdpa_backward(const attn_sdpa_grad_args *g)
 {
     const attn_sdpa_args *a = &g->fwd;
@@ -399,7 +410,7 @@ int attn_sdpa_backward(const attn_sdpa_grad_args *g)
     }
     int64_t nproblems = a->num_heads;
     for (int d = 0; d < a->nbatch; d++) nproblems *= a->batch_shape[d];
-    if (nproblems == 0) return ATTN_OK;
+    if (nproblems == 0 || attn_grads_empty(g)) return ATTN_OK;
 
     /* a second description whose out / weights / scores / logits views are
        dO, the given weights and the trace, so attn_locate finds them too */
@@ -459,6 +470,7 @@ int attn_sdpa_reduce_grads(const attn_sdpa_grad_args *g, const attn_sdpa_args *r
     const attn_sdpa_args *a = &g->fwd;
     int64_t nproblems = a->num_heads;
     for (int d = 0; d < a->nbatch; d++) nproblems *= a->batch_shape[d];
+    if (attn_grads_empty(g)) return ATTN_OK;
     size_t es = a->dtype == ATTN_FLOAT32 ? sizeof(float) : sizeof(double);
     void (*add)(char *, int64_t, int64_t, const char *, int64_t, int64_t) =
         a->dtype == ATTN_FLOAT32 ? attn_add_block_f32 : attn_add_block_f64;
@@ -565,6 +577,7 @@ static void attn_append_kv(const attn_mha_args *m)
     void (*copy)(char *, int64_t, const char *, int64_t, int64_t) =
         m->dtype == ATTN_FLOAT32 ? attn_copy_row_f32 : attn_copy_row_f64;
     int64_t row = m->S;
+    if ((!m->bias_k.data && !m->add_zero_attn) || (kw == 0 && vw == 0)) return; /* nothing */
     for (int64_t n = 0; n < m->N; n++) {
         char *k = m->k.data + n * m->k.batch, *v = m->v.data + n * m->v.batch;
         if (m->bias_k.data) {
@@ -659,6 +672,7 @@ int attn_mha(attn_mha_args *m)
 static void attn_zero3(attn_dtype dt, attn_view3 x, int64_t N, int64_t rows, int64_t cols)
 {
     size_t es = dt == ATTN_FLOAT32 ? sizeof(float) : sizeof(double);
+    if (rows == 0 || cols == 0) return; /* not N empty loops */
     for (int64_t n = 0; n < N; n++)
         for (int64_t r = 0; r < rows; r++)
             for (int64_t c = 0; c < cols; c++)
@@ -683,6 +697,13 @@ static int attn_linear_backward(attn_dtype dtype, int64_t N, int64_t M, int64_t 
                                 attn_view3 dw, attn_vec db)
 {
     int status;
+    if (N == 0 || M == 0) {
+        /* no rows: dx is empty, dW and db are zero (not N empty loops) */
+        size_t es = dtype == ATTN_FLOAT32 ? sizeof(float) : sizeof(double);
+        if (dw.data) attn_zero3(dtype, dw, 1, O, K);
+        for (int64_t o = 0; db.data && o < O; o++) memset(db.data + o * db.stride, 0, es);
+        return ATTN_OK;
+    }
     if (dx.data) {
         attn_linear_args p = {.dtype = dtype, .N = N, .M = M, .K = O, .O = K,
                               .x = dy, .w = attn_transposed(w), .y = dx};
@@ -704,7 +725,6 @@ static int attn_linear_backward(attn_dtype dtype, int64_t N, int64_t M, int64_t 
                                   .accumulate = n > 0};
             if ((status = attn_linear(&p))) return status;
         }
-        if (N == 0) attn_zero3(dtype, dw, 1, O, K); /* no rows: the gradient is zero */
     }
     if (db.data) {
         if (dtype == ATTN_FLOAT32) attn_bias_grad_f32(&dy, N, M, O, db);

@@ -267,6 +267,29 @@ fail:
     return -1;
 }
 
+/*
+ * A float argument (a Python float, int or anything with __float__) into *x.
+ * Returns 0, or -1 with TypeError (not a number: "name must be <expect>") or
+ * ValueError (an int beyond the float range, which float() refuses with
+ * OverflowError).
+ */
+static int float_arg(PyObject *obj, const char *name, const char *expect, double *x)
+{
+    *x = PyFloat_AsDouble(obj);
+    if (!(*x == -1.0 && PyErr_Occurred())) return 0;
+    if (PyErr_ExceptionMatches(PyExc_OverflowError)) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_ValueError, "%s is out of the float range (a %.200s too large for "
+                     "a float)", name, Py_TYPE(obj)->tp_name);
+    }
+    else {
+        PyErr_Clear();
+        PyErr_Format(PyExc_TypeError, "%s must be %s; got %.200s", name, expect,
+                     Py_TYPE(obj)->tp_name);
+    }
+    return -1;
+}
+
 /* A status from the core as a Python exception; 0 when there is none. */
 static int raise_for_status(int status)
 {
@@ -366,14 +389,7 @@ static int sdpa_prepare(sdpa_call *c, PyObject *query_o, PyObject *key_o, PyObje
     c->q = c->k = c->v = c->mask = NULL;
 
     double scale = NAN;
-    if (scale_o != Py_None) {
-        scale = PyFloat_AsDouble(scale_o);
-        if (scale == -1.0 && PyErr_Occurred()) {
-            PyErr_Format(PyExc_TypeError, "scale must be a float or None; got %.200s",
-                         Py_TYPE(scale_o)->tp_name);
-            goto fail;
-        }
-    }
+    if (scale_o != Py_None && float_arg(scale_o, "scale", "a float or None", &scale)) goto fail;
 
     /* --- query, key, value ------------------------------------------------ */
     /* Array-likes are converted to the dtype of the first float ndarray given. */
@@ -531,6 +547,7 @@ static int sdpa_prepare(sdpa_call *c, PyObject *query_o, PyObject *key_o, PyObje
     a->E = E;
     a->Ev = Ev;
     a->scale = scale_o == Py_None ? 1.0 / sqrt((double)E) : scale;
+    /* E = 0 (1/sqrt(0) = inf here): the core knows q k^T is then 0 */
     a->is_causal = is_causal;
     fill_view(&a->q, PyArray_BYTES(q), strides[0], nd);
     fill_view(&a->k, PyArray_BYTES(k), strides[1], nd);
@@ -587,12 +604,8 @@ attnpy_sdpa(PyObject *Py_UNUSED(module), PyObject *args, PyObject *kwargs)
         return NULL;
 
     if (dropout_o != Py_None) {
-        double p = PyFloat_AsDouble(dropout_o);
-        if (p == -1.0 && PyErr_Occurred()) {
-            PyErr_Format(PyExc_TypeError, "dropout_p must be a float; got %.200s",
-                         Py_TYPE(dropout_o)->tp_name);
-            return NULL;
-        }
+        double p;
+        if (float_arg(dropout_o, "dropout_p", "a float", &p)) return NULL;
         if (p != 0.0) {
             PyErr_Format(PyExc_ValueError,
                          "dropout_p must be 0.0 here; got %R. Dropout on the attention weights "
@@ -892,6 +905,19 @@ static int mha_prepare(mha_call *c, PyObject *o[NIN], Py_ssize_t H, Py_ssize_t H
     const int has_out = o[WO] != Py_None;
     const npy_intp out_dim = has_out && PyArray_Check(o[WO]) && PyArray_NDIM((PyArrayObject *)o[WO]) == 2
                                  ? PyArray_DIM((PyArrayObject *)o[WO], 0) : H * Dv;
+    /* the projections' widths are dimensions of the outputs too: the same limit */
+    const npy_intp widths[3] = {PyArray_DIM(wq_probe, 0), PyArray_DIM(wv_probe, 0), out_dim};
+    const char *width_names[3] = {"q_proj_weight rows (num_heads * head_dim)",
+                                  "v_proj_weight rows (num_kv_heads * head_dim_v)",
+                                  "out_proj.weight rows"};
+    for (int i = 0; i < 3; i++) {
+        if (widths[i] > ATTN_MAX_EXTENT) {
+            PyErr_Format(PyExc_ValueError,
+                         "%s is %ld; attnpy supports dimensions up to 2**31 - 1",
+                         width_names[i], (long)widths[i]);
+            goto fail;
+        }
+    }
     if (get_shaped(o[WQ], "q_proj_weight", typenum, 2, (npy_intp[]){H * D, qdim}, SHAPED_CONVERT, &in[WQ]) ||
         get_shaped(o[WK], "k_proj_weight", typenum, 2, (npy_intp[]){Hkv * D, kdim}, SHAPED_CONVERT, &in[WK]) ||
         get_shaped(o[WV], "v_proj_weight", typenum, 2, (npy_intp[]){Hkv * Dv, vdim}, SHAPED_CONVERT, &in[WV]) ||
@@ -918,14 +944,8 @@ static int mha_prepare(mha_call *c, PyObject *o[NIN], Py_ssize_t H, Py_ssize_t H
         goto fail;
     }
     double scale = 1.0 / sqrt((double)D);
-    if (scale_o != Py_None) {
-        scale = PyFloat_AsDouble(scale_o);
-        if (scale == -1.0 && PyErr_Occurred()) {
-            PyErr_Format(PyExc_TypeError, "scale must be a float or None; got %.200s",
-                         Py_TYPE(scale_o)->tp_name);
-            goto fail;
-        }
-    }
+    if (scale_o != Py_None && float_arg(scale_o, "scale", "a float or None", &scale)) goto fail;
+    if (D == 0) scale = 1.0; /* zero-width heads: scores are exactly 0 (see sdpa_prepare) */
 
     /* --- masks, as (N, H, L, S) ---------------------------------------------- */
     npy_intp target[4] = {N, H, L, S}, m_strides[NPY_MAXDIMS], k_strides[NPY_MAXDIMS];
@@ -1243,7 +1263,13 @@ static PyObject *attnpy_set_num_threads(PyObject *Py_UNUSED(module), PyObject *a
 {
     long n = PyLong_AsLong(arg);
     if (n == -1 && PyErr_Occurred()) {
-        PyErr_Format(PyExc_TypeError, "n must be an int; got %.200s", Py_TYPE(arg)->tp_name);
+        int overflow = PyErr_ExceptionMatches(PyExc_OverflowError);
+        PyErr_Clear();
+        if (overflow) /* an int, just far out of range */
+            PyErr_SetString(PyExc_ValueError, "n must be between 1 and 256 (0: the default); "
+                            "got an int beyond the C long range");
+        else
+            PyErr_Format(PyExc_TypeError, "n must be an int; got %.200s", Py_TYPE(arg)->tp_name);
         return NULL;
     }
     if (n < 0 || n > 256 || attn_set_num_threads((int)n) != ATTN_OK) {

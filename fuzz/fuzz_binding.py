@@ -1,0 +1,1120 @@
+"""Coverage-guided fuzzer (atheris / libFuzzer) over attnpy's binding.
+
+Every input chooses one entry point -- a public function or one of the
+private ``attnpy._core`` functions the public ones call -- and builds its
+arguments from the fuzz bytes: arrays of every dtype (float, int, bool,
+complex, float16, object, byte-swapped, structured fields, strings, ...),
+ndims and shapes (0-length dims, huge dims made with zero strides), layouts
+(C, Fortran, transposed, negative and zero strides, stepped, unaligned
+buffers, read-only), masks of every dtype and shape, and scalars (scale,
+dropout, flags, head counts, seeds) that are ordinary, extreme or of the
+wrong type. The kernel and the thread count are chosen per input too.
+
+What counts as a finding (the harness raises, libFuzzer saves the input):
+  * any exception other than TypeError, ValueError, MemoryError, or one of
+    those with an empty message;
+  * a crash (segfault, abort, UBSan trap, ASan report) -- libFuzzer sees it;
+  * any change to the bytes of an input (every array's whole buffer is
+    snapshotted before the call and compared after it, error paths included);
+  * a result of the wrong shape or dtype, or, for finite float inputs of a
+    moderate size, values that differ from the float64 NumPy reference below
+    beyond a tolerance derived from the dtype's epsilon.
+
+Run:  bash fuzz/run.sh [libFuzzer flags]   (see fuzz/README.md)
+Replay one input:  python fuzz/fuzz_binding.py path/to/crash-file
+"""
+import math
+import os
+import re
+import sys
+import warnings
+
+import numpy as np
+
+# The instrumented build (fuzz/build.sh) comes first on the path when
+# ATTNPY_FUZZ_BUILD names it; otherwise the installed attnpy is fuzzed.
+_BUILD = os.environ.get("ATTNPY_FUZZ_BUILD")
+if _BUILD:
+    sys.path.insert(0, os.path.abspath(_BUILD))
+
+import atheris  # noqa: E402
+
+if os.environ.get("ATTNPY_FUZZ_GLOBAL_LIBFUZZER") == "1":
+    # No preloaded libFuzzer (no ASan): load atheris's own libFuzzer with
+    # RTLD_GLOBAL before the instrumented extension, whose coverage hooks
+    # (__sanitizer_cov_*) it resolves at import time.
+    _flags = sys.getdlopenflags()
+    sys.setdlopenflags(os.RTLD_NOW | os.RTLD_GLOBAL)
+    import atheris.core_with_libfuzzer  # noqa: E402,F401
+    sys.setdlopenflags(_flags)
+
+# Python-level coverage of attnpy's own modules too (the argument handling of
+# MultiheadAttention, self_attention, causal_mask lives there)
+with atheris.instrument_imports(include=["attnpy"]):
+    import attnpy  # noqa: E402
+    from attnpy import _core  # noqa: E402
+
+if _BUILD and os.path.abspath(_BUILD) not in os.path.abspath(_core.__file__):
+    raise SystemExit(f"fuzzing {_core.__file__}, not the build in {_BUILD}")
+
+warnings.simplefilter("ignore")
+ACCEPTED = (TypeError, ValueError, MemoryError)
+# the kernels this CPU runs, and "auto"
+KERNELS = ["auto"] + list(attnpy.supported_kernels())
+MAX_WORK = 1 << 16  # elements of any L x S or L x E the reference recomputes
+MAX_EXTENT = 2**31 - 1  # the largest dimension attnpy accepts
+# A call with accepted sizes whose outputs would hold more than OUT_LIMIT
+# elements (or cost more than WORK_LIMIT multiply-adds) is not made: it is a
+# legitimate request for gigabytes, not a bug. Beyond 2**40 bytes an
+# allocation fails (MemoryError), so such calls are made again.
+OUT_LIMIT, WORK_LIMIT, ALLOC_FAILS = 1 << 25, 1 << 31, 1 << 40
+
+
+class Finding(AssertionError):
+    """What the harness raises for libFuzzer to report."""
+
+
+# ---------------------------------------------------------------------------
+# building arguments from the bytes
+
+
+class Inputs:
+    """Every buffer handed to the call, with a snapshot of its bytes."""
+
+    def __init__(self):
+        self.roots = []  # (name, ndarray root, bytes) or (name, list, repr)
+
+    def track(self, name, root):
+        if isinstance(root, np.ndarray):
+            if root.dtype == object:
+                self.roots.append((name, root, [repr(x) for x in root.ravel()]))
+            else:
+                self.roots.append((name, root, root.tobytes()))
+        elif isinstance(root, bytearray):
+            self.roots.append((name, root, bytes(root)))
+        elif isinstance(root, list):
+            self.roots.append((name, root, repr(root)))
+
+    def check_unchanged(self, what):
+        for name, root, snap in self.roots:
+            if isinstance(root, np.ndarray):
+                now = [repr(x) for x in root.ravel()] if root.dtype == object else root.tobytes()
+            elif isinstance(root, bytearray):
+                now = bytes(root)
+            else:
+                now = repr(root)
+            if now != snap:
+                raise Finding(f"{what}: input {name} was written")
+
+
+FLOAT_DTYPES = [np.dtype(np.float32), np.dtype(np.float64)]
+OTHER_DTYPES = [np.dtype(t) for t in (
+    np.float16, np.longdouble, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint64,
+    np.bool_, np.complex64, np.complex128, ">f4", ">f8", "<f2", "M8[ns]", "m8[s]", "U3", "S4",
+    "V8")]
+
+
+def pick_dtype(fdp, base):
+    """Mostly the scenario's dtype; sometimes the other float, sometimes anything."""
+    r = fdp.ConsumeIntInRange(0, 15)
+    if r < 11:
+        return base
+    if r < 12:
+        return FLOAT_DTYPES[1] if base == FLOAT_DTYPES[0] else FLOAT_DTYPES[0]
+    if r < 13:
+        return np.dtype(object)
+    if r < 14:
+        return "struct"
+    return OTHER_DTYPES[fdp.ConsumeIntInRange(0, len(OTHER_DTYPES) - 1)]
+
+
+def fill_values(fdp, n, dtype):
+    """n values of dtype: small exact numbers mostly, raw bytes or specials sometimes."""
+    mode = fdp.ConsumeIntInRange(0, 7)
+    if dtype == object:
+        pool = [0.5, 1, -2.0, None, "x", 1 + 2j, float("nan"), [1.0], True]
+        picks = fdp.ConsumeBytes(n)
+        out = np.empty(n, dtype=object)
+        for i in range(n):
+            out[i] = pool[picks[i] % len(pool)] if i < len(picks) and mode else 0.25 * (i % 5)
+        return out
+    if mode <= 4 and dtype.kind in "fciub":
+        raw = np.frombuffer(fdp.ConsumeBytes(n).ljust(n, b"\0"), dtype=np.uint8)
+        vals = (raw.astype(np.int64) % 9 - 4) / 4.0
+        if dtype.kind == "b":
+            return (raw % 2).astype(dtype)
+        if dtype.kind in "iu":
+            return (raw % 5).astype(dtype)
+        return vals.astype(dtype)
+    if mode == 5 and dtype.kind in "fc":
+        specials = np.array([np.nan, np.inf, -np.inf, 1e300, -1e-300, 3e38, 0.0, -0.0, 1.0])
+        raw = np.frombuffer(fdp.ConsumeBytes(n).ljust(n, b"\0"), dtype=np.uint8)
+        with np.errstate(all="ignore"):
+            return specials[raw % len(specials)].astype(dtype)
+    nbytes = n * dtype.itemsize
+    raw = fdp.ConsumeBytes(nbytes).ljust(nbytes, b"\0")
+    return np.frombuffer(raw, dtype=dtype).copy() if n else np.empty(0, dtype)
+
+
+def build_array(fdp, name, shape, base_dtype, inputs, allow_weird=True):
+    """An argument of (about) this shape: an ndarray of some dtype and layout,
+    or sometimes a list, a scalar, None or another object."""
+    try:
+        return _build_array(fdp, name, shape, base_dtype, inputs, allow_weird)
+    except (ValueError, MemoryError):
+        # a shape NumPy itself cannot describe (an empty array with dims whose
+        # product overflows): the argument is an empty array instead
+        return np.empty(0, dtype=base_dtype)
+
+
+def _build_array(fdp, name, shape, base_dtype, inputs, allow_weird):
+    shape = tuple(int(s) for s in shape)
+    kind = fdp.ConsumeIntInRange(0, 31) if allow_weird else 0
+    if kind == 31:
+        return [None, 1.5, "query", b"\x00", object(), 3, (1, 2), np.float64(2.0)][
+            fdp.ConsumeIntInRange(0, 7)]
+    if kind == 30:  # shape mutated: a dim changed, dropped or added
+        shape = mutate_shape(fdp, shape)
+    dtype = pick_dtype(fdp, base_dtype) if allow_weird else base_dtype
+    n = math.prod(shape)
+    if n > (1 << 18):  # not something to allocate: a huge zero-stride view instead
+        return huge_view(fdp, name, shape, base_dtype if dtype == "struct" else dtype, inputs)
+    if dtype == "struct":
+        return struct_field(fdp, name, shape, base_dtype, inputs)
+    layout = fdp.ConsumeIntInRange(0, 13) if allow_weird else 0
+    vals = fill_values(fdp, n, dtype)
+    if layout == 0 or layout > 10:
+        a = vals.reshape(shape)
+        inputs.track(name, a)
+        return a
+    if layout == 1:  # Fortran order
+        a = np.asfortranarray(vals.reshape(shape))
+        inputs.track(name, a)
+        return a
+    if layout == 2:  # negative strides on some axes
+        root = vals.reshape(shape)
+        inputs.track(name, root)
+        idx = tuple(slice(None, None, -1) if fdp.ConsumeBool() else slice(None) for _ in shape)
+        return root[idx]
+    if layout == 3:  # stepped: every other element of a bigger buffer
+        if not shape:
+            return vals.reshape(shape)
+        ax = fdp.ConsumeIntInRange(0, len(shape) - 1)
+        big = list(shape)
+        big[ax] *= 2
+        root = np.zeros(big, dtype=dtype) if dtype != object else np.full(big, 0.0, dtype=object)
+        sl = [slice(None)] * len(shape)
+        sl[ax] = slice(None, None, 2)
+        root[tuple(sl)] = vals.reshape(shape)
+        inputs.track(name, root)
+        return root[tuple(sl)]
+    if layout == 4:  # a transposed view of another layout
+        perm = list(range(len(shape)))
+        for i in range(len(perm) - 1, 0, -1):
+            j = fdp.ConsumeIntInRange(0, i)
+            perm[i], perm[j] = perm[j], perm[i]
+        inv = np.argsort(perm)
+        root = vals.reshape([shape[p] for p in perm]) if shape else vals.reshape(shape)
+        inputs.track(name, root)
+        return root.transpose(inv) if shape else root
+    if layout == 5:  # zero strides: a broadcast view (read-only) of size-1 dims
+        small = tuple(1 if fdp.ConsumeBool() else s for s in shape)
+        if math.prod(small) > (1 << 18):  # a 0 replaced, a huge dim kept
+            small = (1,) * len(shape)
+        root = fill_values(fdp, math.prod(small), dtype).reshape(small)
+        inputs.track(name, root)
+        if fdp.ConsumeBool():
+            return np.broadcast_to(root, shape)
+        # writeable zero-stride view: nothing may write it either
+        strides = tuple(0 if a == 1 else st for a, st in zip(small, root.strides))
+        return np.lib.stride_tricks.as_strided(root, shape, strides, writeable=True)
+    if layout == 6:  # unaligned: a buffer at a byte offset
+        off = fdp.ConsumeIntInRange(0, 7)
+        if dtype == object:
+            return vals.reshape(shape)
+        buf = bytearray(off + vals.nbytes)
+        buf[off:] = vals.tobytes()
+        inputs.track(name, buf)
+        return np.frombuffer(buf, dtype=dtype, offset=off, count=n).reshape(shape)
+    if layout == 7:  # read-only
+        a = vals.reshape(shape)
+        a.flags.writeable = False
+        inputs.track(name, a)
+        return a
+    if layout == 8:  # a nested list (not of 2**31 empty lists)
+        if (dtype == object or dtype.kind in "fiub") and math.prod(
+                max(d, 1) for d in shape) <= 4096:
+            lst = vals.reshape(shape).tolist()
+            inputs.track(name, lst)
+            return lst
+        return vals.reshape(shape)
+    if layout == 9:  # the wrong byte order, same values
+        a = vals.reshape(shape)
+        if dtype != object and dtype.itemsize > 1 and dtype.kind in "fiuc":
+            a = a.astype(dtype.newbyteorder())
+        inputs.track(name, a)
+        return a
+    # layout 10: odd strides from a bytes object (immutable buffer)
+    if dtype == object:
+        return vals.reshape(shape)
+    a = np.frombuffer(vals.tobytes(), dtype=dtype).reshape(shape)
+    inputs.track(name, a)
+    return a
+
+
+def struct_field(fdp, name, shape, base_dtype, inputs):
+    """A float field of a structured array: packed (unaligned strides) or aligned."""
+    aligned = fdp.ConsumeBool()
+    sdt = np.dtype([("a", "i1"), ("f", base_dtype), ("b", "i2")], align=aligned)
+    n = math.prod(shape)
+    root = np.zeros(n, dtype=sdt)
+    root["f"] = fill_values(fdp, n, base_dtype)
+    root = root.reshape(shape)
+    inputs.track(name, root)
+    return root if fdp.ConsumeBool() else root["f"]
+
+
+def huge_view(fdp, name, shape, dtype, inputs):
+    """A huge shape over one element, with zero strides."""
+    if dtype == object:
+        dtype = np.dtype(np.float64)
+    root = fill_values(fdp, 1, dtype)
+    inputs.track(name, root)
+    try:
+        return np.lib.stride_tricks.as_strided(root, shape, (0,) * len(shape), writeable=False)
+    except ValueError:  # beyond what NumPy can describe
+        return root.reshape(())
+
+
+def mutate_shape(fdp, shape):
+    shape = list(shape)
+    op = fdp.ConsumeIntInRange(0, 3)
+    if op == 0 and shape:
+        shape[fdp.ConsumeIntInRange(0, len(shape) - 1)] = pick_dim(fdp)
+    elif op == 1 and shape:
+        del shape[fdp.ConsumeIntInRange(0, len(shape) - 1)]
+    elif op == 2 and len(shape) < 8:
+        shape.insert(fdp.ConsumeIntInRange(0, len(shape)), pick_dim(fdp))
+    else:
+        shape = [pick_dim(fdp) for _ in range(fdp.ConsumeIntInRange(0, 5))]
+    return tuple(shape)
+
+
+HUGE = [2**31 - 1, 2**31, 2**32 + 1, 2**40, 2**47, 2**62 // 8]
+
+
+def pick_dim(fdp, small=6):
+    """A dimension: mostly 0..small, sometimes a size that tests the limits."""
+    r = fdp.ConsumeIntInRange(0, 63)
+    if r < 60:
+        return r % (small + 1)
+    if r < 62:
+        return fdp.ConsumeIntInRange(0, 200)
+    return HUGE[fdp.ConsumeIntInRange(0, len(HUGE) - 1)]
+
+
+def pick_scalar(fdp, name):
+    """scale, dropout and friends: ordinary, extreme, or of the wrong type."""
+    r = fdp.ConsumeIntInRange(0, 20)
+    table = [None, 0.0, -1.0, 0.125, 1.0, 2.5, math.inf, -math.inf, math.nan, 1e308, 5e-324,
+             10**400, -3, 7, True, "0.5", np.float32(0.5), np.float64(-2.0),
+             np.array([0.5, 1.0]), complex(1, 1)]
+    if r < len(table):
+        return table[r]
+    return fdp.ConsumeFloat()
+
+
+def pick_flag(fdp):
+    r = fdp.ConsumeIntInRange(0, 15)
+    if r < 12:
+        return bool(r % 2)
+    return [None, 2, np.array([1, 0]), "yes"][r - 12]
+
+
+def pick_int(fdp, lo, hi):
+    """An int parameter (heads, dims): mostly in [lo, hi], sometimes not an int."""
+    r = fdp.ConsumeIntInRange(0, 31)
+    if r < 27:
+        return fdp.ConsumeIntInRange(lo, hi)
+    return [0, -1, 2**63, 2.0, None][r - 27]
+
+
+# ---------------------------------------------------------------------------
+# the float64 reference
+
+
+def dims_of(*args):
+    return [d for a in args if isinstance(a, np.ndarray) for d in a.shape]
+
+
+def legit_but_huge(args, out_elems=0, work=0, checked=None):
+    """Accepted sizes, but gigabytes of output or minutes of work: skip.
+    checked: the dims attnpy limits to 2**31 - 1 (default: every dim)."""
+    if any(d > MAX_EXTENT for d in (dims_of(*args) if checked is None else checked)):
+        return False  # must be refused before any allocation
+    total = out_elems + sum(math.prod(a.shape) for a in args if isinstance(a, np.ndarray))
+    return (OUT_LIMIT < total and total * 8 <= ALLOC_FAILS) or work > WORK_LIMIT
+
+
+def sdpa_sizes(q, k, v, gqa):
+    """(output elements incl. weights and gradients, multiply-adds) or None."""
+    def shape(a):  # an ndarray's, or a small list's
+        if isinstance(a, np.ndarray):
+            return a.shape
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return np.shape(a) if isinstance(a, list) else None
+        except ValueError:  # ragged
+            return None
+    qs, ks, vs = shape(q), shape(k), shape(v)
+    if not all(sh is not None and len(sh) >= 2 for sh in (qs, ks, vs)):
+        return None
+    try:
+        lead = np.broadcast_shapes(qs[:-2], ks[:-2] if not gqa else qs[:-2],
+                                   vs[:-2] if not gqa else qs[:-2])
+    except ValueError:
+        return None
+    P, (L, E), S, Ev = math.prod(lead), qs[-2:], ks[-2], vs[-1]
+    # the leading (batch, head) dims are not limited, only these
+    checked = list(qs[-2:]) + list(ks[-2:]) + list(vs[-2:])
+    return (P * (2 * L * E + 2 * L * Ev + 3 * L * S + 2 * S * E + 2 * S * Ev),
+            P * max(L, 1) * max(S, 1) * (E + Ev + 1), checked)
+
+
+def finite_moderate(*arrays):
+    """Small float/bool ndarrays with finite values of moderate size: what the
+    reference is computed for. Sizes first: a huge zero-stride view would cost
+    the reference (not attnpy) gigabytes; so would billions of empty matrices."""
+    for a in arrays:
+        if a is None:
+            continue
+        if not isinstance(a, np.ndarray) or a.dtype.kind not in "fb":
+            return False
+        if math.prod(max(d, 1) for d in a.shape) > MAX_WORK:
+            return False
+    for a in arrays:
+        if a is None:
+            continue
+        if a.dtype.kind == "f" and (not np.all(np.isfinite(a)) or np.max(np.abs(a), initial=0) > 64):
+            return False
+    return True
+
+
+def ref_mask(mask, is_causal, L, S, true_attends=True):
+    """The additive float64 mask (None for no mask)."""
+    if is_causal:
+        return np.where(np.tril(np.ones((L, S), dtype=bool)), 0.0, -np.inf)
+    if mask is None:
+        return None
+    m = np.asarray(mask)
+    if m.dtype == np.bool_:
+        return np.where(m == true_attends, 0.0, -np.inf)
+    return m.astype(np.float64)
+
+
+def ref_softmax(x):
+    if x.shape[-1] == 0:
+        return np.zeros(x.shape)
+    mx = x.max(axis=-1, keepdims=True)
+    dead = np.isneginf(mx)
+    e = np.exp(x - np.where(dead, 0.0, mx))
+    s = e.sum(axis=-1, keepdims=True)
+    return np.where(dead, 0.0, e / np.where(dead, 1.0, s))
+
+
+def ref_sdpa(q, k, v, mask, is_causal, scale, gqa):
+    """float64 forward: (out, weights, logits), torch's semantics."""
+    q, k, v = (np.asarray(a, dtype=np.float64) for a in (q, k, v))
+    L, E, S = q.shape[-2], q.shape[-1], k.shape[-2]
+    if gqa and q.ndim >= 3 and k.ndim >= 3:
+        Hq, H = q.shape[-3], k.shape[-3]
+        if H and Hq % H == 0 and Hq:
+            k = np.take(k, np.arange(Hq) // (Hq // H), axis=-3)
+            v = np.take(v, np.arange(Hq) // (Hq // H), axis=-3)
+    # E = 0: q k^T is an empty sum, exactly 0 whatever the scale (as torch has it)
+    sc = 1.0 if E == 0 else (1.0 / math.sqrt(E)) if scale is None else float(scale)
+    with np.errstate(all="ignore"):
+        logits = sc * np.matmul(q, np.swapaxes(k, -1, -2))
+        m = ref_mask(mask, is_causal, L, S)
+        if m is not None:
+            logits = logits + m
+        w = ref_softmax(logits)
+        out = np.matmul(w, v)
+    # the weights have the full broadcast batch shape (value's leading dims too)
+    lead = out.shape[:-2]
+    w = np.broadcast_to(w, lead + w.shape[-2:])
+    logits = np.broadcast_to(logits, lead + logits.shape[-2:])
+    return out, w, logits
+
+
+def unbroadcast(g, shape):
+    """Sum a broadcast gradient back to an input's shape."""
+    while g.ndim > len(shape):
+        g = g.sum(axis=0)
+    for ax, n in enumerate(shape):
+        if n == 1 and g.shape[ax] != 1:
+            g = g.sum(axis=ax, keepdims=True)
+    return g
+
+
+def ref_sdpa_backward(do, q, k, v, mask, is_causal, scale, gqa):
+    q64, k64, v64 = (np.asarray(a, dtype=np.float64) for a in (q, k, v))
+    do = np.asarray(do, dtype=np.float64)
+    L, E, S = q64.shape[-2], q64.shape[-1], k64.shape[-2]
+    group = 1
+    kk, vv = k64, v64
+    if gqa and q64.ndim >= 3 and k64.ndim >= 3 and k64.shape[-3] and q64.shape[-3]:
+        group = q64.shape[-3] // k64.shape[-3]
+        idx = np.arange(q64.shape[-3]) // group
+        kk, vv = np.take(k64, idx, axis=-3), np.take(v64, idx, axis=-3)
+    sc = 1.0 if E == 0 else (1.0 / math.sqrt(E)) if scale is None else float(scale)
+    with np.errstate(all="ignore"):
+        _, P, _ = ref_sdpa(q64, kk, vv, mask, is_causal, scale, False)
+        dV = np.matmul(np.swapaxes(P, -1, -2), do)
+        dP = np.matmul(do, np.swapaxes(vv, -1, -2))
+        dS = P * (dP - (P * dP).sum(axis=-1, keepdims=True))
+        dQ = sc * np.matmul(dS, kk)
+        dK = sc * np.matmul(np.swapaxes(dS, -1, -2), np.broadcast_to(q64, dS.shape[:-2] + (L, E)))
+    if group > 1:  # sum the query heads of each kv head
+        def fold(g):
+            sh = g.shape
+            return g.reshape(sh[:-3] + (sh[-3] // group, group) + sh[-2:]).sum(axis=-3)
+        dK, dV = fold(dK), fold(dV)
+    return (unbroadcast(dQ, q64.shape), unbroadcast(dK, k64.shape), unbroadcast(dV, v64.shape),
+            dP, dS)
+
+
+def close(name, got, want, dtype, scale_of, what):
+    """|got - want| within an epsilon-derived bound (scale_of: the size of what
+    was summed to make each entry)."""
+    got = np.asarray(got, dtype=np.float64)
+    if got.shape != want.shape:
+        raise Finding(f"{what}: {name} has shape {got.shape}, reference {want.shape}")
+    if got.size == 0:
+        return
+    eps = np.finfo(dtype).eps
+    tol = 256 * eps * (1.0 + scale_of)
+    with np.errstate(all="ignore"):
+        bad = ~(np.abs(got - want) <= tol)
+    bad &= ~(np.isnan(got) & np.isnan(want))
+    if np.any(bad):
+        i = np.argwhere(bad)[0]
+        raise Finding(f"{what}: {name} differs from the float64 reference at {tuple(i)}: "
+                      f"{got[tuple(i)]!r} vs {want[tuple(i)]!r} (tolerance {tol:.3g})")
+
+
+def check_sdpa_result(res, q, k, v, mask, is_causal, scale, gqa, need_weights, what):
+    out, w = res
+    dt = np.asarray(q).dtype if isinstance(q, np.ndarray) else np.dtype(np.float64)
+    if not isinstance(out, np.ndarray) or out.dtype not in FLOAT_DTYPES:
+        raise Finding(f"{what}: output is {type(out).__name__} {getattr(out, 'dtype', '')}")
+    if need_weights != (w is not None):
+        raise Finding(f"{what}: need_weights={need_weights} but weights is {type(w).__name__}")
+    if not all(isinstance(a, np.ndarray) for a in (q, k, v)):
+        return
+    if not finite_moderate(q, k, v, mask) or not (scale is None or isinstance(scale, (int, float))):
+        return
+    if scale is not None and not (abs(scale) <= 64):
+        return
+    if max(q.shape[-2] * k.shape[-2], q.shape[-2] * q.shape[-1]) > MAX_WORK:
+        return
+    want_out, want_w, logits = ref_sdpa(q, k, v, mask, is_causal, scale, gqa)
+    if want_out.shape != out.shape:
+        raise Finding(f"{what}: output shape {out.shape}, reference {want_out.shape}")
+    if np.any(np.isnan(want_out)) or np.any(np.isposinf(logits)):
+        return
+    E = q.shape[-1]
+    sc = (1.0 / math.sqrt(max(E, 1))) if scale is None else abs(float(scale))
+    # each logit sums E products of |q||k| <= 64*64: its rounding error, times
+    # the softmax's sensitivity (1), bounds the weights' error
+    logit_size = sc * 64 * 64 * max(E, 1) + 64
+    vmax = float(np.max(np.abs(v), initial=0))
+    close("weights", w, want_w, out.dtype, logit_size, what) if w is not None else None
+    close("output", out, want_out, out.dtype, logit_size * (1 + vmax) * max(k.shape[-2], 1), what)
+
+
+# ---------------------------------------------------------------------------
+# scenarios
+
+
+def sdpa_shapes(fdp):
+    """Consistent query/key/value/mask shapes, with broadcasting and GQA."""
+    nb = fdp.ConsumeIntInRange(0, 3)  # leading dims besides (L, E)
+    L, S, E, Ev = (pick_dim(fdp) for _ in range(4))
+    lead = [pick_dim(fdp, 3) for _ in range(nb)]
+    gqa = fdp.ConsumeIntInRange(0, 3) == 0
+    def lead_for():
+        return [1 if fdp.ConsumeIntInRange(0, 3) == 0 else d for d in lead]
+    ql, kl = lead_for(), lead_for()
+    if gqa and nb >= 1:
+        g = fdp.ConsumeIntInRange(1, 3)
+        kl[-1] = max(ql[-1], 1)
+        ql[-1] = kl[-1] * g
+    vl = list(kl)
+    # sometimes drop leading dims of key/value (matmul-style broadcasting)
+    cut_k = fdp.ConsumeIntInRange(0, len(kl)) if fdp.ConsumeIntInRange(0, 3) == 0 else 0
+    kl, vl = kl[cut_k:], vl[cut_k:]
+    qs, ks, vs = tuple(ql) + (L, E), tuple(kl) + (S, E), tuple(vl) + (S, Ev)
+    # a mask shape broadcastable to (..., Hq, L, S) (or not, sometimes)
+    mlead = [1 if fdp.ConsumeBool() else d for d in ql]
+    ms = tuple(mlead[fdp.ConsumeIntInRange(0, len(mlead)):]) + (
+        1 if fdp.ConsumeIntInRange(0, 5) == 0 else L, 1 if fdp.ConsumeIntInRange(0, 5) == 0 else S)
+    return qs, ks, vs, ms, gqa
+
+
+def build_mask(fdp, shape, dtype, inputs, name="attn_mask"):
+    r = fdp.ConsumeIntInRange(0, 7)
+    if r == 0:
+        return None
+    if r <= 3:  # bool
+        return build_array(fdp, name, shape, np.dtype(np.bool_), inputs)
+    if r <= 5:  # float, with -inf sometimes
+        m = build_array(fdp, name, shape, dtype, inputs)
+        return m
+    if r == 6 and len(shape) >= 2 and shape[-2] * shape[-1] <= 1 << 20:  # from the library
+        try:
+            return attnpy.causal_mask(shape[-2], shape[-1], dtype=dtype)
+        except ACCEPTED:
+            return None
+    return build_array(fdp, name, shape, np.dtype(np.bool_), inputs)
+
+
+def scenario_sdpa(fdp, private):
+    dtype = FLOAT_DTYPES[fdp.ConsumeIntInRange(0, 1)]
+    inputs = Inputs()
+    qs, ks, vs, ms, gqa = sdpa_shapes(fdp)
+    q = build_array(fdp, "query", qs, dtype, inputs)
+    k = build_array(fdp, "key", ks, dtype, inputs)
+    v = build_array(fdp, "value", vs, dtype, inputs)
+    if fdp.ConsumeIntInRange(0, 15) == 0:  # the same array three times
+        k = v = q
+    mask = build_mask(fdp, ms, dtype, inputs)
+    is_causal = pick_flag(fdp) if fdp.ConsumeIntInRange(0, 3) == 0 else False
+    scale = pick_scalar(fdp, "scale") if fdp.ConsumeBool() else None
+    dropout = 0.0 if fdp.ConsumeIntInRange(0, 7) else pick_scalar(fdp, "dropout_p")
+    need_weights = pick_flag(fdp) if fdp.ConsumeIntInRange(0, 7) == 0 else fdp.ConsumeBool()
+    enable_gqa = gqa if fdp.ConsumeIntInRange(0, 7) else pick_flag(fdp)
+    out = None
+    if fdp.ConsumeIntInRange(0, 5) == 0:
+        oshape = mutate_shape(fdp, qs[:-1] + (vs[-1],)) if fdp.ConsumeIntInRange(0, 3) == 0 \
+            else None
+        r = fdp.ConsumeIntInRange(0, 4)
+        if r == 0 and isinstance(q, np.ndarray):
+            out = q  # aliasing an input: must be refused
+        elif r == 1:
+            out = [0.0]
+        else:
+            try:
+                shape = oshape or np.broadcast_shapes(qs[:-2], ks[:-2] if not gqa else qs[:-2],
+                                                      vs[:-2] if not gqa else qs[:-2]) + \
+                    (qs[-2], vs[-1])
+            except ValueError:
+                shape = qs[:-1] + (vs[-1],)
+            if math.prod(max(d, 1) for d in shape) <= (1 << 16):
+                odt = dtype if r < 4 else OTHER_DTYPES[fdp.ConsumeIntInRange(0, 6)]
+                out = np.zeros(shape, odt)
+                if fdp.ConsumeIntInRange(0, 3) == 0:
+                    out = out.T if out.ndim > 1 else out[::-1]
+    what = f"{'_core.' if private else ''}scaled_dot_product_attention"
+    fn = _core.scaled_dot_product_attention if private else attnpy.scaled_dot_product_attention
+    sizes = sdpa_sizes(q, k, v, gqa)
+    if sizes and legit_but_huge((q, k, v, mask), *sizes):
+        return
+    res = call(inputs, what, fn, q, k, v, mask, dropout, is_causal, scale, enable_gqa,
+               need_weights=need_weights, out=out)
+    if res is None:
+        return
+    if private:
+        res = tuple(res)
+    if out is not None and res[0] is not out:
+        raise Finding(f"{what}: out= given but the output is another array")
+    check_sdpa_result(res, q, k, v, mask, bool(is_causal), scale, bool(enable_gqa),
+                      bool(need_weights), what)
+
+
+def scenario_sdpa_backward(fdp, private):
+    dtype = FLOAT_DTYPES[fdp.ConsumeIntInRange(0, 1)]
+    inputs = Inputs()
+    qs, ks, vs, ms, gqa = sdpa_shapes(fdp)
+    q = build_array(fdp, "query", qs, dtype, inputs)
+    k = build_array(fdp, "key", ks, dtype, inputs)
+    v = build_array(fdp, "value", vs, dtype, inputs)
+    mask = build_mask(fdp, ms, dtype, inputs)
+    is_causal = pick_flag(fdp) if fdp.ConsumeIntInRange(0, 3) == 0 else False
+    scale = pick_scalar(fdp, "scale") if fdp.ConsumeBool() else None
+    enable_gqa = gqa if fdp.ConsumeIntInRange(0, 7) else pick_flag(fdp)
+    try:
+        lead = np.broadcast_shapes(qs[:-2], ks[:-2], vs[:-2]) if not gqa else qs[:-2]
+    except ValueError:
+        lead = qs[:-2]
+    do = build_array(fdp, "grad_output", tuple(lead) + (qs[-2], vs[-1]), dtype, inputs)
+    weights = None
+    if fdp.ConsumeIntInRange(0, 2) == 0:
+        weights = build_array(fdp, "weights", tuple(lead) + (qs[-2], ks[-2]), dtype, inputs)
+    trace = pick_flag(fdp) if fdp.ConsumeIntInRange(0, 7) == 0 else fdp.ConsumeBool()
+    what = f"{'_core.' if private else ''}scaled_dot_product_attention_backward"
+    sizes = sdpa_sizes(q, k, v, gqa)
+    if sizes and legit_but_huge((q, k, v, mask, do, weights), *sizes):
+        return
+    fn = (_core.scaled_dot_product_attention_backward if private
+          else attnpy.scaled_dot_product_attention_backward)
+    res = call(inputs, what, fn, do, q, k, v, mask, is_causal, scale, enable_gqa,
+               weights=weights, trace=trace)
+    if res is None:
+        return
+    gq, gk, gv = res[0], res[1], res[2]
+    for nm, g, x in (("query", gq, q), ("key", gk, k), ("value", gv, v)):
+        if isinstance(x, np.ndarray) and g.shape != x.shape:
+            raise Finding(f"{what}: gradient of {nm} has shape {g.shape}, input {x.shape}")
+    if weights is not None or not all(isinstance(a, np.ndarray) for a in (q, k, v, do)):
+        return  # given weights may be anything: gradients follow them, no reference
+    if not finite_moderate(q, k, v, mask, do) or not (scale is None or isinstance(scale, float)):
+        return
+    if scale is not None and not abs(scale) <= 64:
+        return
+    if max(q.shape[-2] * k.shape[-2], q.shape[-2] * q.shape[-1]) > MAX_WORK:
+        return
+    want = ref_sdpa_backward(do, q, k, v, mask, bool(is_causal), scale, bool(enable_gqa))
+    if any(np.any(~np.isfinite(w)) for w in want):
+        return
+    E = q.shape[-1]
+    sc = (1.0 / math.sqrt(max(E, 1))) if scale is None else abs(float(scale))
+    big = (sc * 64 * 64 * max(E, 1) + 64) * 64 * 64 * max(k.shape[-2], 1) * max(
+        q.shape[-2], 1) * max(E, v.shape[-1], 1) * (1 + sc)
+    # count of problems summed into one gradient entry
+    reps = max(1, math.prod(do.shape[:-2]))
+    for nm, g, wv in zip(("grad query", "grad key", "grad value"), (gq, gk, gv), want[:3]):
+        close(nm, g, wv, g.dtype, big * reps, what)
+
+
+def scenario_mha(fdp):
+    dtype = FLOAT_DTYPES[fdp.ConsumeIntInRange(0, 1)]
+    inputs = Inputs()
+    H = pick_int(fdp, 1, 4)
+    Hkv = None if fdp.ConsumeBool() else pick_int(fdp, 1, 4)
+    D = fdp.ConsumeIntInRange(1, 4)
+    E = H * D if isinstance(H, int) and H > 0 else pick_int(fdp, 1, 8)
+    if fdp.ConsumeIntInRange(0, 7) == 0:
+        E = pick_int(fdp, 0, 9)
+    kdim = None if fdp.ConsumeIntInRange(0, 2) else pick_int(fdp, 1, 6)
+    vdim = None if fdp.ConsumeIntInRange(0, 2) else pick_int(fdp, 1, 6)
+    dropout = 0.0 if fdp.ConsumeIntInRange(0, 3) else pick_scalar(fdp, "dropout")
+    kwargs = dict(dropout=dropout, bias=fdp.ConsumeBool(), add_bias_kv=fdp.ConsumeBool(),
+                  add_zero_attn=fdp.ConsumeBool(), kdim=kdim, vdim=vdim,
+                  batch_first=fdp.ConsumeBool(), num_kv_heads=Hkv,
+                  dtype=dtype if fdp.ConsumeIntInRange(0, 15) else
+                  [np.float16, "float64", int, object][fdp.ConsumeIntInRange(0, 3)],
+                  seed=fdp.ConsumeIntInRange(0, 3))
+    try:
+        layer = attnpy.MultiheadAttention(E, H, **kwargs)
+    except ACCEPTED as e:
+        check_message("MultiheadAttention()", e)
+        return
+    except OverflowError as e:
+        raise Finding(f"MultiheadAttention({E}, {H}, {kwargs}) raised OverflowError: {e}")
+    if fdp.ConsumeBool():
+        layer.train()
+    if fdp.ConsumeIntInRange(0, 7) == 0:  # load a state_dict of fuzzed arrays
+        sd = {name: build_array(fdp, name, p.shape, dtype, inputs)
+              for name, p in layer.state_dict().items()}
+        if fdp.ConsumeIntInRange(0, 3) == 0 and sd:
+            sd.pop(next(iter(sd)))
+        try:
+            layer.load_state_dict(sd)
+        except (KeyError,) + ACCEPTED as e:
+            check_message("load_state_dict", e)
+            return
+        inputs.check_unchanged("load_state_dict")
+    N, L, S = pick_dim(fdp, 3), pick_dim(fdp, 5), pick_dim(fdp, 5)
+    unbatched = fdp.ConsumeIntInRange(0, 3) == 0
+    dt = layer.dtype
+    def shp(n, length, width):
+        if unbatched:
+            return (length, width)
+        return (n, length, width) if layer.batch_first else (length, n, width)
+    query = build_array(fdp, "query", shp(N, L, layer.embed_dim), dt, inputs)
+    selfattn = fdp.ConsumeIntInRange(0, 2) == 0
+    key = None if selfattn else build_array(fdp, "key", shp(N, S, layer.kdim), dt, inputs)
+    value = None if selfattn else build_array(fdp, "value", shp(N, S, layer.vdim), dt, inputs)
+    if selfattn:
+        S = L
+    kpm = None
+    if fdp.ConsumeIntInRange(0, 3) == 0:
+        kpm = build_mask(fdp, (S,) if unbatched else (N, S), dt, inputs, "key_padding_mask")
+    am = None
+    if fdp.ConsumeIntInRange(0, 2) == 0:
+        shapes = [(L, S), (N * layer.num_heads, L, S), (N, layer.num_heads, L, S), (1, L, S)]
+        am = build_mask(fdp, shapes[fdp.ConsumeIntInRange(0, 3)], dt, inputs)
+    is_causal = fdp.ConsumeIntInRange(0, 7) == 0
+    need_weights = fdp.ConsumeBool()
+    trace = fdp.ConsumeBool()
+    heads = layer.num_heads * (1 if unbatched else N) * L * (S + 2)
+    # the projected keys and values (with bias_k / the zero key appended) exist
+    # even when there is no query: (N, S + 2, E) each
+    kv = 2 * (1 if unbatched else N) * (S + 2) * layer.embed_dim
+    if legit_but_huge((query, key, value, am, kpm), 8 * heads + kv,
+                      heads * layer.head_dim * 2 + 8 * dims_product(query) * layer.embed_dim):
+        return
+    average = fdp.ConsumeBool()
+    res = call(inputs, "MultiheadAttention.__call__", layer, query, key, value,
+               key_padding_mask=kpm, need_weights=need_weights, attn_mask=am,
+               average_attn_weights=average, is_causal=is_causal, trace=trace)
+    if res is None:
+        return
+    if isinstance(query, np.ndarray) and res.output.shape != query.shape[:-1] + (layer.embed_dim,):
+        raise Finding(f"MultiheadAttention: output shape {res.output.shape} for query "
+                      f"{query.shape}")
+    check_mha_result(layer, res, query, key, value, kpm, am, need_weights, average)
+    if trace and fdp.ConsumeBool():
+        gshape = res.output.shape
+        if fdp.ConsumeIntInRange(0, 3) == 0:
+            gshape = mutate_shape(fdp, gshape)
+        go = build_array(fdp, "grad_output", gshape, dt, inputs)
+        other = fdp.ConsumeIntInRange(0, 7) == 0
+        target = attnpy.MultiheadAttention(E, H, **kwargs) if other else layer
+        call(inputs, "MultiheadAttention.backward", target.backward,
+             res if fdp.ConsumeIntInRange(0, 7) else res.output, go)
+
+
+def ref_mha(layer, query, key, value, kpm, am):
+    """float64 forward of the layer in eval mode: (output, per-head weights),
+    torch's conventions (bool masks: True = masked out; float masks added)."""
+    f = np.float64
+    p = {name: a.astype(f) for name, a in layer.state_dict().items()}
+    unb = query.ndim == 2
+    q, k, v = (np.asarray(x, f) for x in (query, key, value))
+    if unb:
+        q, k, v = q[None], k[None], v[None]
+    elif not layer.batch_first:
+        q, k, v = (x.swapaxes(0, 1) for x in (q, k, v))
+    E, H, Hkv = layer.embed_dim, layer.num_heads, layer.num_kv_heads
+    D, kvE = E // H, Hkv * (E // H)
+    if "in_proj_weight" in p:
+        w = p["in_proj_weight"]
+        wq, wk, wv = w[:E], w[E:E + kvE], w[E + kvE:]
+    else:
+        wq, wk, wv = p["q_proj_weight"], p["k_proj_weight"], p["v_proj_weight"]
+    b = p.get("in_proj_bias", np.zeros(E + 2 * kvE))
+    Q, K, V = q @ wq.T + b[:E], k @ wk.T + b[E:E + kvE], v @ wv.T + b[E + kvE:]
+    N, L, S = Q.shape[0], Q.shape[1], K.shape[1]
+    if "bias_k" in p:
+        K = np.concatenate([K, np.broadcast_to(p["bias_k"].reshape(1, 1, kvE), (N, 1, kvE))], 1)
+        V = np.concatenate([V, np.broadcast_to(p["bias_v"].reshape(1, 1, kvE), (N, 1, kvE))], 1)
+    if layer.add_zero_attn:
+        K = np.concatenate([K, np.zeros((N, 1, kvE))], 1)
+        V = np.concatenate([V, np.zeros((N, 1, kvE))], 1)
+    S2 = K.shape[1]
+    group = H // Hkv
+    Qh = Q.reshape(N, L, H, D).transpose(0, 2, 1, 3)
+    Kh = np.repeat(K.reshape(N, S2, Hkv, D).transpose(0, 2, 1, 3), group, axis=1)
+    Vh = np.repeat(V.reshape(N, S2, Hkv, D).transpose(0, 2, 1, 3), group, axis=1)
+    logits = Qh @ Kh.swapaxes(-1, -2) / math.sqrt(D)
+    add = np.zeros((N, H, L, S2))
+    for m, shape in ((am, None), (kpm, (N, 1, 1, S))):
+        if m is None:
+            continue
+        m = np.asarray(m)
+        m = np.where(m, -np.inf, 0.0) if m.dtype == np.bool_ else m.astype(f)
+        m = m.reshape(shape) if shape else (m.reshape(N, H, L, S) if m.ndim == 3 else m)
+        add[..., :S] += np.broadcast_to(m, (N, H, L, S))   # extra keys never masked
+    logits = logits + add
+    w = ref_softmax(logits)
+    concat = (w @ Vh).transpose(0, 2, 1, 3).reshape(N, L, E)
+    out = concat @ p["out_proj.weight"].T + p.get("out_proj.bias", np.zeros(E))
+    size = (1 + np.max(np.abs(Qh), initial=0)) * (1 + np.max(np.abs(Kh), initial=0)) * D
+    size *= (1 + np.max(np.abs(Vh), initial=0)) * (S2 + 1) * (E + 1) * (
+        1 + np.max(np.abs(p["out_proj.weight"]), initial=0))
+    if unb:
+        out, w = out[0], w[0]
+    elif not layer.batch_first:
+        out = out.swapaxes(0, 1)
+    return out, w, logits, size
+
+
+def check_mha_result(layer, res, query, key, value, kpm, am, need_weights, average):
+    """The layer's output (and weights) against the float64 reference, eval mode."""
+    if layer.training and layer.dropout > 0:
+        return
+    key = query if key is None else key
+    value = key if value is None else value
+    for m in (kpm, am):
+        if m is not None and not isinstance(m, np.ndarray):
+            return
+    if not finite_moderate(query, key, value, kpm, am):
+        return
+    if any(x.size > MAX_WORK for x in (query, key, value)):
+        return
+    with np.errstate(all="ignore"):
+        want_out, want_w, logits, size = ref_mha(layer, query, key, value, kpm, am)
+    if np.any(np.isposinf(logits)) or not np.all(np.isfinite(want_out)) or size > 1e12:
+        return
+    close("output", res.output, want_out, layer.dtype, size, "MultiheadAttention")
+    if need_weights:
+        want = want_w.mean(axis=-3) if average else want_w
+        close("weights", res.weights, want, layer.dtype, size, "MultiheadAttention")
+
+
+def dims_product(x):
+    return math.prod(x.shape) if isinstance(x, np.ndarray) else 0
+
+
+def scenario_self_attention(fdp):
+    dtype = FLOAT_DTYPES[fdp.ConsumeIntInRange(0, 1)]
+    inputs = Inputs()
+    N, L, dm, dk, dv = (pick_dim(fdp, 4) for _ in range(5))
+    unb = fdp.ConsumeBool()
+    x = build_array(fdp, "x", (L, dm) if unb else (N, L, dm), dtype, inputs)
+    wq = build_array(fdp, "w_q", (dm, dk), dtype, inputs)
+    wk = build_array(fdp, "w_k", (dm, dk), dtype, inputs)
+    wv = build_array(fdp, "w_v", (dm, dv), dtype, inputs)
+    ms = [(L, L), (N, L, L), (1, L), (L,), (N, 1, L, L)][fdp.ConsumeIntInRange(0, 4)]
+    mask = build_mask(fdp, ms, dtype, inputs)
+    is_causal = pick_flag(fdp) if fdp.ConsumeIntInRange(0, 3) == 0 else False
+    scale = pick_scalar(fdp, "scale") if fdp.ConsumeBool() else None
+    trace = fdp.ConsumeBool()
+    Nn = 1 if unb else N
+    if legit_but_huge((x, wq, wk, wv, mask), 8 * Nn * L * L + 4 * Nn * L * (dk + dv),
+                      Nn * L * L * (dk + dv) + Nn * L * dm * (2 * dk + dv)):
+        return
+    res = call(inputs, "self_attention", attnpy.self_attention, x, wq, wk, wv, attn_mask=mask,
+               is_causal=is_causal, scale=scale, trace=trace)
+    if res is None or not all(isinstance(a, np.ndarray) for a in (x, wq, wk, wv)):
+        return
+    if not finite_moderate(x, wq, wk, wv, mask) or x.dtype not in FLOAT_DTYPES:
+        return
+    if scale is not None and not (isinstance(scale, float) and abs(scale) <= 64):
+        return
+    if x.shape[-2] ** 2 > MAX_WORK or x.size > MAX_WORK:
+        return
+    unb = x.ndim == 2  # what attnpy goes by (the shape may have been mutated)
+    x64 = x.astype(np.float64)
+    with np.errstate(all="ignore"):
+        Q, K, V = x64 @ wq.astype(np.float64), x64 @ wk.astype(np.float64), x64 @ wv.astype(
+            np.float64)
+        if np.max(np.abs(Q), initial=0) > 64 or np.max(np.abs(K), initial=0) > 64 or \
+                np.max(np.abs(V), initial=0) > 64:
+            return
+        m = mask
+        if isinstance(m, np.ndarray) and m.ndim == 3:
+            m = m[:, None] if not unb else m
+        want_out, want_w, _ = ref_sdpa(Q[None] if unb else Q[:, None], K[None] if unb else
+                                       K[:, None], V[None] if unb else V[:, None], m,
+                                       bool(is_causal), scale, False)
+    want_out = want_out[0] if unb else want_out[:, 0]
+    want_w = want_w[0] if unb else want_w[:, 0]
+    if want_out.shape != res.output.shape:
+        if unb and want_out.ndim == 3:
+            return  # an (N, L, L) mask on unbatched x: shapes differ legitimately
+        raise Finding(f"self_attention: output shape {res.output.shape}, reference "
+                      f"{want_out.shape}")
+    if np.any(~np.isfinite(want_out)):
+        return
+    big = (1 + (1 / math.sqrt(max(dk, 1)) if scale is None else abs(scale))) * 64 * 64 * (
+        dk + 1) * 64 * (dm + 1)
+    close("weights", res.weights, want_w, x.dtype, big, "self_attention")
+    close("output", res.output, want_out, x.dtype, big * (L + 1) * 64, "self_attention")
+
+
+def scenario_core_mha(fdp, backward):
+    """_core.multihead_attention(_backward) with fuzzed parameter arrays."""
+    dtype = FLOAT_DTYPES[fdp.ConsumeIntInRange(0, 1)]
+    inputs = Inputs()
+    N, L, S = pick_dim(fdp, 3), pick_dim(fdp, 4), pick_dim(fdp, 4)
+    H = pick_int(fdp, 1, 4)
+    Hkv = pick_int(fdp, 1, 4)
+    iH = H if isinstance(H, int) and 0 < H < 64 else 1
+    iK = Hkv if isinstance(Hkv, int) and 0 < Hkv < 64 else 1
+    D, Dv = fdp.ConsumeIntInRange(0, 3), fdp.ConsumeIntInRange(0, 3)
+    qd, kd, vd, od = (fdp.ConsumeIntInRange(0, 5) for _ in range(4))
+    b = lambda name, shape, opt: (None if opt and fdp.ConsumeBool()  # noqa: E731
+                                  else build_array(fdp, name, shape, dtype, inputs))
+    args = [b("query", (N, L, qd), False), b("key", (N, S, kd), False),
+            b("value", (N, S, vd), False),
+            b("w_q", (iH * D, qd), False), b("w_k", (iK * D, kd), False),
+            b("w_v", (iK * Dv, vd), False),
+            b("b_q", (iH * D,), True), b("b_k", (iK * D,), True), b("b_v", (iK * Dv,), True),
+            b("w_out", (od, iH * Dv), True), b("b_out", (od,), True),
+            b("bias_k", (iK * D,), True), b("bias_v", (iK * Dv,), True),
+            H, Hkv, pick_flag(fdp) if fdp.ConsumeIntInRange(0, 7) == 0 else fdp.ConsumeBool()]
+    try:  # the flag may be an array whose truth is ambiguous (the call must refuse it)
+        zero_attn = bool(args[15])
+    except ValueError:
+        zero_attn = False
+    S2 = S + (args[11] is not None) + zero_attn
+    args += [build_mask(fdp, [(L, S), (N, iH, L, S), (N, 1, 1, S), (S,)][
+                 fdp.ConsumeIntInRange(0, 3)], dtype, inputs),
+             build_mask(fdp, (N, 1, 1, S), dtype, inputs, "key_padding_mask"),
+             fdp.ConsumeBool(), pick_flag(fdp) if fdp.ConsumeIntInRange(0, 7) == 0 else False,
+             pick_scalar(fdp, "scale") if fdp.ConsumeBool() else None,
+             0.0 if fdp.ConsumeIntInRange(0, 3) else pick_scalar(fdp, "dropout_p"),
+             fdp.ConsumeIntInRange(0, 2**64 - 1) if fdp.ConsumeIntInRange(0, 15)
+             else [-1, 2**70, "seed"][fdp.ConsumeIntInRange(0, 2)]]
+    out_elems = 8 * N * iH * L * S2 + 4 * N * (L + S2) * (iH + iK) * (D + Dv + od)
+    work = out_elems * (qd + kd + vd + od + D + Dv + 1)
+    if legit_but_huge(args[:13] + args[16:18], out_elems, work):
+        return
+    if not backward:
+        args += [fdp.ConsumeBool(), fdp.ConsumeBool()]
+        call(inputs, "_core.multihead_attention", _core.multihead_attention, *args,
+             overflow_ok=True)
+        return
+    outdim = od if args[9] is not None else iH * Dv
+    args += [b("grad_output", (N, L, outdim), False), b("trace q", (N, L, iH * D), False),
+             b("trace k", (N, S2, iK * D), False), b("trace v", (N, S2, iK * Dv), False),
+             b("trace concat", (N, L, iH * Dv), False),
+             b("trace weights", (N, iH, L, S2), False)]
+    # gradient outputs: written by the call, so not tracked as inputs
+    grads = []
+    for i, shape in enumerate([(iH * D, qd), (iK * D, kd), (iK * Dv, vd), (iH * D,), (iK * D,),
+                               (iK * Dv,), (od, iH * Dv), (od,), (iK * D,), (iK * Dv,)]):
+        r = fdp.ConsumeIntInRange(0, 7)
+        if r == 0:
+            grads.append(None)
+        elif r == 1 and isinstance(args[i + 3], np.ndarray):
+            grads.append(args[i + 3])  # aliasing a parameter: must be refused
+        else:
+            g = np.zeros(shape, dtype)
+            if r == 2:
+                g.flags.writeable = False
+            if r == 3 and g.ndim == 2:
+                g = g.T
+            grads.append(g)
+    call(inputs, "_core.multihead_attention_backward", _core.multihead_attention_backward,
+         *(args + grads), overflow_ok=True)
+
+
+def scenario_causal_mask(fdp):
+    L = pick_int(fdp, 0, 8) if fdp.ConsumeIntInRange(0, 7) else pick_scalar(fdp, "L")
+    S = None if fdp.ConsumeBool() else pick_int(fdp, 0, 8)
+    align = ["top_left", "bottom_right", "middle", None][fdp.ConsumeIntInRange(0, 3)]
+    dt = [np.float32, np.float64, np.float16, int, "f8", object][fdp.ConsumeIntInRange(0, 5)]
+    res = call(Inputs(), "causal_mask", attnpy.causal_mask, L, S, align=align, dtype=dt)
+    if res is None:
+        return
+    SS = L if S is None else S
+    if res.shape != (L, SS):
+        raise Finding(f"causal_mask: shape {res.shape} for L={L}, S={S}")
+    off = 0 if align == "top_left" else SS - L
+    want = np.where(np.arange(SS)[None] <= np.arange(L)[:, None] + off, 0.0, -np.inf)
+    if not np.array_equal(res, want):
+        raise Finding(f"causal_mask({L}, {S}, {align}) is wrong")
+
+
+def scenario_config(fdp):
+    """set_num_threads / set_kernel with odd values, then a call to check."""
+    r = fdp.ConsumeIntInRange(0, 3)
+    if r == 0:
+        n = [0, 1, 2, 3, -1, 257, 2**40, 2**70, 1.5, "2", None, True][
+            fdp.ConsumeIntInRange(0, 11)]
+        call(Inputs(), "set_num_threads", attnpy.set_num_threads, n)
+    elif r == 1:
+        name = ["auto", "reference", "baseline", "avx2", "avx512", "AVX2", "", None, 3,
+                "reference\0x"][fdp.ConsumeIntInRange(0, 9)]
+        call(Inputs(), "set_kernel", attnpy.set_kernel, name)
+    else:
+        call(Inputs(), "use_kernel", lambda: attnpy.use_kernel(
+            ["reference", "bogus", "auto"][fdp.ConsumeIntInRange(0, 2)]).__enter__())
+    scenario_sdpa(fdp, False)
+
+
+SCENARIOS = [
+    lambda f: scenario_sdpa(f, False),
+    lambda f: scenario_sdpa(f, False),
+    lambda f: scenario_sdpa(f, True),
+    lambda f: scenario_sdpa_backward(f, False),
+    lambda f: scenario_sdpa_backward(f, True),
+    scenario_mha,
+    scenario_mha,
+    scenario_self_attention,
+    lambda f: scenario_core_mha(f, False),
+    lambda f: scenario_core_mha(f, True),
+    scenario_causal_mask,
+    scenario_config,
+]
+
+
+# ---------------------------------------------------------------------------
+
+
+# "x must be a float; got int" contradicts itself (ints are floats to every
+# entry point): what a huge int gave before the range became a ValueError
+CONTRADICTION = re.compile(r"must be an? (int|float)\b[^;]*; got (int|float)$")
+
+
+def check_message(what, e):
+    msg = str(e)
+    if not msg.strip():
+        raise Finding(f"{what} raised {type(e).__name__} with an empty message") from e
+    m = CONTRADICTION.search(msg) if isinstance(e, TypeError) else None
+    if m and (m[1] == m[2] or m.groups() == ("float", "int")):
+        raise Finding(f"{what} raised a self-contradicting TypeError: {msg}") from e
+
+
+VERBOSE = os.environ.get("ATTNPY_FUZZ_VERBOSE") == "1"
+
+
+def describe(x):
+    if isinstance(x, np.ndarray):
+        return (f"ndarray(shape={x.shape}, dtype={x.dtype}, strides={x.strides}, "
+                f"writeable={x.flags.writeable}, aligned={x.flags.aligned})")
+    r = repr(x)
+    return r if len(r) < 80 else r[:77] + "..."
+
+
+# CPython's own conversion of an out-of-range Python int for a C integer or
+# double parameter ("n", "d" in PyArg_ParseTuple) of the private _core entry
+# points raises OverflowError before attnpy sees the argument. Accepted there
+# only: every public function checks its ints first.
+PARSE_OVERFLOW = ("too large to convert to C", "int too large to convert to float")
+
+
+def call(inputs, what, fn, *args, overflow_ok=False, **kwargs):
+    """Call fn; None when it raised an accepted error. Anything else is a finding."""
+    if VERBOSE:  # replaying one input: say what is called with what
+        print(f"{what}(", file=sys.stderr)
+        for a in args:
+            print(f"    {describe(a)},", file=sys.stderr)
+        for kw, a in kwargs.items():
+            print(f"    {kw}={describe(a)},", file=sys.stderr)
+        print(")", file=sys.stderr)
+    try:
+        res = fn(*args, **kwargs)
+    except ACCEPTED as e:
+        check_message(what, e)
+        inputs.check_unchanged(what + " (error path)")
+        return None
+    except Finding:
+        raise
+    except OverflowError as e:
+        if not (overflow_ok and any(m in str(e) for m in PARSE_OVERFLOW)):
+            raise Finding(f"{what} raised OverflowError: {e}") from e
+        inputs.check_unchanged(what + " (error path)")
+        return None
+    except Exception as e:
+        raise Finding(f"{what} raised {type(e).__name__}: {e}") from e
+    inputs.check_unchanged(what)
+    return res
+
+
+def TestOneInput(data):
+    fdp = atheris.FuzzedDataProvider(data)
+    # the kernel and thread count for this input (cheap to set when unchanged)
+    attnpy.set_kernel(KERNELS[fdp.ConsumeIntInRange(0, len(KERNELS) - 1)])
+    attnpy.set_num_threads(fdp.ConsumeIntInRange(1, 3))
+    SCENARIOS[fdp.ConsumeIntInRange(0, len(SCENARIOS) - 1)](fdp)
+
+
+def main():
+    extra = {}
+    if os.environ.get("ATTNPY_FUZZ_GLOBAL_LIBFUZZER") == "1":
+        extra["internal_libfuzzer"] = True  # the one loaded above
+    # libFuzzer starts argv[0] again for -merge=1 and -fork=N: a script that
+    # runs this file with the same python (fuzz/self.sh)
+    argv = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "self.sh")] + sys.argv[1:]
+    atheris.Setup(argv, TestOneInput, **extra)
+    atheris.Fuzz()
+
+
+if __name__ == "__main__":
+    main()
