@@ -81,17 +81,22 @@ void attn_free(void *p)
     free(p);
 }
 
+/* TBITS: a signed integer as wide as T, for reading a float's bits */
 #define T float
 #define SFX f32
+#define TBITS int32_t
 #include "attn_kernels.inc"
 #undef T
 #undef SFX
+#undef TBITS
 
 #define T double
 #define SFX f64
+#define TBITS int64_t
 #include "attn_kernels.inc"
 #undef T
 #undef SFX
+#undef TBITS
 
 /* base + offset, or NULL when the tensor is absent. */
 static inline char *attn_at(char *base, int64_t offset)
@@ -198,40 +203,6 @@ static int attn_fast_applies(const attn_sdpa_args *a)
            !a->dropped.data && (!a->weights.data || a->weights.col == elem);
 }
 
-/*
- * Are all of this call's scores finite? The tiled kernels add q k^T to a
- * mask tile where a blocked pair is -inf: right as long as every product is
- * finite (-inf + inf would be NaN, where the reference kernel never scores a
- * blocked pair). So: a finite scale, finite q and k, and |scale| E max|q|
- * max|k| far from overflowing. One read of q and k; with a NaN or an inf the
- * reference kernel runs. Given dout (the backward), v and dO must be finite
- * too: the tiled backward multiplies whole tiles (dv = P^T dO, dP = dO v^T),
- * where a zero weight times a NaN is NaN; the reference kernel skips keys
- * with no weight.
- */
-static int attn_scores_finite(const attn_sdpa_args *a, int64_t nproblems, const attn_view *dout)
-{
-    if (!isfinite(a->scale)) return 0;
-    double (*max_abs)(const char *, int64_t, int64_t, int64_t, int64_t) =
-        a->dtype == ATTN_FLOAT32 ? attn_max_abs_f32 : attn_max_abs_f64;
-    attn_sdpa_args located = *a; /* its out view: dO */
-    if (dout) located.out = *dout;
-    double mq = 0.0, mk = 0.0;
-    for (int64_t p = 0; p < nproblems; p++) {
-        attn_head hd;
-        attn_locate(&located, p, &hd);
-        double q = max_abs(hd.q, a->q.row, a->q.col, a->L, a->E);
-        double k = max_abs(hd.k, a->k.row, a->k.col, a->S, a->E);
-        mq = q > mq ? q : mq;
-        mk = k > mk ? k : mk;
-        if (isinf(mq) || isinf(mk)) return 0;
-        if (dout && (isinf(max_abs(hd.v, a->v.row, a->v.col, a->S, a->Ev)) ||
-                     isinf(max_abs(hd.out, dout->row, dout->col, a->L, a->Ev))))
-            return 0;
-    }
-    return fabs(a->scale) * (double)a->E * mq * mk < (a->dtype == ATTN_FLOAT32 ? 1e37 : 1e300);
-}
-
 int attn_sdpa(const attn_sdpa_args *a)
 {
     if (a->nbatch < 0 || a->nbatch > ATTN_MAX_DIMS || a->num_heads < 0 ||
@@ -261,8 +232,9 @@ int attn_sdpa(const attn_sdpa_args *a)
         return ATTN_OK;
 
     attn_sdpa_job job = {.a = a, .kernel = attn_get_kernel(), .blocks = 1};
-    if (job.kernel != ATTN_KERNEL_REFERENCE &&
-        (!attn_fast_applies(a) || !attn_scores_finite(a, nproblems, NULL)))
+    /* an infinite or NaN scale times a zero product is NaN in a tile, where
+       the reference kernel scores a blocked pair not at all */
+    if (job.kernel != ATTN_KERNEL_REFERENCE && (!attn_fast_applies(a) || !isfinite(a->scale)))
         job.kernel = ATTN_KERNEL_REFERENCE;
     int64_t items = nproblems;
     if (job.kernel != ATTN_KERNEL_REFERENCE) {
@@ -336,9 +308,20 @@ typedef struct {
     int phase;                   /* fast kernels: 0 query-major, 1 key-major */
     int64_t blocks;              /* fast kernels: row blocks per problem in this phase */
     char *stats;                 /* fast kernels: 3 x L values per problem */
+    atomic_int nonfinite;        /* fast kernels: a gradient came out NaN or inf */
     char *work;
     size_t work_size;
 } attn_backward_job;
+
+/* Is every element of a (rows x cols) block of a gradient finite? */
+static int attn_block_finite(const attn_sdpa_args *a, attn_mat m, int64_t r0, int64_t rows,
+                             int64_t cols)
+{
+    const char *p = m.data + r0 * m.row;
+    double largest = a->dtype == ATTN_FLOAT32 ? attn_max_abs_f32(p, m.row, m.col, rows, cols)
+                                              : attn_max_abs_f64(p, m.row, m.col, rows, cols);
+    return !isinf(largest);
+}
 
 static void attn_backward_item(void *ctx, int64_t item, int thread)
 {
@@ -370,6 +353,11 @@ static void attn_backward_item(void *ctx, int64_t item, int thread)
         char *stats = job->stats + (size_t)p * (size_t)(3 * a->L) * es;
         attn_fast_backward_rows(job->kernel, g, &hd, hg.out, job->phase, start, n, stats,
                                 job->phase == 0 ? dq : dk, dv, work);
+        /* the rows just written, while they are in cache: see attn_sdpa_backward */
+        int finite = job->phase == 0 ? attn_block_finite(a, dq, start, n, a->E)
+                                     : attn_block_finite(a, dk, start, n, a->E) &&
+                                           attn_block_finite(a, dv, start, n, a->Ev);
+        if (!finite) atomic_store(&((attn_backward_job *)job)->nonfinite, 1);
         return;
     }
     /* hg.out is dO, hg.weights the given weights, hg.scores / hg.logits the trace */
@@ -427,8 +415,7 @@ int attn_sdpa_backward(const attn_sdpa_grad_args *g)
        weights, the trace and dropout take the reference kernel */
     if (job.kernel != ATTN_KERNEL_REFERENCE &&
         (g->weights.data || g->grad_weights.data || g->grad_scores.data ||
-         a->dropout_p > 0.0 || a->L == 0 || a->S == 0 ||
-         !attn_scores_finite(a, nproblems, &g->grad_out)))
+         a->dropout_p > 0.0 || a->L == 0 || a->S == 0 || !isfinite(a->scale)))
         job.kernel = ATTN_KERNEL_REFERENCE;
     size_t es = a->dtype == ATTN_FLOAT32 ? sizeof(float) : sizeof(double);
     double flops = 8.0 * (double)nproblems * (double)a->L * (double)a->S * (double)(a->E + a->Ev);
@@ -454,7 +441,17 @@ int attn_sdpa_backward(const attn_sdpa_grad_args *g)
         }
         attn_free(job.work);
         attn_free(job.stats);
-        return status;
+        /*
+         * A NaN or inf in a gradient: the tiles multiplied whole blocks, where
+         * a blocked pair's zero weight times a NaN or inf in q, k, v or dO is
+         * NaN; the reference kernel skips keys with no weight. Such a call is
+         * done again by the reference kernel, which overwrites every gradient.
+         * Finite gradients mean no such product happened: the tiles' answer
+         * stands. (Checking the inputs first instead cost a whole extra pass
+         * over them on every call.)
+         */
+        if (status != ATTN_OK || !atomic_load(&job.nonfinite)) return status;
+        job.kernel = ATTN_KERNEL_REFERENCE;
     }
     job.work_size = ((size_t)(2 * (a->S > 0 ? a->S : 1)) * sizeof(double) + 63) / 64 * 64;
     if (threads > nproblems) threads = (int)nproblems;
