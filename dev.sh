@@ -2,7 +2,8 @@
 # The two README commands live here:
 #   bash dev.sh demo   set everything up from a fresh clone, run the demo
 #   bash dev.sh test   set everything up from a fresh clone, run every test (C and Python),
-#                      then again under AddressSanitizer + UndefinedBehaviorSanitizer
+#                      then again under AddressSanitizer + UndefinedBehaviorSanitizer,
+#                      then 150 s of fuzzing the binding (fuzz/)
 #   bash dev.sh bench  set everything up, run the benchmark (writes bench/results.md, .png)
 #   bash dev.sh notebooks  set everything up, run the notebooks and keep their outputs
 #   bash dev.sh fuzz [SECONDS]  set everything up, fuzz the binding (default 600 s)
