@@ -468,7 +468,9 @@ def ref_sdpa_backward(do, q, k, v, mask, is_causal, scale, gqa):
     if gqa and q64.ndim >= 3 and k64.ndim >= 3 and k64.shape[-3] and q64.shape[-3]:
         group = q64.shape[-3] // k64.shape[-3]
         idx = np.arange(q64.shape[-3]) // group
-        kk, vv = np.take(k64, idx, axis=-3), np.take(v64, idx, axis=-3)
+        kk = np.take(k64, idx, axis=-3)
+        # a 2-D value broadcasts over every head
+        vv = np.take(v64, idx, axis=-3) if v64.ndim >= 3 else v64
     sc = 1.0 if E == 0 else (1.0 / math.sqrt(E)) if scale is None else float(scale)
     with np.errstate(all="ignore"):
         _, P, _ = ref_sdpa(q64, kk, vv, mask, is_causal, scale, False)
