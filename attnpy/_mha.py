@@ -12,7 +12,7 @@ from typing import Optional
 
 import numpy as np
 
-from . import _core
+from . import _args, _core
 
 __all__ = ["MultiheadAttention", "MultiheadAttentionGradients", "MultiheadAttentionResult",
            "Trace", "self_attention"]
@@ -120,21 +120,10 @@ class MultiheadAttentionGradients:
 # helpers
 
 
-def _convert(x, name, dtype):
-    """An array-like (not an ndarray) as an array of dtype, or an error naming it."""
-    try:
-        return np.asarray(x, dtype=dtype)
-    except OverflowError:
-        raise ValueError(f"{name} holds a value out of the {np.dtype(dtype)} range") from None
-    except (TypeError, ValueError) as e:
-        raise TypeError(f"{name} must be an array of {np.dtype(dtype)}; could not convert "
-                        f"{type(x).__name__}: {e}") from None
-
-
 def _as_input(x, name, dtype):
     """An ndarray as it is (checked, never copied); other array-likes converted."""
     if not isinstance(x, np.ndarray):
-        x = _convert(x, name, dtype)
+        x = _args.convert(x, name, dtype)
     if x.dtype != dtype:
         raise TypeError(
             f"{name} has dtype {x.dtype} but the layer computes in {np.dtype(dtype)}; "
@@ -400,6 +389,15 @@ class MultiheadAttention:
         b_q, b_k, b_v = (None, None, None) if b is None else (b[:E], b[E:E + kvE], b[E + kvE:])
         return w_q, w_k, w_v, b_q, b_k, b_v
 
+    def _fused_projection(self, query, key, value):
+        """(in_proj_weight, in_proj_bias) when one product makes q, k and v:
+        self-attention (one array as query, key and value) with the packed
+        weight and no rows appended to k and v. Else None."""
+        if not (self._qkv_same_embed_dim and key is query and value is query
+                and "bias_k" not in self._params and not self.add_zero_attn):
+            return None
+        return self._params["in_proj_weight"], self._params.get("in_proj_bias")
+
     # -- forward --------------------------------------------------------------
 
     def __call__(self, query, key=None, value=None, key_padding_mask=None, need_weights=True,
@@ -436,6 +434,7 @@ class MultiheadAttention:
         query = _as_input(query, "query", dtype)
         key = query if key is None else _as_input(key, "key", dtype)
         value = key if value is None else _as_input(value, "value", dtype)
+        fused = self._fused_projection(query, key, value)   # before any view is taken
         if is_causal and attn_mask is None:
             raise ValueError("is_causal=True is a hint that needs attn_mask (as in torch); pass "
                              "attn_mask=attnpy.causal_mask(L, S)")
@@ -453,6 +452,8 @@ class MultiheadAttention:
             if x.shape[-1] != width:
                 raise ValueError(f"{name} must have {width} features ({what}) in its last "
                                  f"dimension; got shape {x.shape}")
+        for name, x in (("query", query), ("key", key), ("value", value)):
+            _args.check_aligned(x, name)
         if unbatched:
             query, key, value = query[None], key[None], value[None]
         elif not self.batch_first:
@@ -481,21 +482,22 @@ class MultiheadAttention:
 
         dropout_p = self.dropout if self.training else 0.0
         seed = int(self._rng.integers(0, 2**63)) if dropout_p > 0 else 0
-        w_q, w_k, w_v, b_q, b_k, b_v = self._projections()
         p = self._params
-        bias_k = p["bias_k"].reshape(-1) if "bias_k" in p else None
-        bias_v = p["bias_v"].reshape(-1) if "bias_v" in p else None
-        out, weights, raw = _core.multihead_attention(
-            query, key, value, w_q, w_k, w_v, b_q, b_k, b_v,
-            p["out_proj.weight"], p.get("out_proj.bias"), bias_k, bias_v,
-            H, self.num_kv_heads, self.add_zero_attn, attn_mask, key_padding_mask,
-            False, False, None, dropout_p, seed, need_weights, trace)
+        bias_kv = (p["bias_k"].reshape(-1), p["bias_v"].reshape(-1)) if "bias_k" in p else None
+        out, weights, raw = _layer_forward(
+            query, key, value, self._projections(), fused,
+            H, self.num_kv_heads, bias_kv, self.add_zero_attn,
+            p["out_proj.weight"], p.get("out_proj.bias"),
+            masks=[m for m in (_args.mask(attn_mask, "attn_mask", dtype, "ignore"),
+                               _args.mask(key_padding_mask, "key_padding_mask", dtype, "ignore"))
+                   if m],
+            scale=_args.scale_of(None, self.head_dim), is_causal=False,
+            dropout_p=dropout_p, seed=seed, need_weights=need_weights, trace=trace)
 
         context = None
         if trace:
-            context = dict(layer=self, query=query, key=key, value=value, attn_mask=attn_mask,
-                           key_padding_mask=key_padding_mask, dropout_p=dropout_p, seed=seed,
-                           raw=raw, unbatched=unbatched, N=N, L=L)
+            context = dict(layer=self, query=query, key=key, value=value, raw=raw,
+                           unbatched=unbatched, N=N, L=L)
         if weights is not None and average_attn_weights:
             weights = weights.mean(axis=1)
         if unbatched:
@@ -560,18 +562,11 @@ class MultiheadAttention:
         g_biask = grads["bias_k"].reshape(-1) if "bias_k" in grads else None
         g_biasv = grads["bias_v"].reshape(-1) if "bias_v" in grads else None
 
-        w_q, w_k, w_v, b_q, b_k, b_v = self._projections()
-        p, raw = self._params, ctx["raw"]
-        gq, gk, gv = _core.multihead_attention_backward(
-            ctx["query"], ctx["key"], ctx["value"], w_q, w_k, w_v, b_q, b_k, b_v,
-            p["out_proj.weight"], p.get("out_proj.bias"),
-            p["bias_k"].reshape(-1) if "bias_k" in p else None,
-            p["bias_v"].reshape(-1) if "bias_v" in p else None,
-            self.num_heads, self.num_kv_heads, self.add_zero_attn, ctx["attn_mask"],
-            ctx["key_padding_mask"], False, False, None, ctx["dropout_p"], ctx["seed"],
-            grad_output, raw["q"], raw["k"], raw["v"], raw["concat"], raw["weights"],
-            g_wq, g_wk, g_wv, g_bq, g_bk, g_bv, grads["out_proj.weight"],
-            grads.get("out_proj.bias"), g_biask, g_biasv)
+        p = self._params
+        gq, gk, gv = _layer_backward(
+            ctx["query"], ctx["key"], ctx["value"], self._projections(), ctx["raw"], grad_output,
+            p["out_proj.weight"], (g_wq, g_wk, g_wv, g_bq, g_bk, g_bv), grads["out_proj.weight"],
+            grads.get("out_proj.bias"), (g_biask, g_biasv) if g_biask is not None else None)
         if ctx["unbatched"]:
             gq, gk, gv = gq[0], gk[0], gv[0]
         elif not self.batch_first:
@@ -612,7 +607,7 @@ def self_attention(x, w_q, w_k, w_v, *, attn_mask=None, is_causal=False, scale=N
     MultiheadAttentionResult
         ``output (…, L, d_v)``, ``weights (…, L, L)``, and the trace.
     """
-    x = x if isinstance(x, np.ndarray) else _convert(x, "x", np.float64)
+    x = x if isinstance(x, np.ndarray) else _args.convert(x, "x", np.float64)
     dtype = x.dtype
     if dtype not in (np.float32, np.float64):
         raise TypeError(f"x must be float32 or float64 (native byte order); got {dtype}")
@@ -621,10 +616,7 @@ def self_attention(x, w_q, w_k, w_v, *, attn_mask=None, is_causal=False, scale=N
     # x is the core's query, key and value and w_q.T its q_proj_weight: its
     # messages would name those, so the layout is checked here
     for name, a in (("x", x), ("w_q", w_q), ("w_k", w_k), ("w_v", w_v)):
-        if not a.flags.aligned:
-            raise ValueError(f"{name} is not aligned for {dtype} (its buffer or strides are not "
-                             f"a multiple of {dtype.itemsize} bytes); attnpy reads arrays in "
-                             f"place and does not copy them")
+        _args.check_aligned(a, name)
     if x.ndim not in (2, 3):
         raise ValueError(f"x must have shape (L, d_model) or (N, L, d_model); got {x.shape}")
     for name, w in (("w_q", w_q), ("w_k", w_k), ("w_v", w_v)):
@@ -641,11 +633,157 @@ def self_attention(x, w_q, w_k, w_v, *, attn_mask=None, is_causal=False, scale=N
         attn_mask = np.asarray(attn_mask)
     if attn_mask is not None and attn_mask.ndim == 3:
         attn_mask = attn_mask[:, None]          # (N, L, S) -> (N, 1, L, S), a view
-    out, weights, raw = _core.multihead_attention(
-        xb, xb, xb, w_q.T, w_k.T, w_v.T, None, None, None, None, None, None, None,
-        1, 1, False, attn_mask, None, True, bool(is_causal), scale, 0.0, 0, True, trace)
+    E = w_q.shape[1]
+    m = _args.mask(attn_mask, "attn_mask", dtype, "attend")
+    out, weights, raw = _layer_forward(
+        xb, xb, xb, (w_q.T, w_k.T, w_v.T, None, None, None), None, 1, 1, None, False, None,
+        None, masks=[m] if m else [], scale=_args.scale_of(scale, E), is_causal=bool(is_causal),
+        dropout_p=0.0, seed=0, need_weights=True, trace=trace)
     weights = weights[:, 0]
     if unbatched:
         out, weights = out[0], weights[0]
     return MultiheadAttentionResult(output=out, weights=weights,
                                     trace=_make_trace(raw, 1, 1, unbatched))
+
+
+# ---------------------------------------------------------------------------
+# the layer, composed: project -> split -> attend -> merge -> project
+#
+# Exactly what the exercises teach. Every step is one call into the core on
+# views: the projections are _core.linear into buffers of (N, rows, H*D), the
+# head split and merge are strided views of those buffers (no copy), and the
+# attention is _core.sdpa on the views, writing each head's output straight
+# into its columns of `concat`.
+
+
+def _split(x, num_heads):
+    """(N, rows, H*D) seen as (N, H, rows, D): a view, no copy."""
+    N, rows, HD = x.shape
+    return x.reshape(N, rows, num_heads, HD // num_heads).transpose(0, 2, 1, 3)
+
+
+def _check_sizes(N, L, S2, H, dtype, want_maps, lengths):
+    for n in lengths:
+        if n > _args.MAX_EXTENT:
+            raise ValueError(f"query, key and value dimensions must be at most 2**31 - 1; got {n}")
+    if want_maps and N * H * L * S2 * np.dtype(dtype).itemsize >= 2**63:
+        raise ValueError(f"the attention weights (N, num_heads, L, S) of query and key would have "
+                         f"shape ({N}, {H}, {L}, {S2}): more bytes than any memory holds "
+                         f"(need_weights=False does without them)")
+
+
+def _layer_forward(query, key, value, proj, fused, H, Hkv, bias_kv, add_zero_attn, w_out, b_out,
+                   *, masks, scale, is_causal, dropout_p, seed, need_weights, trace):
+    """The layer on (N, L, qdim), (N, S, kdim), (N, S, vdim) inputs.
+
+    proj = (w_q, w_k, w_v, b_q, b_k, b_v), each weight (out, in) as torch
+    stores it; fused = (w, b) when one product makes q, k and v. Returns
+    (output, weights or None, raw stages or None).
+    """
+    w_q, w_k, w_v, b_q, b_k, b_v = proj
+    dtype = query.dtype
+    N, L, _ = query.shape
+    S = key.shape[1]
+    D, Dv = w_q.shape[0] // H, w_v.shape[0] // Hkv
+    extra = (bias_kv is not None) + bool(add_zero_attn)
+    dropout = dropout_p > 0
+    _check_sizes(N, L, S + extra, H, dtype, need_weights or trace,
+                 (N, L, S, query.shape[2], key.shape[2], value.shape[2], H * D, Hkv * Dv))
+    if key.shape[0] != N or value.shape[:2] != (N, S):
+        raise ValueError(f"key and value must have the batch size of query (N={N}) and the same "
+                         f"length S; got key {key.shape}, value {value.shape}")
+
+    # 1. projections; k and v get `extra` more rows: bias_k / bias_v, then zeros
+    if fused is not None:
+        qkv = _core.linear(query, *fused)
+        q, k, v = qkv[..., :H * D], qkv[..., H * D:(H + Hkv) * D], qkv[..., (H + Hkv) * D:]
+    else:
+        q = _core.linear(query, w_q, b_q)
+        k = np.empty((N, S + extra, Hkv * D), dtype)
+        v = np.empty((N, S + extra, Hkv * Dv), dtype)
+        _core.linear(key, w_k, b_k, out=k[:, :S])
+        _core.linear(value, w_v, b_v, out=v[:, :S])
+        if bias_kv is not None:
+            k[:, S], v[:, S] = bias_kv
+        if add_zero_attn:
+            k[:, -1], v[:, -1] = 0, 0
+
+    # 2. attention per head, on views; the heads' outputs land side by side
+    concat = np.empty((N, L, H * Dv), dtype)
+    # with dropout, the weights callers see are the dropped ones, which the
+    # core writes with the trace
+    stages = trace or (dropout and need_weights)
+    options = dict(scale=scale, masks=masks, extra_keys=extra, is_causal=is_causal,
+                   enable_gqa=Hkv != H, dropout_p=dropout_p, seed=seed)
+    _, weights, staged = _core.sdpa(_split(q, H), _split(k, Hkv), _split(v, Hkv),
+                                    need_weights=need_weights or stages, trace=stages,
+                                    out=_split(concat, H), **options)
+
+    # 3. output projection
+    out = concat if w_out is None else _core.linear(concat, w_out, b_out)
+    raw = None
+    if trace:
+        # what the backward needs too: the options and the head counts
+        raw = dict(q=q, k=k, v=v, weights=weights, concat=concat, output=out, **staged,
+                   _options=options, _heads=(H, Hkv))
+    if not need_weights:
+        returned = None
+    else:
+        returned = staged["dropped_weights"] if dropout else weights
+    return out, returned, raw
+
+
+def _linear_backward(x, w, dy, dx, dw, db):
+    """Gradients of y = x w^T + b from dy (N, M, O), x (N, M, K), w (O, K):
+    dx = dy w (into dx, or a new array when dx is None), dw = sum_n dy[n]^T x[n]
+    and db = sum dy into the given arrays (skipped when None)."""
+    dx = _core.linear(dy, w.T, out=dx)
+    N, M, O = dy.shape
+    if dw is not None and N * M == 0:
+        dw[...] = 0                       # no rows (not N empty products)
+    elif dw is not None and dy.flags.c_contiguous and x.strides[0] == M * x.strides[1]:
+        # the batch continues the rows: one product over all N * M rows
+        _core.linear(dy.reshape(1, N * M, O).transpose(0, 2, 1), x.reshape(N * M, -1).T,
+                     out=dw[None])
+    elif dw is not None:
+        for n in range(N):
+            _core.linear(dy[n].T[None], x[n].T, out=dw[None], accumulate=n > 0)
+    if db is not None:
+        db[...] = dy.sum(axis=(0, 1))
+    return dx
+
+
+def _layer_backward(query, key, value, proj, raw, grad_output, w_out, g_proj, g_wout, g_bout,
+                    g_bias_kv):
+    """The layer's gradients, step by step back through _layer_forward.
+
+    Parameter gradients are written into the arrays of g_proj = (g_wq, g_wk,
+    g_wv, g_bq, g_bk, g_bv), g_wout, g_bout and g_bias_kv; returns the
+    gradients of query, key and value.
+    """
+    w_q, w_k, w_v = proj[:3]
+    g_wq, g_wk, g_wv, g_bq, g_bk, g_bv = g_proj
+    H, Hkv = raw["_heads"]
+    q, k, v, concat = raw["q"], raw["k"], raw["v"], raw["concat"]
+    ctx = raw["_options"]
+    S = key.shape[1]
+
+    # 3. output projection
+    dconcat = _linear_backward(concat, w_out, grad_output, None, g_wout, g_bout)
+
+    # 2. attention: each head's gradients into its columns of dq, dk, dv
+    dq, dk, dv = np.empty_like(q), np.empty(k.shape, q.dtype), np.empty(v.shape, q.dtype)
+    _core.sdpa_backward(
+        _split(dconcat, H), _split(q, H), _split(k, Hkv), _split(v, Hkv),
+        weights=raw["weights"] if ctx["dropout_p"] > 0 else None,
+        grads=(_split(dq, H), _split(dk, Hkv), _split(dv, Hkv)), **ctx)
+
+    # bias_k, bias_v: the sums of the key / value gradients at row S
+    if g_bias_kv is not None:
+        g_bias_kv[0][...] = dk[:, S].sum(axis=0)
+        g_bias_kv[1][...] = dv[:, S].sum(axis=0)
+
+    # 1. input projections (the first S rows of dk, dv: the appended rows have no input)
+    return (_linear_backward(query, w_q, dq, None, g_wq, g_bq),
+            _linear_backward(key, w_k, dk[:, :S], None, g_wk, g_bk),
+            _linear_backward(value, w_v, dv[:, :S], None, g_wv, g_bv))

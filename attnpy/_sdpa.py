@@ -8,7 +8,7 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
-from . import _core
+from . import _args, _core
 
 __all__ = ["AttentionResult", "AttentionGradients", "BackwardTrace", "scaled_dot_product_attention",
            "scaled_dot_product_attention_backward", "causal_mask"]
@@ -101,10 +101,36 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     >>> out.shape, weights.shape
     ((4, 8), (4, 4))
     """
-    output, weights = _core.scaled_dot_product_attention(
-        query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
-        need_weights=need_weights, out=out)
+    query, key, value = _args.float_inputs((query, key, value), ("query", "key", "value"))
+    p = _args.real(dropout_p, "dropout_p", "a float")
+    if p != 0.0:
+        raise ValueError(f"dropout_p must be 0.0 here; got {dropout_p!r}. Dropout on the attention "
+                         f"weights is available through attnpy.MultiheadAttention (dropout=..., "
+                         f"seed=...)")
+    options = _options(query, attn_mask, is_causal, scale, enable_gqa)
+    if out is not None:
+        if not isinstance(out, np.ndarray):
+            raise TypeError(f"out must be a NumPy array; got {type(out).__name__}")
+        if out.dtype != query.dtype or not out.dtype.isnative:
+            raise TypeError(f"out must have dtype {query.dtype} like query; got {out.dtype}")
+        if not (out.flags.c_contiguous and out.flags.aligned):
+            raise ValueError("out must be a C-contiguous, aligned array")
+    output, weights, _ = _core.sdpa(query, key, value, need_weights=bool(need_weights), out=out,
+                                    **options)
     return AttentionResult(output, weights)
+
+
+def _options(query, attn_mask, is_causal, scale, enable_gqa):
+    """The options SDPA's forward and backward share, by the core's names."""
+    is_causal = bool(is_causal)
+    if attn_mask is not None and is_causal:
+        raise ValueError("attn_mask and is_causal=True cannot both be given (torch raises too); "
+                         "pass the causal mask in attn_mask (see attnpy.causal_mask) or use "
+                         "is_causal alone")
+    dtype = query.dtype if query.dtype in (np.float32, np.float64) else np.dtype(np.float64)
+    m = _args.mask(attn_mask, "attn_mask", dtype, "attend")
+    return dict(scale=_args.scale_of(scale, _args.last_dim(query)), masks=[m] if m else [],
+                is_causal=is_causal, enable_gqa=bool(enable_gqa))
 
 
 def causal_mask(L, S=None, *, align="top_left", dtype=np.float32):
@@ -159,12 +185,10 @@ def _size(name, n):
         raise TypeError(f"{name} must be an int; got {type(n).__name__}")
     if n < 0:
         raise ValueError(f"{name} must be >= 0; got {n}")
-    if n > _MAX_EXTENT:
+    if n > _args.MAX_EXTENT:
         raise ValueError(f"{name} is {n}; attnpy supports dimensions up to 2**31 - 1")
     return int(n)
 
-
-_MAX_EXTENT = 2**31 - 1  # as the C binding's ATTN_MAX_EXTENT
 
 
 class BackwardTrace(NamedTuple):
@@ -239,7 +263,11 @@ def scaled_dot_product_attention_backward(grad_output, query, key, value, attn_m
     of ``query``'s gradient are zero, and it adds nothing to ``key`` and
     ``value``'s. Keys with zero weight get no gradient from that row.
     """
-    gq, gk, gv, gw, gs = _core.scaled_dot_product_attention_backward(
-        grad_output, query, key, value, attn_mask, is_causal, scale, enable_gqa,
-        weights=weights, trace=trace)
+    grad_output, query, key, value = _args.float_inputs(
+        (grad_output, query, key, value), ("grad_output", "query", "key", "value"))
+    options = _options(query, attn_mask, is_causal, scale, enable_gqa)
+    if weights is not None and not isinstance(weights, np.ndarray):
+        weights = _args.convert(weights, "weights", query.dtype)
+    gq, gk, gv, gw, gs = _core.sdpa_backward(grad_output, query, key, value, weights=weights,
+                                             trace=bool(trace), **options)
     return AttentionGradients(gq, gk, gv, BackwardTrace(gw, gs) if trace else None)

@@ -24,6 +24,13 @@
 
 #define ATTN_MAX_DIMS 64 /* as NumPy 2's NPY_MAXDIMS */
 
+/* The core's limits: every dimension (L, S, E, Ev, a linear layer's sizes)
+   is at most ATTN_MAX_EXTENT, so that products of two stay far from
+   overflowing 64 bits; at most ATTN_MAX_THREADS threads. The binding exports
+   both to Python (_core.MAX_EXTENT, _core.MAX_THREADS). */
+#define ATTN_MAX_EXTENT ((int64_t)INT32_MAX)
+#define ATTN_MAX_THREADS 256
+
 typedef enum { ATTN_FLOAT32 = 0, ATTN_FLOAT64 = 1 } attn_dtype;
 
 typedef enum {

@@ -36,7 +36,6 @@
 #include <time.h>
 #include <unistd.h>
 
-#define ATTN_MAX_THREADS 256
 #define ATTN_SPIN_NS 1000000 /* a worker watches for the next job for 1 ms */
 
 #define STATE_CLOSED (UINT64_C(1) << 31)

@@ -1,14 +1,24 @@
 /*
  * attnpy_module.c -- the binding between CPython/NumPy and the C core.
  *
- * The only C file that includes Python.h. Its job, in order: parse the
- * arguments, validate shapes, dtypes and layouts (with messages that name the
- * argument, what was expected and what was given), allocate the outputs,
- * describe every buffer to the core as (pointer, byte strides) without
- * copying it, release the GIL and call the core.
+ * The only C file that includes Python.h. It follows the boundary rule of
+ * csrc/README.md: Python (attnpy/) owns meanings and messages -- it converts
+ * array-likes, picks defaults (the scale), decides mask polarities and
+ * explains a wrong call in the caller's terms. This file checks memory safety
+ * only: that every argument is an ndarray of the dtype the core reads, that
+ * the shapes fit together (so no index of the core leaves a buffer), that
+ * outputs are writeable, aligned and do not overlap an input, and that sizes
+ * stay within the core's limits. Then it describes every buffer to the core as
+ * (pointer, byte strides) without copying it, releases the GIL and calls the
+ * core, which trusts what it is given.
  *
- * References: every PyArrayObject * below is owned (a new reference) and is
- * released at the single exit label `done`.
+ * Arguments: each entry point lists its parameters in one table of (name,
+ * converter, destination), see parse_args; options are keyword-only, so a
+ * misspelt or missing option is a TypeError, never a silent default.
+ *
+ * References: the converters store borrowed references (the caller's tuple
+ * and dict keep the arguments alive during the call). Every array this file
+ * allocates is owned and released at the single exit label `done`.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -22,6 +32,8 @@
 
 /* ------------------------------------------------------------------------ */
 /* Small helpers                                                             */
+
+#define SHAPE_BUF 512
 
 /* "(2, 3, 4)" into buf: shapes in error messages. */
 static const char *fmt_dims(const npy_intp *dims, int nd, char *buf, size_t n)
@@ -38,9 +50,6 @@ static const char *fmt_shape(PyArrayObject *arr, char *buf, size_t n)
 {
     return fmt_dims(PyArray_DIMS(arr), PyArray_NDIM(arr), buf, n);
 }
-
-#define SHAPE_BUF 512
-#define ATTN_MAX_EXTENT ((npy_intp)INT32_MAX)
 
 /* a * b, or -1 with a ValueError when it would overflow npy_intp. */
 static npy_intp checked_mul(npy_intp a, npy_intp b, const char *what)
@@ -66,7 +75,7 @@ static const char *dtype_name(PyArrayObject *arr)
 /*
  * Every array the binding allocates comes from here: a new array of shape
  * dims, zero-filled or not. `what` names it and the arguments its shape
- * comes from, for the error when it could not exist at all (fits: its bytes
+ * comes from, for the error when it could not exist at all (its bytes
  * overflow a 64-bit size, and NumPy's own message would name neither). In a
  * fault-injection build each one counts as an allocation and the chosen one
  * fails as NumPy's would, with MemoryError.
@@ -74,7 +83,6 @@ static const char *dtype_name(PyArrayObject *arr)
 static int fits(int nd, const npy_intp *dims, int typenum, const char *what)
 {
     char s1[SHAPE_BUF];
-    /* bytes = itemsize * prod(dims), over the nonzero dims as NumPy counts */
     npy_intp bytes = typenum == NPY_BOOL ? 1 : typenum == NPY_FLOAT ? 4 : 8;
     for (int d = 0; d < nd; d++) {
         if (dims[d] != 0 && __builtin_mul_overflow(bytes, dims[d], &bytes)) {
@@ -98,51 +106,7 @@ static PyArrayObject *new_array(int nd, const npy_intp *dims, int typenum, int z
                                   : PyArray_EMPTY(nd, dims, typenum, 0));
 }
 
-/* A conversion or cast that allocates: counted like new_array. */
-static int conversion_fails(void)
-{
-#ifdef ATTN_FAULT_INJECTION
-    if (attn_fault_next()) {
-        PyErr_NoMemory();
-        return 1;
-    }
-#endif
-    return 0;
-}
-
-/*
- * obj as an array, as a new reference.
- * An ndarray is taken as it is: never copied, never cast. Anything else (a
- * list, a scalar) is converted; integer and bool array-likes are cast to
- * `cast_to` so that attention on [[1, 0], [0, 1]] works as a student expects.
- */
-static PyArrayObject *as_array(PyObject *obj, const char *name, int cast_to)
-{
-    if (PyArray_Check(obj)) {
-        Py_INCREF(obj);
-        return (PyArrayObject *)obj;
-    }
-    PyArrayObject *arr = conversion_fails() ? NULL : (PyArrayObject *)PyArray_FROM_O(obj);
-    if (!arr) {
-        /* only a failed conversion is a TypeError; MemoryError, KeyboardInterrupt
-           and the like go through as they are */
-        if (!PyErr_ExceptionMatches(PyExc_TypeError) && !PyErr_ExceptionMatches(PyExc_ValueError))
-            return NULL;
-        PyErr_Format(PyExc_TypeError, "%s must be an array of float32 or float64; could not convert %.200s",
-                     name, Py_TYPE(obj)->tp_name);
-        return NULL;
-    }
-    if (cast_to >= 0 && (PyArray_ISINTEGER(arr) || PyArray_ISBOOL(arr) || PyArray_ISFLOAT(arr)) &&
-        PyArray_TYPE(arr) != cast_to) {
-        PyArrayObject *cast =
-            conversion_fails() ? NULL : (PyArrayObject *)PyArray_Cast(arr, cast_to);
-        Py_DECREF(arr);
-        return cast;
-    }
-    return arr;
-}
-
-/* A query/key/value/out array: float32 or float64, native byte order, aligned. */
+/* A float array the core reads or writes: float32 or float64, native, aligned. */
 static int check_float(PyArrayObject *arr, const char *name)
 {
     int t = PyArray_TYPE(arr);
@@ -191,6 +155,41 @@ static int may_overlap(PyArrayObject *a, PyArrayObject *b)
     return alo < bhi && blo < ahi;
 }
 
+/* An output the core writes: of dtype typenum and exactly the shape dims,
+   aligned, writeable, sharing no byte with any of the n inputs. */
+static int check_output(PyArrayObject *out, const char *name, int typenum, int nd,
+                        const npy_intp *dims, PyArrayObject *const *inputs,
+                        const char *const *input_names, int n)
+{
+    char s1[SHAPE_BUF], s2[SHAPE_BUF];
+    if (check_float(out, name)) return -1;
+    if (PyArray_TYPE(out) != typenum) {
+        PyErr_Format(PyExc_TypeError, "%s must have dtype %s like query; got %s", name,
+                     typenum == NPY_FLOAT ? "float32" : "float64", dtype_name(out));
+        return -1;
+    }
+    int same = PyArray_NDIM(out) == nd;
+    for (int d = 0; same && d < nd; d++) same = PyArray_DIM(out, d) == dims[d];
+    if (!same) {
+        PyErr_Format(PyExc_ValueError, "%s must have shape %s; got %s", name,
+                     fmt_dims(dims, nd, s1, SHAPE_BUF), fmt_shape(out, s2, SHAPE_BUF));
+        return -1;
+    }
+    if (!PyArray_ISWRITEABLE(out)) {
+        PyErr_Format(PyExc_ValueError, "%s must be writeable; got a read-only array", name);
+        return -1;
+    }
+    for (int i = 0; i < n; i++) {
+        if (may_overlap(out, inputs[i])) {
+            PyErr_Format(PyExc_ValueError,
+                         "%s shares memory with %s; attnpy never writes into its inputs", name,
+                         input_names[i]);
+            return -1;
+        }
+    }
+    return 0;
+}
+
 /*
  * An array's dims and strides right-aligned to nd dims: leading 1s with
  * stride 0 are prepended, and every size-1 dim gets stride 0, so that a
@@ -205,89 +204,27 @@ static void pad_to(PyArrayObject *arr, int nd, npy_intp *dims, npy_intp *strides
     }
 }
 
-/* Describe a padded array to the core: nbatch batch dims, then (head, row, col)
-   when nd >= 3, else (row, col) with a head stride of 0. */
-static void fill_view(attn_view *view, char *data, const npy_intp *strides, int nd)
+/* Describe an array (already known to broadcast to nd dims) to the core:
+   nbatch batch dims, then (head, row, col) when nd >= 3, else (row, col). */
+static void view_of(PyArrayObject *arr, int nd, attn_view *view)
 {
+    npy_intp dims[NPY_MAXDIMS], strides[NPY_MAXDIMS];
     int nbatch = nd >= 3 ? nd - 3 : 0;
-    view->data = data;
+    pad_to(arr, nd, dims, strides);
+    view->data = PyArray_BYTES(arr);
     for (int d = 0; d < nbatch; d++) view->batch[d] = strides[d];
     view->head = nd >= 3 ? strides[nd - 3] : 0;
     view->row = strides[nd - 2];
     view->col = strides[nd - 1];
 }
 
-/* How get_shaped treats its argument. */
-enum {
-    SHAPED_ALLOW_NONE = 1, /* None gives NULL (an absent parameter) */
-    SHAPED_CONVERT = 2,    /* array-likes are converted (ndarrays never are) */
-    SHAPED_WRITEABLE = 4   /* it will be written: must be a writeable ndarray */
-};
-
-/*
- * An argument that must be an array of dtype typenum and exactly the shape
- * dims (nd of them): a new reference in *out, NULL for an allowed None.
- * Returns 0, or -1 with TypeError / ValueError naming the argument.
- */
-static int get_shaped(PyObject *obj, const char *name, int typenum, int nd,
-                      const npy_intp *dims, int flags, PyArrayObject **out)
+/* A new array of shape dims, described to the core as a view. */
+static PyArrayObject *new_view(int nd, const npy_intp *dims, int typenum, const char *what,
+                               attn_view *view)
 {
-    char s1[SHAPE_BUF], s2[SHAPE_BUF];
-    *out = NULL;
-    if (obj == Py_None) {
-        if (flags & SHAPED_ALLOW_NONE) return 0;
-        PyErr_Format(PyExc_TypeError, "%s is required; got None", name);
-        return -1;
-    }
-    if (!PyArray_Check(obj) && !(flags & SHAPED_CONVERT)) {
-        PyErr_Format(PyExc_TypeError, "%s must be a NumPy array; got %.200s", name,
-                     Py_TYPE(obj)->tp_name);
-        return -1;
-    }
-    if (!(*out = as_array(obj, name, typenum)) || check_float(*out, name)) goto fail;
-    if (PyArray_TYPE(*out) != typenum) {
-        PyErr_Format(PyExc_TypeError, "%s must have dtype %s like query; got %s", name,
-                     typenum == NPY_FLOAT ? "float32" : "float64", dtype_name(*out));
-        goto fail;
-    }
-    int same = PyArray_NDIM(*out) == nd;
-    for (int d = 0; same && d < nd; d++) same = PyArray_DIM(*out, d) == dims[d];
-    if (!same) {
-        PyErr_Format(PyExc_ValueError, "%s must have shape %s; got %s", name,
-                     fmt_dims(dims, nd, s1, SHAPE_BUF), fmt_shape(*out, s2, SHAPE_BUF));
-        goto fail;
-    }
-    if ((flags & SHAPED_WRITEABLE) && !PyArray_ISWRITEABLE(*out)) {
-        PyErr_Format(PyExc_ValueError, "%s must be writeable", name);
-        goto fail;
-    }
-    return 0;
-fail:
-    Py_CLEAR(*out);
-    return -1;
-}
-
-/*
- * A float argument (a Python float, int or anything with __float__) into *x.
- * Returns 0, or -1 with TypeError (not a number: "name must be <expect>") or
- * ValueError (an int beyond the float range, which float() refuses with
- * OverflowError).
- */
-static int float_arg(PyObject *obj, const char *name, const char *expect, double *x)
-{
-    *x = PyFloat_AsDouble(obj);
-    if (!(*x == -1.0 && PyErr_Occurred())) return 0;
-    if (PyErr_ExceptionMatches(PyExc_OverflowError)) {
-        PyErr_Clear();
-        PyErr_Format(PyExc_ValueError, "%s is out of the float range (a %.200s too large for "
-                     "a float)", name, Py_TYPE(obj)->tp_name);
-    }
-    else {
-        PyErr_Clear();
-        PyErr_Format(PyExc_TypeError, "%s must be %s; got %.200s", name, expect,
-                     Py_TYPE(obj)->tp_name);
-    }
-    return -1;
+    PyArrayObject *arr = new_array(nd, dims, typenum, 0, what);
+    if (arr) view_of(arr, nd, view);
+    return arr;
 }
 
 /* A status from the core as a Python exception; 0 when there is none. */
@@ -299,117 +236,250 @@ static int raise_for_status(int status)
     return -1;
 }
 
+/* ------------------------------------------------------------------------ */
+/* Arguments: one table per entry point                                      */
+
+/* A converter checks one argument and stores it at dest; it returns 0, or
+   -1 with TypeError / ValueError naming the argument. */
+typedef int (*converter)(PyObject *obj, void *dest, const char *name);
+
+typedef struct {
+    const char *name;  /* the keyword, and the name in messages */
+    converter convert;
+    void *dest;
+    int required;
+} arg_spec;
+
+#define MAX_ARGS 16
+
 /*
- * A mask argument, as a new reference: bool, or the inputs' float dtype,
- * broadcastable to target (nd dims; target_desc names them in messages).
- * true_attends gives the bool polarity: 1 = SDPA's (True = attend), 0 =
- * MultiheadAttention's (True = masked out). Fills *kind and the padded strides.
+ * Fill every spec from args (the first npos specs may be given by position)
+ * and kwargs (any spec, by name). An unknown keyword, a repeated one or a
+ * missing required argument is a TypeError. Arguments not given keep the
+ * value their destination was initialised with.
  */
-static PyArrayObject *get_mask(PyObject *obj, const char *name, int typenum, int nd,
-                               const npy_intp *target, const char *target_desc,
-                               int true_attends, attn_mask_kind *kind, npy_intp *strides)
+static int parse_args(const char *fn, PyObject *args, PyObject *kwargs, const arg_spec *spec,
+                      int n, int npos)
 {
-    char s1[SHAPE_BUF], s2[SHAPE_BUF];
-    npy_intp dims[NPY_MAXDIMS];
-    PyArrayObject *mask = as_array(obj, name, -1);
-    if (!mask) return NULL;
-    if (!PyArray_Check(obj) && (PyArray_ISINTEGER(mask) || PyArray_ISCOMPLEX(mask) ||
-                                PyArray_TYPE(mask) == NPY_OBJECT)) {
+    PyObject *given[MAX_ARGS] = {NULL};
+    Py_ssize_t nargs = PyTuple_GET_SIZE(args);
+    if (nargs > npos) {
         PyErr_Format(PyExc_TypeError,
-                     "%s given as a list of %s is ambiguous: give bools (True = %s) or floats "
-                     "(added to the scores)",
-                     name, dtype_name(mask), true_attends ? "attend" : "masked out");
-        goto fail;
+                     "%s() takes %d positional arguments but %zd were given; its options are "
+                     "keyword-only", fn, npos, nargs);
+        return -1;
     }
-    if (!PyArray_Check(obj) && PyArray_TYPE(mask) != NPY_BOOL) {
-        /* a float list: cast to the inputs' dtype */
-        Py_SETREF(mask, conversion_fails() ? NULL : (PyArrayObject *)PyArray_Cast(mask, typenum));
-        if (!mask) return NULL;
+    for (Py_ssize_t i = 0; i < nargs; i++) given[i] = PyTuple_GET_ITEM(args, i);
+    PyObject *key, *value;
+    Py_ssize_t pos = 0;
+    while (kwargs && PyDict_Next(kwargs, &pos, &key, &value)) {
+        const char *name = PyUnicode_Check(key) ? PyUnicode_AsUTF8(key) : NULL;
+        int i = 0;
+        while (name && i < n && strcmp(spec[i].name, name) != 0) i++;
+        if (!name || i == n) {
+            if (!PyErr_Occurred())
+                PyErr_Format(PyExc_TypeError, "%s() got an unexpected keyword argument %R", fn,
+                             key);
+            return -1;
+        }
+        if (given[i]) {
+            PyErr_Format(PyExc_TypeError, "%s() got multiple values for argument '%s'", fn, name);
+            return -1;
+        }
+        given[i] = value;
     }
-    if (PyArray_TYPE(mask) != NPY_BOOL && PyArray_TYPE(mask) != typenum) {
-        PyErr_Format(PyExc_TypeError,
-                     "%s must be bool (True = %s) or %s like query (added to the scores); got %s",
-                     name, true_attends ? "attend" : "masked out",
-                     typenum == NPY_FLOAT ? "float32" : "float64", dtype_name(mask));
-        goto fail;
+    for (int i = 0; i < n; i++) {
+        if (!given[i]) {
+            if (!spec[i].required) continue;
+            PyErr_Format(PyExc_TypeError, "%s() missing required argument '%s'", fn,
+                         spec[i].name);
+            return -1;
+        }
+        if (spec[i].convert(given[i], spec[i].dest, spec[i].name) < 0) return -1;
     }
-    if (PyArray_TYPE(mask) != NPY_BOOL && check_float(mask, name)) goto fail;
-    int ok = PyArray_NDIM(mask) <= nd;
-    if (ok) {
-        pad_to(mask, nd, dims, strides);
-        for (int d = 0; d < nd; d++)
-            if (dims[d] != 1 && dims[d] != target[d]) ok = 0;
+    return 0;
+}
+
+/* An ndarray, borrowed (never converted: Python converts array-likes). */
+static int to_array(PyObject *obj, void *dest, const char *name)
+{
+    if (!PyArray_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, "%s must be a NumPy array; got %.200s", name,
+                     Py_TYPE(obj)->tp_name);
+        return -1;
     }
-    if (!ok) {
-        PyErr_Format(PyExc_ValueError, "%s of shape %s does not broadcast to %s = %s", name,
-                     fmt_shape(mask, s1, SHAPE_BUF), target_desc,
-                     fmt_dims(target, nd, s2, SHAPE_BUF));
-        goto fail;
+    *(PyArrayObject **)dest = (PyArrayObject *)obj;
+    return 0;
+}
+
+static int to_array_or_none(PyObject *obj, void *dest, const char *name)
+{
+    if (obj == Py_None) {
+        *(PyArrayObject **)dest = NULL;
+        return 0;
     }
-    *kind = PyArray_TYPE(mask) != NPY_BOOL ? ATTN_MASK_ADD
-            : true_attends               ? ATTN_MASK_BOOL
-                                         : ATTN_MASK_BOOL_BLOCK;
-    return mask;
-fail:
-    Py_DECREF(mask);
-    return NULL;
+    return to_array(obj, dest, name);
+}
+
+static int to_bool(PyObject *obj, void *dest, const char *name)
+{
+    if (!PyBool_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, "%s must be a bool; got %.200s", name,
+                     Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    *(int *)dest = obj == Py_True;
+    return 0;
+}
+
+/* A Python float (or int): Python resolves defaults such as the scale. */
+static int to_double(PyObject *obj, void *dest, const char *name)
+{
+    double x = PyFloat_AsDouble(obj);
+    if (x == -1.0 && PyErr_Occurred()) {
+        int overflow = PyErr_ExceptionMatches(PyExc_OverflowError);
+        PyErr_Clear();
+        PyErr_Format(overflow ? PyExc_ValueError : PyExc_TypeError,
+                     overflow ? "%s is out of the float range" : "%s must be a float; got %.200s",
+                     name, Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    *(double *)dest = x;
+    return 0;
+}
+
+static int to_count(PyObject *obj, void *dest, const char *name)
+{
+    long long n = PyLong_Check(obj) ? PyLong_AsLongLong(obj) : -1;
+    if (n == -1 && PyErr_Occurred()) PyErr_Clear();
+    if (!PyLong_Check(obj) || n < 0) {
+        PyErr_Format(PyExc_ValueError, "%s must be an int >= 0 within 64 bits", name);
+        return -1;
+    }
+    *(int64_t *)dest = (int64_t)n;
+    return 0;
+}
+
+static int to_seed(PyObject *obj, void *dest, const char *name)
+{
+    unsigned long long s = PyLong_Check(obj) ? PyLong_AsUnsignedLongLong(obj) : (unsigned long long)-1;
+    if (!PyLong_Check(obj) || (s == (unsigned long long)-1 && PyErr_Occurred())) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_ValueError, "%s must be an int in [0, 2**64)", name);
+        return -1;
+    }
+    *(uint64_t *)dest = (uint64_t)s;
+    return 0;
+}
+
+/* masks: a sequence of at most two (array, kind, name) triples. kind says
+   what the array means: "attend" (bool, True = attend: SDPA's polarity),
+   "ignore" (bool, True = masked out: MultiheadAttention's), "add" (float of
+   the query's dtype, added to the scores); name is the argument it came
+   from, for the messages. */
+typedef struct {
+    int n;
+    PyArrayObject *arr[2];
+    attn_mask_kind kind[2];
+    const char *name[2];
+} mask_list;
+
+static int to_masks(PyObject *obj, void *dest, const char *name)
+{
+    mask_list *m = dest;
+    static const char *kinds[3] = {"attend", "ignore", "add"};
+    static const attn_mask_kind codes[3] = {ATTN_MASK_BOOL, ATTN_MASK_BOOL_BLOCK, ATTN_MASK_ADD};
+    PyObject *seq = PySequence_Fast(obj, "");
+    if (!seq || PySequence_Fast_GET_SIZE(seq) > 2) goto bad;
+    m->n = (int)PySequence_Fast_GET_SIZE(seq);
+    for (int i = 0; i < m->n; i++) {
+        PyObject *t = PySequence_Fast_GET_ITEM(seq, i);
+        if (!PyTuple_Check(t) || PyTuple_GET_SIZE(t) != 3 ||
+            !PyArray_Check(PyTuple_GET_ITEM(t, 0)) || !PyUnicode_Check(PyTuple_GET_ITEM(t, 1)) ||
+            !PyUnicode_Check(PyTuple_GET_ITEM(t, 2)))
+            goto bad;
+        const char *kind = PyUnicode_AsUTF8(PyTuple_GET_ITEM(t, 1));
+        int k = 0;
+        while (kind && k < 3 && strcmp(kind, kinds[k]) != 0) k++;
+        if (k == 3 || !(m->name[i] = PyUnicode_AsUTF8(PyTuple_GET_ITEM(t, 2)))) goto bad;
+        m->arr[i] = (PyArrayObject *)PyTuple_GET_ITEM(t, 0); /* borrowed from obj */
+        m->kind[i] = codes[k];
+    }
+    Py_DECREF(seq);
+    return 0;
+bad:
+    Py_XDECREF(seq);
+    PyErr_Clear();
+    PyErr_Format(PyExc_TypeError,
+                 "%s must be a sequence of at most two (array, kind, name) tuples, kind one of "
+                 "'attend', 'ignore', 'add'", name);
+    return -1;
+}
+
+/* grads: None, or (grad_query, grad_key, grad_value), each an array or None. */
+static int to_grads(PyObject *obj, void *dest, const char *name)
+{
+    PyArrayObject **g = dest;
+    if (obj == Py_None) return 0;
+    if (!PyTuple_Check(obj) || PyTuple_GET_SIZE(obj) != 3) {
+        PyErr_Format(PyExc_TypeError, "%s must be None or a tuple of 3 arrays or None", name);
+        return -1;
+    }
+    static const char *names[3] = {"grads[0]", "grads[1]", "grads[2]"};
+    for (int i = 0; i < 3; i++)
+        if (to_array_or_none(PyTuple_GET_ITEM(obj, i), &g[i], names[i])) return -1;
+    return 0;
 }
 
 /* ------------------------------------------------------------------------ */
-/* scaled_dot_product_attention and its backward pass                        */
+/* scaled dot-product attention: what the forward and the backward share     */
 
-/* One call's inputs, validated and described: what the forward and the
-   backward share. The arrays are owned (released by sdpa_clear). */
+/* Options both passes take, by name. */
 typedef struct {
-    PyArrayObject *q, *k, *v, *mask;
+    double scale;
+    mask_list masks;
+    int64_t extra_keys;
+    int is_causal, enable_gqa;
+    double dropout_p;
+    uint64_t seed;
+} sdpa_options;
+
+#define SDPA_OPTION_SPECS(o)                                          \
+    {"scale", to_double, &(o).scale, 1},                              \
+    {"masks", to_masks, &(o).masks, 0},                               \
+    {"extra_keys", to_count, &(o).extra_keys, 0},                     \
+    {"is_causal", to_bool, &(o).is_causal, 0},                        \
+    {"enable_gqa", to_bool, &(o).enable_gqa, 0},                      \
+    {"dropout_p", to_double, &(o).dropout_p, 0},                      \
+    {"seed", to_seed, &(o).seed, 0}
+
+/* One call, checked and described to the core (outputs not yet). */
+typedef struct {
+    PyArrayObject *q, *k, *v;
     int typenum, nd;
     npy_intp out_dims[NPY_MAXDIMS], w_dims[NPY_MAXDIMS];
-    attn_sdpa_args a; /* sizes, scale, causal, q/k/v/mask views; no outputs yet */
+    attn_sdpa_args a;
 } sdpa_call;
 
-static void sdpa_clear(sdpa_call *c)
-{
-    Py_CLEAR(c->q);
-    Py_CLEAR(c->k);
-    Py_CLEAR(c->v);
-    Py_CLEAR(c->mask);
-}
-
 /*
- * Parse and validate query, key, value, attn_mask, is_causal, scale and
- * enable_gqa exactly as torch's SDPA takes them; fill c. Returns 0, or -1
- * with an exception set (and c cleared).
+ * Check that query, key, value and the masks fit together: the core then
+ * never indexes outside them. Fills c. Returns 0, or -1 with an exception.
  */
-static int sdpa_prepare(sdpa_call *c, PyObject *query_o, PyObject *key_o, PyObject *value_o,
-                        PyObject *mask_o, int is_causal, PyObject *scale_o, int enable_gqa)
+static int sdpa_prepare(sdpa_call *c, PyArrayObject *q, PyArrayObject *k, PyArrayObject *v,
+                        const sdpa_options *o)
 {
     static attn_sdpa_args zero_args;
-    PyArrayObject *q = NULL, *k = NULL, *v = NULL, *mask = NULL;
     char s1[SHAPE_BUF], s2[SHAPE_BUF], s3[SHAPE_BUF];
-    c->q = c->k = c->v = c->mask = NULL;
-
-    double scale = NAN;
-    if (scale_o != Py_None && float_arg(scale_o, "scale", "a float or None", &scale)) goto fail;
-
-    /* --- query, key, value ------------------------------------------------ */
-    /* Array-likes are converted to the dtype of the first float ndarray given. */
-    int cast_to = NPY_DOUBLE;
-    PyObject *qkv_o[3] = {query_o, key_o, value_o};
-    for (int i = 2; i >= 0; i--)
-        if (PyArray_Check(qkv_o[i]) && (PyArray_TYPE((PyArrayObject *)qkv_o[i]) == NPY_FLOAT ||
-                                        PyArray_TYPE((PyArrayObject *)qkv_o[i]) == NPY_DOUBLE))
-            cast_to = PyArray_TYPE((PyArrayObject *)qkv_o[i]);
-
-    if (!(q = as_array(query_o, "query", cast_to)) || !(k = as_array(key_o, "key", cast_to)) ||
-        !(v = as_array(value_o, "value", cast_to)))
-        goto fail;
-    if (check_float(q, "query") || check_float(k, "key") || check_float(v, "value")) goto fail;
+    c->q = q;
+    c->k = k;
+    c->v = v;
+    if (check_float(q, "query") || check_float(k, "key") || check_float(v, "value")) return -1;
     if (PyArray_TYPE(k) != PyArray_TYPE(q) || PyArray_TYPE(v) != PyArray_TYPE(q)) {
         PyErr_Format(PyExc_TypeError,
                      "query, key and value must have the same dtype (float32 or float64); "
                      "got query %s, key %s, value %s",
                      dtype_name(q), dtype_name(k), dtype_name(v));
-        goto fail;
+        return -1;
     }
     const int typenum = PyArray_TYPE(q);
     PyArrayObject *qkv[3] = {q, k, v};
@@ -417,10 +487,9 @@ static int sdpa_prepare(sdpa_call *c, PyObject *query_o, PyObject *key_o, PyObje
     const char *qkv_shape[3] = {"(..., L, E)", "(..., S, E)", "(..., S, Ev)"};
     for (int i = 0; i < 3; i++) {
         if (PyArray_NDIM(qkv[i]) < 2) {
-            PyErr_Format(PyExc_ValueError,
-                         "%s must be at least 2-D with shape %s; got shape %s", qkv_name[i],
-                         qkv_shape[i], fmt_shape(qkv[i], s1, SHAPE_BUF));
-            goto fail;
+            PyErr_Format(PyExc_ValueError, "%s must be at least 2-D with shape %s; got shape %s",
+                         qkv_name[i], qkv_shape[i], fmt_shape(qkv[i], s1, SHAPE_BUF));
+            return -1;
         }
     }
     const npy_intp L = PyArray_DIM(q, PyArray_NDIM(q) - 2), E = PyArray_DIM(q, PyArray_NDIM(q) - 1);
@@ -431,10 +500,9 @@ static int sdpa_prepare(sdpa_call *c, PyObject *query_o, PyObject *key_o, PyObje
     const char *dim_names[4] = {"L (query rows)", "E", "S (key rows)", "Ev"};
     for (int i = 0; i < 4; i++) {
         if (dims4[i] > ATTN_MAX_EXTENT) {
-            PyErr_Format(PyExc_ValueError,
-                         "%s is %ld; attnpy supports dimensions up to 2**31 - 1",
+            PyErr_Format(PyExc_ValueError, "%s is %ld; attnpy supports dimensions up to 2**31 - 1",
                          dim_names[i], (long)dims4[i]);
-            goto fail;
+            return -1;
         }
     }
     if (PyArray_DIM(k, PyArray_NDIM(k) - 1) != E) {
@@ -442,33 +510,38 @@ static int sdpa_prepare(sdpa_call *c, PyObject *query_o, PyObject *key_o, PyObje
                      "key must have the same last dimension E as query (E=%ld); "
                      "got query %s, key %s",
                      (long)E, fmt_shape(q, s1, SHAPE_BUF), fmt_shape(k, s2, SHAPE_BUF));
-        goto fail;
+        return -1;
     }
     if (PyArray_DIM(v, PyArray_NDIM(v) - 2) != S) {
         PyErr_Format(PyExc_ValueError,
                      "value must have as many rows as key (S=%ld); got key %s, value %s",
                      (long)S, fmt_shape(k, s1, SHAPE_BUF), fmt_shape(v, s2, SHAPE_BUF));
-        goto fail;
+        return -1;
+    }
+    if (o->extra_keys > S) {
+        PyErr_Format(PyExc_ValueError, "extra_keys (%lld) exceeds the key rows S=%ld",
+                     (long long)o->extra_keys, (long)S);
+        return -1;
+    }
+    if (!(o->dropout_p >= 0.0 && o->dropout_p <= 1.0)) {
+        PyErr_Format(PyExc_ValueError, "dropout_p must be in [0, 1]; got %g", o->dropout_p);
+        return -1;
     }
 
-    /* --- broadcast the leading dims ---------------------------------------- */
-    /* nd: the output's ndim. Dims [0, nd-3) are batch dims that broadcast as
-       in np.matmul; dim nd-3 is the head axis (broadcast too, unless
-       enable_gqa maps query heads onto fewer key/value heads). */
+    /* Broadcast the leading dims. nd: the output's ndim. Dims [0, nd-3) are
+       batch dims that broadcast as in np.matmul; dim nd-3 is the head axis
+       (broadcast too, unless enable_gqa maps query heads onto fewer key/value
+       heads). */
     int nd = PyArray_NDIM(q);
     if (PyArray_NDIM(k) > nd) nd = PyArray_NDIM(k);
     if (PyArray_NDIM(v) > nd) nd = PyArray_NDIM(v);
     npy_intp dims[3][NPY_MAXDIMS], strides[3][NPY_MAXDIMS];
     for (int i = 0; i < 3; i++) pad_to(qkv[i], nd, dims[i], strides[i]);
-
-    npy_intp out_dims[NPY_MAXDIMS], w_dims[NPY_MAXDIMS];
-    const int nbatch = nd >= 3 ? nd - 3 : 0;
     const int head_axis = nd >= 3 ? nd - 3 : -1;
     for (int d = 0; d < nd - 2; d++) {
         npy_intp n = 1;
-        int gqa_heads = enable_gqa && d == head_axis;
-        for (int i = 0; i < 3; i++) {
-            if (gqa_heads) break;
+        int gqa_heads = o->enable_gqa && d == head_axis;
+        for (int i = 0; i < 3 && !gqa_heads; i++) {
             if (dims[i][d] == 1) continue;
             if (n == 1) n = dims[i][d];
             else if (dims[i][d] != n) {
@@ -479,25 +552,24 @@ static int sdpa_prepare(sdpa_call *c, PyObject *query_o, PyObject *key_o, PyObje
                              fmt_shape(v, s3, SHAPE_BUF), nd - d, (long)dims[0][d],
                              (long)dims[1][d], (long)dims[2][d],
                              d == head_axis ? "; for grouped-query attention pass enable_gqa=True" : "");
-                goto fail;
+                return -1;
             }
         }
-        out_dims[d] = w_dims[d] = gqa_heads ? dims[0][d] : n;
+        c->out_dims[d] = c->w_dims[d] = gqa_heads ? dims[0][d] : n;
     }
-    out_dims[nd - 2] = w_dims[nd - 2] = L;
-    out_dims[nd - 1] = Ev;
-    w_dims[nd - 1] = S;
+    c->out_dims[nd - 2] = c->w_dims[nd - 2] = L;
+    c->out_dims[nd - 1] = Ev;
+    c->w_dims[nd - 1] = S;
 
-    npy_intp num_heads = head_axis >= 0 ? out_dims[head_axis] : 1;
-    npy_intp num_kv_heads = num_heads;
-    if (enable_gqa && head_axis >= 0) {
+    npy_intp num_heads = head_axis >= 0 ? c->out_dims[head_axis] : 1, num_kv_heads = num_heads;
+    if (o->enable_gqa && head_axis >= 0) {
         npy_intp Hk = dims[1][head_axis], Hv = dims[2][head_axis];
         if (Hk != Hv) {
             PyErr_Format(PyExc_ValueError,
                          "enable_gqa=True: key and value must have the same number of heads "
                          "(axis -3); got key %s, value %s",
                          fmt_shape(k, s1, SHAPE_BUF), fmt_shape(v, s2, SHAPE_BUF));
-            goto fail;
+            return -1;
         }
         if (Hk == 0 ? num_heads != 0 : num_heads % Hk != 0) {
             PyErr_Format(PyExc_ValueError,
@@ -505,263 +577,271 @@ static int sdpa_prepare(sdpa_call *c, PyObject *query_o, PyObject *key_o, PyObje
                          "to be a multiple of the key/value heads (H=%ld, key %s)",
                          (long)num_heads, fmt_shape(q, s1, SHAPE_BUF), (long)Hk,
                          fmt_shape(k, s2, SHAPE_BUF));
-            goto fail;
+            return -1;
         }
         num_kv_heads = Hk;
     }
     if (num_kv_heads == 0) num_kv_heads = 1; /* no heads at all: nothing to compute */
 
-    /* --- the mask --------------------------------------------------------- */
-    npy_intp m_strides[NPY_MAXDIMS];
-    attn_mask_kind mask_kind = ATTN_MASK_NONE;
-    if (mask_o != Py_None) {
-        if (is_causal) {
-            PyErr_SetString(PyExc_ValueError,
-                            "attn_mask and is_causal=True cannot both be given (torch raises "
-                            "too); pass the causal mask in attn_mask (see attnpy.causal_mask) "
-                            "or use is_causal alone");
-            goto fail;
-        }
-        if (!(mask = get_mask(mask_o, "attn_mask", typenum, nd, w_dims,
-                              "the weights' shape (..., Hq, L, S)", 1, &mask_kind, m_strides)))
-            goto fail;
-    }
-
-    c->q = q;
-    c->k = k;
-    c->v = v;
-    c->mask = mask;
-    c->typenum = typenum;
-    c->nd = nd;
-    memcpy(c->out_dims, out_dims, sizeof out_dims);
-    memcpy(c->w_dims, w_dims, sizeof w_dims);
     attn_sdpa_args *a = &c->a;
     *a = zero_args;
     a->dtype = typenum == NPY_FLOAT ? ATTN_FLOAT32 : ATTN_FLOAT64;
-    a->nbatch = nbatch;
-    for (int d = 0; d < nbatch; d++) a->batch_shape[d] = out_dims[d];
+    a->nbatch = nd >= 3 ? nd - 3 : 0;
+    for (int d = 0; d < a->nbatch; d++) a->batch_shape[d] = c->out_dims[d];
     a->num_heads = num_heads;
     a->num_kv_heads = num_kv_heads;
     a->L = L;
     a->S = S;
     a->E = E;
     a->Ev = Ev;
-    a->scale = scale_o == Py_None ? 1.0 / sqrt((double)E) : scale;
-    /* E = 0 (1/sqrt(0) = inf here): the core knows q k^T is then 0 */
-    a->is_causal = is_causal;
-    fill_view(&a->q, PyArray_BYTES(q), strides[0], nd);
-    fill_view(&a->k, PyArray_BYTES(k), strides[1], nd);
-    fill_view(&a->v, PyArray_BYTES(v), strides[2], nd);
-    if (mask) {
-        a->mask_kind = mask_kind;
-        fill_view(&a->mask, PyArray_BYTES(mask), m_strides, nd);
-    }
-    return 0;
+    a->scale = o->scale;
+    a->is_causal = o->is_causal;
+    a->extra_keys = o->extra_keys;
+    a->dropout_p = o->dropout_p;
+    a->dropout_seed = o->seed;
+    view_of(q, nd, &a->q);
+    view_of(k, nd, &a->k);
+    view_of(v, nd, &a->v);
 
-fail:
-    Py_XDECREF(q);
-    Py_XDECREF(k);
-    Py_XDECREF(v);
-    Py_XDECREF(mask);
-    return -1;
+    /* The masks cover the first S - extra_keys keys of the weights' shape. */
+    npy_intp m_dims[NPY_MAXDIMS], target[NPY_MAXDIMS];
+    memcpy(target, c->w_dims, sizeof(npy_intp) * (size_t)nd);
+    target[nd - 1] = S - o->extra_keys;
+    attn_mask_kind *kinds[2] = {&a->mask_kind, &a->mask2_kind};
+    attn_view *views[2] = {&a->mask, &a->mask2};
+    for (int i = 0; i < o->masks.n; i++) {
+        PyArrayObject *m = o->masks.arr[i];
+        const char *name = o->masks.name[i];
+        int want = o->masks.kind[i] == ATTN_MASK_ADD ? typenum : NPY_BOOL;
+        if (PyArray_TYPE(m) != want || PyArray_ISBYTESWAPPED(m)) {
+            PyErr_Format(PyExc_TypeError,
+                         "%s must be bool or %s like query (added to the scores); got %s", name,
+                         dtype_name(q), dtype_name(m));
+            return -1;
+        }
+        if (want != NPY_BOOL && check_float(m, name)) return -1;
+        int ok = PyArray_NDIM(m) <= nd;
+        if (ok) pad_to(m, nd, m_dims, strides[0]);
+        for (int d = 0; ok && d < nd; d++) ok = m_dims[d] == 1 || m_dims[d] == target[d];
+        if (!ok) {
+            PyErr_Format(PyExc_ValueError, "%s of shape %s does not broadcast to %s = %s", name,
+                         fmt_shape(m, s1, SHAPE_BUF), "the weights' shape (..., Hq, L, S)",
+                         fmt_dims(target, nd, s2, SHAPE_BUF));
+            return -1;
+        }
+        *kinds[i] = o->masks.kind[i];
+        view_of(m, nd, views[i]);
+    }
+    c->typenum = typenum;
+    c->nd = nd;
+    return 0;
+}
+
+/* The inputs of one call, for the overlap checks. */
+static int sdpa_inputs(const sdpa_call *c, const sdpa_options *o, PyArrayObject **in,
+                       const char **names)
+{
+    int n = 0;
+    in[n] = c->q, names[n++] = "query";
+    in[n] = c->k, names[n++] = "key";
+    in[n] = c->v, names[n++] = "value";
+    for (int i = 0; i < o->masks.n; i++) in[n] = o->masks.arr[i], names[n++] = o->masks.name[i];
+    return n;
 }
 
 #define WEIGHTS_OF_QK \
     "the weights (..., Hq, L, S) of query and key (need_weights=False does without them)"
-#define MHA_WEIGHTS \
-    "the attention weights (N, num_heads, L, S) of query and key (need_weights=False " \
-    "does without them)"
 
-/* A freshly allocated array of shape dims described as a core view. */
-static PyArrayObject *new_view(int nd, const npy_intp *dims, int typenum, int zero,
-                               const char *what, attn_view *view)
+/* sdpa(query, key, value, *, scale, masks=(), extra_keys=0, is_causal=False,
+        enable_gqa=False, dropout_p=0.0, seed=0, need_weights=True, trace=False,
+        out=None) -> (output, weights or None, trace dict or None) */
+static PyObject *attnpy_sdpa(PyObject *Py_UNUSED(module), PyObject *args, PyObject *kwargs)
 {
-    PyArrayObject *arr = new_array(nd, dims, typenum, zero, what);
-    if (arr) {
-        npy_intp padded[NPY_MAXDIMS], strides[NPY_MAXDIMS];
-        pad_to(arr, nd, padded, strides);
-        fill_view(view, PyArray_BYTES(arr), strides, nd);
-    }
-    return arr;
-}
+    PyArrayObject *q = NULL, *k = NULL, *v = NULL, *out = NULL;
+    sdpa_options o = {.scale = NAN};
+    int need_weights = 1, trace = 0;
+    const arg_spec spec[] = {
+        {"query", to_array, &q, 1},
+        {"key", to_array, &k, 1},
+        {"value", to_array, &v, 1},
+        SDPA_OPTION_SPECS(o),
+        {"need_weights", to_bool, &need_weights, 0},
+        {"trace", to_bool, &trace, 0},
+        {"out", to_array_or_none, &out, 0},
+    };
+    enum { OUT, W, SC, LG, DM, DR, NARR };
+    PyArrayObject *arr[NARR] = {NULL};
+    PyObject *result = NULL, *stages = NULL;
+    sdpa_call c;
 
-static PyObject *
-attnpy_sdpa(PyObject *Py_UNUSED(module), PyObject *args, PyObject *kwargs)
-{
-    static char *kwlist[] = {"query", "key", "value", "attn_mask", "dropout_p", "is_causal",
-                             "scale", "enable_gqa", "need_weights", "out", NULL};
-    PyObject *query_o, *key_o, *value_o, *mask_o = Py_None, *dropout_o = Py_None,
-             *scale_o = Py_None, *out_o = Py_None;
-    int is_causal = 0, enable_gqa = 0, need_weights = 1;
-    sdpa_call c = {0};
-    PyArrayObject *out = NULL, *weights = NULL;
-    PyObject *result = NULL;
-    char s1[SHAPE_BUF], s2[SHAPE_BUF];
-
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOO|OOpOp$pO:scaled_dot_product_attention",
-                                     kwlist, &query_o, &key_o, &value_o, &mask_o, &dropout_o,
-                                     &is_causal, &scale_o, &enable_gqa, &need_weights, &out_o))
-        return NULL;
-
-    if (dropout_o != Py_None) {
-        double p;
-        if (float_arg(dropout_o, "dropout_p", "a float", &p)) return NULL;
-        if (p != 0.0) {
-            PyErr_Format(PyExc_ValueError,
-                         "dropout_p must be 0.0 here; got %R. Dropout on the attention weights "
-                         "is available through attnpy.MultiheadAttention (dropout=..., seed=...)",
-                         dropout_o);
-            return NULL;
-        }
-    }
-    if (sdpa_prepare(&c, query_o, key_o, value_o, mask_o, is_causal, scale_o, enable_gqa) < 0)
+    if (parse_args("sdpa", args, kwargs, spec, sizeof spec / sizeof spec[0], 3) < 0 ||
+        sdpa_prepare(&c, q, k, v, &o) < 0)
         return NULL;
     const int nd = c.nd, typenum = c.typenum;
+    if (trace) need_weights = 1;
 
-    /* --- outputs ------------------------------------------------------------ */
     /* the weights first: they are the large ones, and nothing is allocated yet */
-    if (need_weights && !fits(nd, c.w_dims, typenum, WEIGHTS_OF_QK)) goto done;
-    if (out_o != Py_None) {
-        if (!PyArray_Check(out_o)) {
-            PyErr_Format(PyExc_TypeError, "out must be a NumPy array; got %.200s",
-                         Py_TYPE(out_o)->tp_name);
-            goto done;
-        }
-        out = (PyArrayObject *)out_o;
+    if (need_weights && !fits(nd, c.w_dims, typenum, WEIGHTS_OF_QK)) return NULL;
+    if (out) {
+        PyArrayObject *in[5];
+        const char *names[5];
+        int n = sdpa_inputs(&c, &o, in, names);
+        if (check_output(out, "out", typenum, nd, c.out_dims, in, names, n)) return NULL;
         Py_INCREF(out);
-        if (PyArray_TYPE(out) != typenum || PyArray_ISBYTESWAPPED(out)) {
-            PyErr_Format(PyExc_TypeError, "out must have dtype %s like query; got %s",
-                         dtype_name(c.q), dtype_name(out));
-            goto done;
-        }
-        int same = PyArray_NDIM(out) == nd;
-        for (int d = 0; same && d < nd; d++) same = PyArray_DIM(out, d) == c.out_dims[d];
-        if (!same) {
-            PyErr_Format(PyExc_ValueError, "out must have the output's shape %s; got %s",
-                         fmt_dims(c.out_dims, nd, s1, SHAPE_BUF), fmt_shape(out, s2, SHAPE_BUF));
-            goto done;
-        }
-        if (!PyArray_IS_C_CONTIGUOUS(out) || !PyArray_ISALIGNED(out)) {
-            PyErr_SetString(PyExc_ValueError, "out must be a C-contiguous, aligned array");
-            goto done;
-        }
-        if (!PyArray_ISWRITEABLE(out)) {
-            PyErr_SetString(PyExc_ValueError, "out must be writeable; got a read-only array");
-            goto done;
-        }
-        PyArrayObject *inputs[4] = {c.q, c.k, c.v, c.mask};
-        const char *names[4] = {"query", "key", "value", "attn_mask"};
-        for (int i = 0; i < 4; i++) {
-            if (may_overlap(out, inputs[i])) {
-                PyErr_Format(PyExc_ValueError,
-                             "out shares memory with %s; attnpy never writes into its inputs",
-                             names[i]);
-                goto done;
-            }
-        }
-        npy_intp o_strides[NPY_MAXDIMS];
-        pad_to(out, nd, c.out_dims, o_strides);
-        fill_view(&c.a.out, PyArray_BYTES(out), o_strides, nd);
+        arr[OUT] = out;
+        view_of(out, nd, &c.a.out);
     }
-    else if (!(out = new_view(nd, c.out_dims, typenum, 0, "the output (..., Hq, L, Ev) of query, key and value", &c.a.out))) {
+    else if (!(arr[OUT] = new_view(nd, c.out_dims, typenum,
+                                   "the output (..., Hq, L, Ev) of query, key and value",
+                                   &c.a.out)))
         goto done;
+    if (need_weights && !(arr[W] = new_view(nd, c.w_dims, typenum, WEIGHTS_OF_QK, &c.a.weights)))
+        goto done;
+    if (trace) {
+        int dropout = o.dropout_p > 0.0;
+        if (!(arr[SC] = new_view(nd, c.w_dims, typenum, "the trace's scores", &c.a.scores)) ||
+            !(arr[LG] = new_view(nd, c.w_dims, typenum, "the trace's logits", &c.a.logits)) ||
+            (dropout && !(arr[DM] = new_view(nd, c.w_dims, NPY_BOOL, "the trace's dropout_mask",
+                                             &c.a.dropout_mask))) ||
+            (dropout && !(arr[DR] = new_view(nd, c.w_dims, typenum,
+                                             "the trace's dropped_weights", &c.a.dropped))))
+            goto done;
     }
-    if (need_weights &&
-        !(weights = new_view(nd, c.w_dims, typenum, 0, WEIGHTS_OF_QK, &c.a.weights)))
-        goto done;
 
     int status;
     Py_BEGIN_ALLOW_THREADS
     status = attn_sdpa(&c.a);
     Py_END_ALLOW_THREADS
     if (raise_for_status(status)) goto done;
-    result = Py_BuildValue("(OO)", out, weights ? (PyObject *)weights : Py_None);
-
+    if (trace && !(stages = Py_BuildValue("{sOsOsOsO}", "scores", arr[SC], "logits", arr[LG],
+                                          "dropout_mask", arr[DM] ? (PyObject *)arr[DM] : Py_None,
+                                          "dropped_weights",
+                                          arr[DR] ? (PyObject *)arr[DR] : Py_None)))
+        goto done;
+    result = Py_BuildValue("(OOO)", arr[OUT], arr[W] ? (PyObject *)arr[W] : Py_None,
+                           stages ? stages : Py_None);
 done:
-    sdpa_clear(&c);
-    Py_XDECREF(out);
-    Py_XDECREF(weights);
+    Py_XDECREF(stages);
+    for (int i = 0; i < NARR; i++) Py_XDECREF(arr[i]);
     return result;
 }
 
-/* A view of an array already checked to have nd dims (stride 0 on size 1). */
-static void view_of_checked(PyArrayObject *arr, int nd, attn_view *view)
+/* sdpa_backward(grad_output, query, key, value, *, scale, masks=(), extra_keys=0,
+                 is_causal=False, enable_gqa=False, dropout_p=0.0, seed=0,
+                 weights=None, trace=False, grads=None)
+   -> (grad_query, grad_key, grad_value, grad_weights or None, grad_scores or None)
+   grads: arrays shaped like query, key, value (any strides) that receive the
+   gradients instead of new ones. */
+static PyObject *attnpy_sdpa_backward(PyObject *Py_UNUSED(module), PyObject *args,
+                                      PyObject *kwargs)
 {
-    npy_intp padded[NPY_MAXDIMS], strides[NPY_MAXDIMS];
-    pad_to(arr, nd, padded, strides);
-    fill_view(view, PyArray_BYTES(arr), strides, nd);
-}
-
-static PyObject *
-attnpy_sdpa_backward(PyObject *Py_UNUSED(module), PyObject *args, PyObject *kwargs)
-{
-    static char *kwlist[] = {"grad_output", "query", "key", "value", "attn_mask", "is_causal",
-                             "scale", "enable_gqa", "weights", "trace", NULL};
-    PyObject *dout_o, *query_o, *key_o, *value_o, *mask_o = Py_None, *scale_o = Py_None,
-             *weights_o = Py_None;
-    int is_causal = 0, enable_gqa = 0, want_trace = 0;
-    sdpa_call c = {0};
-    enum { DOUT, W, DQF, DKF, DVF, GQ, GK, GV, GW, GS, NARR };
+    PyArrayObject *dout = NULL, *q = NULL, *k = NULL, *v = NULL, *weights = NULL;
+    PyArrayObject *given[3] = {NULL, NULL, NULL};
+    sdpa_options o = {.scale = NAN};
+    int trace = 0;
+    const arg_spec spec[] = {
+        {"grad_output", to_array, &dout, 1},
+        {"query", to_array, &q, 1},
+        {"key", to_array, &k, 1},
+        {"value", to_array, &v, 1},
+        SDPA_OPTION_SPECS(o),
+        {"weights", to_array_or_none, &weights, 0},
+        {"trace", to_bool, &trace, 0},
+        {"grads", to_grads, given, 0},
+    };
+    enum { SQ, SK, SV, GQ, GK, GV, GW, GS, NARR };
     PyArrayObject *arr[NARR] = {NULL};
-    PyObject *result = NULL;
+    PyObject *result = NULL, *zero = PyLong_FromLong(0);
     attn_sdpa_grad_args g;
+    sdpa_call c;
     memset(&g, 0, sizeof g);
 
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs,
-                                     "OOOO|OpOp$Op:scaled_dot_product_attention_backward", kwlist,
-                                     &dout_o, &query_o, &key_o, &value_o, &mask_o, &is_causal,
-                                     &scale_o, &enable_gqa, &weights_o, &want_trace))
-        return NULL;
-    if (sdpa_prepare(&c, query_o, key_o, value_o, mask_o, is_causal, scale_o, enable_gqa) < 0)
+    if (parse_args("sdpa_backward", args, kwargs, spec, sizeof spec / sizeof spec[0], 4) < 0 ||
+        sdpa_prepare(&c, q, k, v, &o) < 0)
         return NULL;
     const int nd = c.nd, typenum = c.typenum;
     attn_sdpa_args *a = &c.a;
+    PyArrayObject *in[5];
+    const char *in_names[5];
+    int n_in = sdpa_inputs(&c, &o, in, in_names);
 
-    if (get_shaped(dout_o, "grad_output", typenum, nd, c.out_dims, SHAPED_CONVERT, &arr[DOUT]) ||
-        get_shaped(weights_o, "weights", typenum, nd, c.w_dims,
-                   SHAPED_CONVERT | SHAPED_ALLOW_NONE, &arr[W]))
-        goto done;
-    view_of_checked(arr[DOUT], nd, &g.grad_out);
-    if (arr[W]) view_of_checked(arr[W], nd, &g.weights);
+    char s1[SHAPE_BUF], s2[SHAPE_BUF];
+    PyArrayObject *read[2] = {dout, weights};
+    const char *read_names[2] = {"grad_output", "weights"};
+    const npy_intp *read_dims[2] = {c.out_dims, c.w_dims};
+    for (int i = 0; i < 2 && read[i]; i++) {
+        int same = PyArray_NDIM(read[i]) == nd;
+        for (int d = 0; same && d < nd; d++) same = PyArray_DIM(read[i], d) == read_dims[i][d];
+        if (check_float(read[i], read_names[i])) return NULL;
+        if (PyArray_TYPE(read[i]) != typenum) {
+            PyErr_Format(PyExc_TypeError, "%s must have dtype %s like query; got %s",
+                         read_names[i], dtype_name(q), dtype_name(read[i]));
+            return NULL;
+        }
+        if (!same) {
+            PyErr_Format(PyExc_ValueError, "%s must have shape %s; got %s", read_names[i],
+                         fmt_dims(read_dims[i], nd, s1, SHAPE_BUF),
+                         fmt_shape(read[i], s2, SHAPE_BUF));
+            return NULL;
+        }
+    }
+    view_of(dout, nd, &g.grad_out);
+    if (weights) view_of(weights, nd, &g.weights);
 
-    /* Per-problem gradients, then the input-shaped ones they are summed into.
-       An input that is neither broadcast nor shared by several query heads
-       has exactly one slab per problem, in its own C order: its gradient is
-       written in place and not summed. */
+    /* Per-problem gradient slabs, then the input-shaped gradients they are
+       summed into. An input that is neither broadcast nor shared by several
+       query heads has exactly one slab per problem: its gradient is written
+       straight into place (its own C order for a new array, through the
+       view of a given one) and not summed. */
     npy_intp problems = a->num_heads;
     for (int d = 0; d < a->nbatch; d++) problems *= a->batch_shape[d];
-    npy_intp slab[3] = {checked_mul(checked_mul(problems, a->L, "the query gradient"), a->E,
-                                    "the query gradient"),
-                        checked_mul(checked_mul(problems, a->S, "the key gradient"), a->E,
-                                    "the key gradient"),
-                        checked_mul(checked_mul(problems, a->S, "the value gradient"), a->Ev,
-                                    "the value gradient")};
-    if (slab[0] < 0 || slab[1] < 0 || slab[2] < 0) goto done;
-    PyArrayObject *inputs[3] = {c.q, c.k, c.v};
-    const char *qkv_grad_names[3] = {"the gradient of query", "the gradient of key",
-                                     "the gradient of value"};
-    char **dst[3] = {&g.dq, &g.dk, &g.dv};
+    npy_intp slab[3] = {
+        checked_mul(checked_mul(problems, a->L, "the query gradient"), a->E, "the query gradient"),
+        checked_mul(checked_mul(problems, a->S, "the key gradient"), a->E, "the key gradient"),
+        checked_mul(checked_mul(problems, a->S, "the value gradient"), a->Ev, "the value gradient")};
+    if (slab[0] < 0 || slab[1] < 0 || slab[2] < 0) return NULL;
+    PyArrayObject *inputs[3] = {q, k, v};
+    const char *grad_names[3] = {"the gradient of query", "the gradient of key",
+                                 "the gradient of value"};
+    char **slab_ptr[3] = {&g.dq, &g.dk, &g.dv};
+    attn_view *direct_view[3] = {&g.grad_q, &g.grad_k, &g.grad_v};
     attn_sdpa_args r = *a; /* the reduction: q, k, v views on the gradients */
-    attn_view *rv[3] = {&r.q, &r.k, &r.v};
+    attn_view *reduce_view[3] = {&r.q, &r.k, &r.v};
     for (int i = 0; i < 3; i++) {
         int direct = PyArray_SIZE(inputs[i]) == slab[i];
-        PyArrayObject *grad =
-            new_array(PyArray_NDIM(inputs[i]), PyArray_DIMS(inputs[i]), typenum, !direct,
-                      qkv_grad_names[i]);
-        if (!(arr[GQ + i] = grad)) goto done;
+        if (given[i]) {
+            if (check_output(given[i], grad_names[i], typenum, PyArray_NDIM(inputs[i]),
+                             PyArray_DIMS(inputs[i]), in, in_names, n_in) ||
+                (weights && may_overlap(given[i], weights)) || may_overlap(given[i], dout) ||
+                (i > 0 && may_overlap(given[i], arr[GQ])) || (i > 1 && may_overlap(given[i], arr[GK]))) {
+                if (!PyErr_Occurred())
+                    PyErr_Format(PyExc_ValueError, "%s shares memory with another argument",
+                                 grad_names[i]);
+                goto done;
+            }
+            Py_INCREF(given[i]);
+            arr[GQ + i] = given[i];
+            if (!direct && PyArray_FillWithScalar(given[i], zero) < 0) goto done;
+        }
+        else if (!(arr[GQ + i] = new_array(PyArray_NDIM(inputs[i]), PyArray_DIMS(inputs[i]),
+                                           typenum, !direct, grad_names[i])))
+            goto done;
         if (direct) {
-            *dst[i] = PyArray_BYTES(grad);
-            rv[i]->data = NULL;
+            if (given[i]) view_of(given[i], nd, direct_view[i]);
+            else *slab_ptr[i] = PyArray_BYTES(arr[GQ + i]);
+            reduce_view[i]->data = NULL;
             continue;
         }
-        if (!(arr[DQF + i] = new_array(1, &slab[i], typenum, 0, qkv_grad_names[i]))) goto done;
-        *dst[i] = PyArray_BYTES(arr[DQF + i]);
-        npy_intp padded[NPY_MAXDIMS], strides[NPY_MAXDIMS];
-        pad_to(grad, nd, padded, strides); /* stride 0 where the input broadcast */
-        fill_view(rv[i], PyArray_BYTES(grad), strides, nd);
+        if (!(arr[SQ + i] = new_array(1, &slab[i], typenum, 0, grad_names[i]))) goto done;
+        *slab_ptr[i] = PyArray_BYTES(arr[SQ + i]);
+        view_of(arr[GQ + i], nd, reduce_view[i]); /* stride 0 where the input broadcast */
     }
-    if (want_trace && (!(arr[GW] = new_view(nd, c.w_dims, typenum, 0, "the trace's grad_weights (..., Hq, L, S) of query and key", &g.grad_weights)) ||
-                       !(arr[GS] = new_view(nd, c.w_dims, typenum, 0, "the trace's grad_scores (..., Hq, L, S) of query and key", &g.grad_scores))))
+    if (trace && (!(arr[GW] = new_view(nd, c.w_dims, typenum,
+                                       "the trace's grad_weights (..., Hq, L, S) of query and key",
+                                       &g.grad_weights)) ||
+                  !(arr[GS] = new_view(nd, c.w_dims, typenum,
+                                       "the trace's grad_scores (..., Hq, L, S) of query and key",
+                                       &g.grad_scores))))
         goto done;
     g.fwd = *a;
 
@@ -775,485 +855,79 @@ attnpy_sdpa_backward(PyObject *Py_UNUSED(module), PyObject *args, PyObject *kwar
                            arr[GW] ? (PyObject *)arr[GW] : Py_None,
                            arr[GS] ? (PyObject *)arr[GS] : Py_None);
 done:
-    sdpa_clear(&c);
+    Py_XDECREF(zero);
     for (int i = 0; i < NARR; i++) Py_XDECREF(arr[i]);
     return result;
 }
 
 /* ------------------------------------------------------------------------ */
-/* multihead_attention                                                       */
+/* linear                                                                    */
 
-static attn_view3 view3_of(PyArrayObject *arr)
+/* linear(x, weight, bias=None, *, out=None, accumulate=False) -> out
+   out[n, m, o] (+)= bias[o] + sum_k x[n, m, k] weight[o, k], any strides:
+   x (N, M, K), weight (O, K), bias (O,), out (N, M, O). */
+static PyObject *attnpy_linear(PyObject *Py_UNUSED(module), PyObject *args, PyObject *kwargs)
 {
-    attn_view3 v = {NULL, 0, 0, 0};
-    if (!arr) return v;
-    int nd = PyArray_NDIM(arr);
-    v.data = PyArray_BYTES(arr);
-    v.batch = nd == 3 ? PyArray_STRIDE(arr, 0) : 0;
-    v.row = PyArray_STRIDE(arr, nd - 2);
-    v.col = PyArray_STRIDE(arr, nd - 1);
-    return v;
-}
-
-static attn_vec vec_of(PyArrayObject *arr)
-{
-    attn_vec v = {NULL, 0};
-    if (arr) {
-        v.data = PyArray_BYTES(arr);
-        v.stride = PyArray_STRIDE(arr, 0);
-    }
-    return v;
-}
-
-/* (N, H, L, S') arrays as core views. */
-static attn_view view4_of(PyArrayObject *arr)
-{
-    attn_view v;
-    memset(&v, 0, sizeof v);
-    if (!arr) return v;
-    v.data = PyArray_BYTES(arr);
-    v.batch[0] = PyArray_STRIDE(arr, 0);
-    v.head = PyArray_STRIDE(arr, 1);
-    v.row = PyArray_STRIDE(arr, 2);
-    v.col = PyArray_STRIDE(arr, 3);
-    return v;
-}
-
-/* The multi-head layer's inputs, parameters and masks, validated: what the
-   forward and the backward share. Arrays owned, released by mha_clear. */
-enum { Q, K, V, WQ, WK, WV, BQ, BK, BV, WO, BO, BIASK, BIASV, NIN };
-
-typedef struct {
-    PyArrayObject *in[NIN], *mask, *kpm;
-    int typenum;
-    npy_intp N, L, S, S2, D, Dv, out_dim;
-    attn_mha_args m; /* sizes, inputs, parameters, masks, scale, dropout; no buffers */
-} mha_call;
-
-static void mha_clear(mha_call *c)
-{
-    for (int i = 0; i < NIN; i++) Py_CLEAR(c->in[i]);
-    Py_CLEAR(c->mask);
-    Py_CLEAR(c->kpm);
-}
-
-static int mha_prepare(mha_call *c, PyObject *o[NIN], Py_ssize_t H, Py_ssize_t Hkv,
-                       int add_zero_attn, PyObject *attn_mask_o, PyObject *kpm_o,
-                       int true_attends, int is_causal, PyObject *scale_o, double dropout_p,
-                       unsigned long long seed)
-{
-    PyArrayObject **in = c->in, *mask = NULL, *kpm = NULL;
+    PyArrayObject *x = NULL, *w = NULL, *b = NULL, *out = NULL;
+    int accumulate = 0;
+    const arg_spec spec[] = {
+        {"x", to_array, &x, 1},
+        {"weight", to_array, &w, 1},
+        {"bias", to_array_or_none, &b, 0},
+        {"out", to_array_or_none, &out, 0},
+        {"accumulate", to_bool, &accumulate, 0},
+    };
     char s1[SHAPE_BUF], s2[SHAPE_BUF];
-    memset(c, 0, sizeof *c);
-
-    /* --- inputs (N, L, qdim), (N, S, kdim), (N, S, vdim) ---------------------- */
-    int cast_to = PyArray_Check(o[Q]) ? PyArray_TYPE((PyArrayObject *)o[Q]) : NPY_DOUBLE;
-    const char *names[3] = {"query", "key", "value"};
-    for (int i = Q; i <= V; i++) {
-        if (!(in[i] = as_array(o[i], names[i], cast_to)) || check_float(in[i], names[i])) goto fail;
-        if (PyArray_NDIM(in[i]) != 3) {
-            PyErr_Format(PyExc_ValueError, "%s must be 3-D (N, length, features) here; got %s",
-                         names[i], fmt_shape(in[i], s1, SHAPE_BUF));
-            goto fail;
-        }
-    }
-    const int typenum = PyArray_TYPE(in[Q]);
-    if (PyArray_TYPE(in[K]) != typenum || PyArray_TYPE(in[V]) != typenum) {
-        PyErr_Format(PyExc_TypeError,
-                     "query, key and value must have the same dtype; got query %s, key %s, value %s",
-                     dtype_name(in[Q]), dtype_name(in[K]), dtype_name(in[V]));
-        goto fail;
-    }
-    const npy_intp N = PyArray_DIM(in[Q], 0), L = PyArray_DIM(in[Q], 1);
-    const npy_intp qdim = PyArray_DIM(in[Q], 2);
-    const npy_intp S = PyArray_DIM(in[K], 1), kdim = PyArray_DIM(in[K], 2);
-    const npy_intp vdim = PyArray_DIM(in[V], 2);
-    const npy_intp sizes[6] = {N, L, qdim, S, kdim, vdim};
-    for (int i = 0; i < 6; i++) {
-        if (sizes[i] > ATTN_MAX_EXTENT) {
-            PyErr_Format(PyExc_ValueError,
-                         "query, key and value dimensions must be at most 2**31 - 1; got %ld",
-                         (long)sizes[i]);
-            goto fail;
-        }
-    }
-    if (PyArray_DIM(in[K], 0) != N || PyArray_DIM(in[V], 0) != N || PyArray_DIM(in[V], 1) != S) {
-        PyErr_Format(PyExc_ValueError,
-                     "key and value must have the batch size of query (N=%ld) and the same "
-                     "length S; got key %s, value %s",
-                     (long)N, fmt_shape(in[K], s1, SHAPE_BUF), fmt_shape(in[V], s2, SHAPE_BUF));
-        goto fail;
-    }
-
-    /* --- parameters -------------------------------------------------------- */
-    if (H <= 0 || Hkv <= 0 || H % Hkv != 0) {
-        PyErr_Format(PyExc_ValueError,
-                     "num_heads (%zd) must be a positive multiple of num_kv_heads (%zd)", H, Hkv);
-        goto fail;
-    }
-    PyArrayObject *wq_probe = PyArray_Check(o[WQ]) ? (PyArrayObject *)o[WQ] : NULL;
-    PyArrayObject *wv_probe = PyArray_Check(o[WV]) ? (PyArrayObject *)o[WV] : NULL;
-    if (!wq_probe || !wv_probe || PyArray_NDIM(wq_probe) != 2 || PyArray_NDIM(wv_probe) != 2 ||
-        PyArray_DIM(wq_probe, 0) % H != 0 || PyArray_DIM(wv_probe, 0) % Hkv != 0) {
-        PyErr_Format(PyExc_ValueError,
-                     "q_proj_weight and v_proj_weight must be 2-D arrays whose rows divide into "
-                     "num_heads=%zd and num_kv_heads=%zd heads",
-                     H, Hkv);
-        goto fail;
-    }
-    const npy_intp D = PyArray_DIM(wq_probe, 0) / H, Dv = PyArray_DIM(wv_probe, 0) / Hkv;
-    const int has_out = o[WO] != Py_None;
-    const npy_intp out_dim = has_out && PyArray_Check(o[WO]) && PyArray_NDIM((PyArrayObject *)o[WO]) == 2
-                                 ? PyArray_DIM((PyArrayObject *)o[WO], 0) : H * Dv;
-    /* the projections' widths are dimensions of the outputs too: the same limit */
-    const npy_intp widths[3] = {PyArray_DIM(wq_probe, 0), PyArray_DIM(wv_probe, 0), out_dim};
-    const char *width_names[3] = {"q_proj_weight rows (num_heads * head_dim)",
-                                  "v_proj_weight rows (num_kv_heads * head_dim_v)",
-                                  "out_proj.weight rows"};
-    for (int i = 0; i < 3; i++) {
-        if (widths[i] > ATTN_MAX_EXTENT) {
-            PyErr_Format(PyExc_ValueError,
-                         "%s is %ld; attnpy supports dimensions up to 2**31 - 1",
-                         width_names[i], (long)widths[i]);
-            goto fail;
-        }
-    }
-    if (get_shaped(o[WQ], "q_proj_weight", typenum, 2, (npy_intp[]){H * D, qdim}, SHAPED_CONVERT, &in[WQ]) ||
-        get_shaped(o[WK], "k_proj_weight", typenum, 2, (npy_intp[]){Hkv * D, kdim}, SHAPED_CONVERT, &in[WK]) ||
-        get_shaped(o[WV], "v_proj_weight", typenum, 2, (npy_intp[]){Hkv * Dv, vdim}, SHAPED_CONVERT, &in[WV]) ||
-        get_shaped(o[BQ], "q bias (in_proj_bias[:E])", typenum, 1, (npy_intp[]){H * D}, SHAPED_CONVERT | SHAPED_ALLOW_NONE, &in[BQ]) ||
-        get_shaped(o[BK], "k bias (in_proj_bias)", typenum, 1, (npy_intp[]){Hkv * D}, SHAPED_CONVERT | SHAPED_ALLOW_NONE, &in[BK]) ||
-        get_shaped(o[BV], "v bias (in_proj_bias)", typenum, 1, (npy_intp[]){Hkv * Dv}, SHAPED_CONVERT | SHAPED_ALLOW_NONE, &in[BV]) ||
-        get_shaped(o[WO], "out_proj.weight", typenum, 2, (npy_intp[]){out_dim, H * Dv}, SHAPED_CONVERT | SHAPED_ALLOW_NONE, &in[WO]) ||
-        get_shaped(o[BO], "out_proj.bias", typenum, 1, (npy_intp[]){out_dim}, SHAPED_CONVERT | SHAPED_ALLOW_NONE, &in[BO]) ||
-        get_shaped(o[BIASK], "bias_k", typenum, 1, (npy_intp[]){Hkv * D}, SHAPED_CONVERT | SHAPED_ALLOW_NONE, &in[BIASK]) ||
-        get_shaped(o[BIASV], "bias_v", typenum, 1, (npy_intp[]){Hkv * Dv}, SHAPED_CONVERT | SHAPED_ALLOW_NONE, &in[BIASV]))
-        goto fail;
-    if (!in[WO] && in[BO]) {
-        PyErr_SetString(PyExc_ValueError, "out_proj.bias given without out_proj.weight");
-        goto fail;
-    }
-    if (!in[BIASK] != !in[BIASV]) {
-        PyErr_SetString(PyExc_ValueError, "bias_k and bias_v must be given together (add_bias_kv)");
-        goto fail;
-    }
-    if (!(dropout_p >= 0.0 && dropout_p <= 1.0)) {
-        char num[64];
-        snprintf(num, sizeof num, "%g", dropout_p);
-        PyErr_Format(PyExc_ValueError, "dropout must be in [0, 1]; got %s", num);
-        goto fail;
-    }
-    double scale = 1.0 / sqrt((double)D);
-    if (scale_o != Py_None && float_arg(scale_o, "scale", "a float or None", &scale)) goto fail;
-    if (D == 0) scale = 1.0; /* zero-width heads: scores are exactly 0 (see sdpa_prepare) */
-
-    /* --- masks, as (N, H, L, S) ---------------------------------------------- */
-    npy_intp target[4] = {N, H, L, S}, m_strides[NPY_MAXDIMS], k_strides[NPY_MAXDIMS];
-    attn_mask_kind mask_kind = ATTN_MASK_NONE, kpm_kind = ATTN_MASK_NONE;
-    if (attn_mask_o != Py_None &&
-        !(mask = get_mask(attn_mask_o, "attn_mask", typenum, 4, target, "(N, num_heads, L, S)",
-                          true_attends, &mask_kind, m_strides)))
-        goto fail;
-    if (kpm_o != Py_None &&
-        !(kpm = get_mask(kpm_o, "key_padding_mask", typenum, 4, target, "(N, 1, 1, S)",
-                         true_attends, &kpm_kind, k_strides)))
-        goto fail;
-
-    c->mask = mask;
-    c->kpm = kpm;
-    c->typenum = typenum;
-    c->N = N;
-    c->L = L;
-    c->S = S;
-    c->S2 = S + (in[BIASK] ? 1 : 0) + (add_zero_attn ? 1 : 0);
-    c->D = D;
-    c->Dv = Dv;
-    c->out_dim = out_dim;
-    attn_mha_args *m = &c->m;
-    m->dtype = typenum == NPY_FLOAT ? ATTN_FLOAT32 : ATTN_FLOAT64;
-    m->N = N; m->L = L; m->S = S;
-    m->qdim = qdim; m->kdim = kdim; m->vdim = vdim;
-    m->num_heads = H; m->num_kv_heads = Hkv;
-    m->head_dim = D; m->head_dim_v = Dv; m->out_dim = out_dim;
-    m->query = view3_of(in[Q]); m->key = view3_of(in[K]); m->value = view3_of(in[V]);
-    m->w_q = view3_of(in[WQ]); m->w_k = view3_of(in[WK]); m->w_v = view3_of(in[WV]);
-    m->w_out = view3_of(in[WO]);
-    m->b_q = vec_of(in[BQ]); m->b_k = vec_of(in[BK]); m->b_v = vec_of(in[BV]);
-    m->b_out = vec_of(in[BO]);
-    m->bias_k = vec_of(in[BIASK]); m->bias_v = vec_of(in[BIASV]);
-    m->add_zero_attn = add_zero_attn;
-    m->attn.scale = scale;
-    m->attn.is_causal = is_causal;
-    m->attn.dropout_p = dropout_p;
-    m->attn.dropout_seed = (uint64_t)seed;
-    if (mask) {
-        m->attn.mask_kind = mask_kind;
-        fill_view(&m->attn.mask, PyArray_BYTES(mask), m_strides, 4);
-    }
-    if (kpm) {
-        m->attn.mask2_kind = kpm_kind;
-        fill_view(&m->attn.mask2, PyArray_BYTES(kpm), k_strides, 4);
-    }
-    return 0;
-
-fail:
-    c->mask = mask;
-    c->kpm = kpm;
-    mha_clear(c);
-    return -1;
-}
-
-#define MHA_KWLIST "query", "key", "value", "w_q", "w_k", "w_v", "b_q", "b_k", "b_v", "w_out", \
-                   "b_out", "bias_k", "bias_v", "num_heads", "num_kv_heads", "add_zero_attn", \
-                   "attn_mask", "key_padding_mask", "mask_true_attends", "is_causal", "scale", \
-                   "dropout_p", "seed"
-#define MHA_FORMAT "OOOOOOOOOOOOOnnpOOppOdK"
-
-/*
- * The multi-head layer (attnpy.MultiheadAttention and attnpy.self_attention
- * call this after putting the inputs in (N, L, E) order, as views).
- * Returns (output, weights or None, trace dict or None).
- */
-static PyObject *
-attnpy_mha(PyObject *Py_UNUSED(module), PyObject *args, PyObject *kwargs)
-{
-    static char *kwlist[] = {MHA_KWLIST, "need_weights", "trace", NULL};
-    PyObject *o[NIN], *attn_mask_o, *kpm_o, *scale_o;
-    Py_ssize_t H, Hkv;
-    int add_zero_attn, true_attends, is_causal, need_weights, want_trace;
-    double dropout_p;
-    unsigned long long seed;
-    mha_call c;
-    enum { PQ, PK, PV, CONCAT, OUT, WEIGHTS, SCORES, LOGITS, DMASK, DROPPED, NOUT };
-    PyArrayObject *buf[NOUT] = {NULL};
-    PyObject *result = NULL, *trace = NULL;
-
-    if (!PyArg_ParseTupleAndKeywords(
-            args, kwargs, MHA_FORMAT "pp:multihead_attention", kwlist, &o[Q], &o[K], &o[V],
-            &o[WQ], &o[WK], &o[WV], &o[BQ], &o[BK], &o[BV], &o[WO], &o[BO], &o[BIASK],
-            &o[BIASV], &H, &Hkv, &add_zero_attn, &attn_mask_o, &kpm_o, &true_attends,
-            &is_causal, &scale_o, &dropout_p, &seed, &need_weights, &want_trace))
+    if (parse_args("linear", args, kwargs, spec, sizeof spec / sizeof spec[0], 3) < 0 ||
+        check_float(x, "x") || check_float(w, "weight") || (b && check_float(b, "bias")))
         return NULL;
-    if (mha_prepare(&c, o, H, Hkv, add_zero_attn, attn_mask_o, kpm_o, true_attends, is_causal,
-                    scale_o, dropout_p, seed) < 0)
+    const int typenum = PyArray_TYPE(x);
+    if (PyArray_NDIM(x) != 3 || PyArray_NDIM(w) != 2 || PyArray_DIM(w, 1) != PyArray_DIM(x, 2) ||
+        PyArray_TYPE(w) != typenum ||
+        (b && (PyArray_NDIM(b) != 1 || PyArray_DIM(b, 0) != PyArray_DIM(w, 0) ||
+               PyArray_TYPE(b) != typenum))) {
+        PyErr_Format(PyExc_ValueError,
+                     "linear needs x (N, M, K), weight (O, K) and bias (O,) of one dtype; got "
+                     "x %s %s, weight %s %s%s", fmt_shape(x, s1, SHAPE_BUF), dtype_name(x),
+                     fmt_shape(w, s2, SHAPE_BUF), dtype_name(w), b ? " and a bias" : "");
         return NULL;
-    const int typenum = c.typenum;
-    const npy_intp N = c.N, L = c.L, S2 = c.S2, D = c.D, Dv = c.Dv, out_dim = c.out_dim;
-    PyArrayObject **in = c.in;
-    attn_mha_args m = c.m;
-
-    /* --- buffers the core writes ------------------------------------------------ */
-    npy_intp dq[3] = {N, L, H * D}, dk[3] = {N, S2, Hkv * D}, dv[3] = {N, S2, Hkv * Dv};
-    npy_intp dc[3] = {N, L, H * Dv}, dout[3] = {N, L, out_dim}, dw[4] = {N, H, L, S2};
-    const int want_maps = need_weights || want_trace, dropout = dropout_p > 0.0;
-    if (want_maps && !fits(4, dw, typenum, MHA_WEIGHTS)) goto done; /* before any allocation */
-    if (!(buf[PQ] = new_array(3, dq, typenum, 0, "the projected query (N, L, num_heads * D)")) ||
-        !(buf[PK] = new_array(3, dk, typenum, 0, "the projected key (N, S, num_kv_heads * D)")) ||
-        !(buf[PV] = new_array(3, dv, typenum, 0, "the projected value (N, S, num_kv_heads * Dv)")) ||
-        !(buf[CONCAT] = new_array(3, dc, typenum, 0, "the heads' output (N, L, num_heads * Dv) of query")) ||
-        (in[WO] && !(buf[OUT] = new_array(3, dout, typenum, 0, "the output (N, L, out_dim) of query"))) ||
-        (want_maps && !(buf[WEIGHTS] = new_array(4, dw, typenum, 0, MHA_WEIGHTS))) ||
-        (want_maps && dropout &&
-         !(buf[DROPPED] = new_array(4, dw, typenum, 0, MHA_WEIGHTS))) ||
-        (want_trace && !(buf[SCORES] = new_array(4, dw, typenum, 0, MHA_WEIGHTS))) ||
-        (want_trace && !(buf[LOGITS] = new_array(4, dw, typenum, 0, MHA_WEIGHTS))) ||
-        (want_trace && dropout &&
-         !(buf[DMASK] = new_array(4, dw, NPY_BOOL, 0, MHA_WEIGHTS))))
-        goto done;
-    if (!in[WO]) {
-        buf[OUT] = buf[CONCAT];
-        Py_INCREF(buf[OUT]);
     }
-
-    /* --- describe and run --------------------------------------------------------- */
-    m.q = view3_of(buf[PQ]); m.k = view3_of(buf[PK]); m.v = view3_of(buf[PV]);
-    m.concat = view3_of(buf[CONCAT]); m.out = view3_of(buf[OUT]);
-    m.attn.weights = view4_of(buf[WEIGHTS]);
-    m.attn.scores = view4_of(buf[SCORES]);
-    m.attn.logits = view4_of(buf[LOGITS]);
-    m.attn.dropout_mask = view4_of(buf[DMASK]);
-    m.attn.dropped = view4_of(buf[DROPPED]);
-
+    const npy_intp dims[3] = {PyArray_DIM(x, 0), PyArray_DIM(x, 1), PyArray_DIM(w, 0)};
+    for (int d = 0; d < 3; d++) {
+        npy_intp extent = d < 2 ? dims[d] : PyArray_DIM(x, 2);
+        if (dims[d] > ATTN_MAX_EXTENT || extent > ATTN_MAX_EXTENT) {
+            PyErr_SetString(PyExc_ValueError, "linear: attnpy supports dimensions up to 2**31 - 1");
+            return NULL;
+        }
+    }
+    if (accumulate && !out) {
+        PyErr_SetString(PyExc_ValueError, "accumulate=True needs out");
+        return NULL;
+    }
+    PyArrayObject *in[3] = {x, w, b};
+    const char *names[3] = {"x", "weight", "bias"};
+    if (out) {
+        if (check_output(out, "out", typenum, 3, dims, in, names, b ? 3 : 2)) return NULL;
+        Py_INCREF(out);
+    }
+    else if (!(out = new_array(3, dims, typenum, 0, "the output (N, M, O) of x and weight")))
+        return NULL;
+    attn_linear_args p = {
+        .dtype = typenum == NPY_FLOAT ? ATTN_FLOAT32 : ATTN_FLOAT64,
+        .N = dims[0], .M = dims[1], .K = PyArray_DIM(x, 2), .O = dims[2],
+        .x = {PyArray_BYTES(x), PyArray_STRIDE(x, 0), PyArray_STRIDE(x, 1), PyArray_STRIDE(x, 2)},
+        .w = {PyArray_BYTES(w), 0, PyArray_STRIDE(w, 0), PyArray_STRIDE(w, 1)},
+        .y = {PyArray_BYTES(out), PyArray_STRIDE(out, 0), PyArray_STRIDE(out, 1),
+              PyArray_STRIDE(out, 2)},
+        .b = {b ? PyArray_BYTES(b) : NULL, b ? PyArray_STRIDE(b, 0) : 0},
+        .accumulate = accumulate,
+    };
     int status;
     Py_BEGIN_ALLOW_THREADS
-    status = attn_mha(&m);
+    status = attn_linear(&p);
     Py_END_ALLOW_THREADS
-    if (raise_for_status(status)) goto done;
-
-    if (want_trace) {
-        PyObject *none = Py_None;
-        trace = Py_BuildValue(
-            "{sOsOsOsOsOsOsOsOsOsO}", "q", buf[PQ], "k", buf[PK], "v", buf[PV], "scores",
-            buf[SCORES], "logits", buf[LOGITS], "weights", buf[WEIGHTS], "dropout_mask",
-            buf[DMASK] ? (PyObject *)buf[DMASK] : none, "dropped_weights",
-            buf[DROPPED] ? (PyObject *)buf[DROPPED] : none, "concat", buf[CONCAT], "output",
-            buf[OUT]);
-        if (!trace) goto done;
-    }
-    PyObject *weights_out = !need_weights ? Py_None
-                            : dropout    ? (PyObject *)buf[DROPPED]
-                                         : (PyObject *)buf[WEIGHTS];
-    result = Py_BuildValue("(OOO)", buf[OUT], weights_out, trace ? trace : Py_None);
-
-done:
-    mha_clear(&c);
-    for (int i = 0; i < NOUT; i++) Py_XDECREF(buf[i]);
-    Py_XDECREF(trace);
-    return result;
-}
-
-/*
- * The multi-head layer's backward pass: the forward's arguments, its trace
- * buffers (q, k, v, concat as (N, rows, features), weights (N, H, L, S')),
- * grad_output (N, L, out_dim), and arrays that receive the parameters'
- * gradients (None: not wanted). Returns (grad_query, grad_key, grad_value).
- */
-static PyObject *
-attnpy_mha_backward(PyObject *Py_UNUSED(module), PyObject *args, PyObject *kwargs)
-{
-    static char *kwlist[] = {MHA_KWLIST, "grad_output", "q", "k", "v", "concat", "weights",
-                             "grad_w_q", "grad_w_k", "grad_w_v", "grad_b_q", "grad_b_k",
-                             "grad_b_v", "grad_w_out", "grad_b_out", "grad_bias_k",
-                             "grad_bias_v", NULL};
-    PyObject *o[NIN], *attn_mask_o, *kpm_o, *scale_o;
-    Py_ssize_t H, Hkv;
-    int add_zero_attn, true_attends, is_causal;
-    double dropout_p;
-    unsigned long long seed;
-    enum { DOUT, TQ, TK, TV, TC, TW, NT };
-    enum { GWQ, GWK, GWV, GBQ, GBK, GBV, GWO, GBO, GBIASK, GBIASV, NG };
-    enum { GQUERY, GKEY, GVALUE, DQ, DK, DV, DC, HK, HV, NBUF };
-    PyObject *t_o[NT], *g_o[NG];
-    PyArrayObject *t[NT] = {NULL}, *pg[NG] = {NULL}, *buf[NBUF] = {NULL};
-    PyObject *result = NULL;
-    mha_call c;
-    attn_mha_grad_args g;
-    memset(&g, 0, sizeof g);
-
-    if (!PyArg_ParseTupleAndKeywords(
-            args, kwargs, MHA_FORMAT "OOOOOOOOOOOOOOOO:multihead_attention_backward", kwlist,
-            &o[Q], &o[K], &o[V], &o[WQ], &o[WK], &o[WV], &o[BQ], &o[BK], &o[BV], &o[WO], &o[BO],
-            &o[BIASK], &o[BIASV], &H, &Hkv, &add_zero_attn, &attn_mask_o, &kpm_o, &true_attends,
-            &is_causal, &scale_o, &dropout_p, &seed, &t_o[DOUT], &t_o[TQ], &t_o[TK], &t_o[TV],
-            &t_o[TC], &t_o[TW], &g_o[GWQ], &g_o[GWK], &g_o[GWV], &g_o[GBQ], &g_o[GBK],
-            &g_o[GBV], &g_o[GWO], &g_o[GBO], &g_o[GBIASK], &g_o[GBIASV]))
-        return NULL;
-    if (mha_prepare(&c, o, H, Hkv, add_zero_attn, attn_mask_o, kpm_o, true_attends, is_causal,
-                    scale_o, dropout_p, seed) < 0)
-        return NULL;
-    const int typenum = c.typenum;
-    const npy_intp N = c.N, L = c.L, S = c.S, S2 = c.S2, D = c.D, Dv = c.Dv;
-    attn_mha_args *m = &g.fwd;
-    *m = c.m;
-
-    /* the forward's buffers and grad_output */
-    npy_intp d_out[3] = {N, L, c.in[WO] ? c.out_dim : H * Dv}, d_q[3] = {N, L, H * D},
-             d_k[3] = {N, S2, Hkv * D}, d_v[3] = {N, S2, Hkv * Dv}, d_c[3] = {N, L, H * Dv},
-             d_w[4] = {N, H, L, S2};
-    const npy_intp *t_dims[NT] = {d_out, d_q, d_k, d_v, d_c, d_w};
-    const char *t_names[NT] = {"grad_output", "trace q", "trace k", "trace v", "trace concat",
-                               "trace weights"};
-    for (int i = 0; i < NT; i++)
-        if (get_shaped(t_o[i], t_names[i], typenum, i == TW ? 4 : 3, t_dims[i], 0, &t[i]))
-            goto done;
-    g.grad_out = view3_of(t[DOUT]);
-    m->q = view3_of(t[TQ]);
-    m->k = view3_of(t[TK]);
-    m->v = view3_of(t[TV]);
-    m->concat = view3_of(t[TC]);
-    m->attn.weights = view4_of(t[TW]);
-
-    /* the parameters' gradients: each like its parameter, or None */
-    const char *g_names[NG] = {"grad_w_q", "grad_w_k", "grad_w_v", "grad_b_q", "grad_b_k",
-                               "grad_b_v", "grad_w_out", "grad_b_out", "grad_bias_k",
-                               "grad_bias_v"};
-    const int of_param[NG] = {WQ, WK, WV, BQ, BK, BV, WO, BO, BIASK, BIASV};
-    for (int i = 0; i < NG; i++) {
-        if (g_o[i] == Py_None) continue;
-        PyArrayObject *param = c.in[of_param[i]];
-        if (!param) {
-            PyErr_Format(PyExc_ValueError, "%s given for a parameter the layer does not have",
-                         g_names[i]);
-            goto done;
-        }
-        if (get_shaped(g_o[i], g_names[i], typenum, PyArray_NDIM(param), PyArray_DIMS(param),
-                       SHAPED_WRITEABLE, &pg[i]))
-            goto done;
-    }
-    if (!pg[GBIASK] != !pg[GBIASV]) {
-        PyErr_SetString(PyExc_ValueError, "grad_bias_k and grad_bias_v must be given together");
-        goto done;
-    }
-    /* the gradients are written: none may share memory with what is read, or
-       with each other */
-    for (int i = 0; i < NG; i++) {
-        if (!pg[i]) continue;
-        for (int j = 0; j < NIN; j++)
-            if (may_overlap(pg[i], c.in[j])) {
-                PyErr_Format(PyExc_ValueError, "%s shares memory with an input or parameter",
-                             g_names[i]);
-                goto done;
-            }
-        for (int j = 0; j < NT; j++)
-            if (may_overlap(pg[i], t[j])) {
-                PyErr_Format(PyExc_ValueError, "%s shares memory with %s", g_names[i],
-                             t_names[j]);
-                goto done;
-            }
-        for (int j = 0; j < i; j++)
-            if (may_overlap(pg[i], pg[j])) {
-                PyErr_Format(PyExc_ValueError, "%s shares memory with %s", g_names[i],
-                             g_names[j]);
-                goto done;
-            }
-    }
-    g.grad_w_q = view3_of(pg[GWQ]); g.grad_w_k = view3_of(pg[GWK]); g.grad_w_v = view3_of(pg[GWV]);
-    g.grad_w_out = view3_of(pg[GWO]);
-    g.grad_b_q = vec_of(pg[GBQ]); g.grad_b_k = vec_of(pg[GBK]); g.grad_b_v = vec_of(pg[GBV]);
-    g.grad_b_out = vec_of(pg[GBO]);
-    g.grad_bias_k = vec_of(pg[GBIASK]); g.grad_bias_v = vec_of(pg[GBIASV]);
-
-    /* outputs and workspaces */
-    npy_intp d_gq[3] = {N, L, m->qdim}, d_gk[3] = {N, S, m->kdim}, d_gv[3] = {N, S, m->vdim};
-    /* slabs, for GQA only */
-    npy_intp hk = checked_mul(checked_mul(checked_mul(N, H, "the key slabs"), S2, "the key slabs"),
-                              D, "the key slabs");
-    npy_intp hv = checked_mul(checked_mul(checked_mul(N, H, "the value slabs"), S2,
-                                          "the value slabs"), Dv, "the value slabs");
-    if (hk < 0 || hv < 0) goto done;
-    const int shared_kv = Hkv != H;
-    if (!(buf[GQUERY] = new_array(3, d_gq, typenum, 1, "the gradient of query")) ||
-        !(buf[GKEY] = new_array(3, d_gk, typenum, 1, "the gradient of key")) ||
-        !(buf[GVALUE] = new_array(3, d_gv, typenum, 1, "the gradient of value")) ||
-        !(buf[DQ] = new_array(3, d_q, typenum, 0, "the gradient of the projected query")) ||
-        !(buf[DK] = new_array(3, d_k, typenum, 0, "the gradient of the projected key")) ||
-        !(buf[DV] = new_array(3, d_v, typenum, 0, "the gradient of the projected value")) ||
-        !(buf[DC] = new_array(3, d_c, typenum, 0, "the gradient of the heads' output")) ||
-        (shared_kv && !(buf[HK] = new_array(1, &hk, typenum, 0, "the key slabs"))) ||
-        (shared_kv && !(buf[HV] = new_array(1, &hv, typenum, 0, "the value slabs"))))
-        goto done;
-    g.grad_query = view3_of(buf[GQUERY]);
-    g.grad_key = view3_of(buf[GKEY]);
-    g.grad_value = view3_of(buf[GVALUE]);
-    g.dq = view3_of(buf[DQ]);
-    g.dk = view3_of(buf[DK]);
-    g.dv = view3_of(buf[DV]);
-    g.dconcat = view3_of(buf[DC]);
-    g.dk_heads = shared_kv ? PyArray_BYTES(buf[HK]) : NULL;
-    g.dv_heads = shared_kv ? PyArray_BYTES(buf[HV]) : NULL;
-
-    int status;
-    Py_BEGIN_ALLOW_THREADS
-    status = attn_mha_backward(&g);
-    Py_END_ALLOW_THREADS
-    if (raise_for_status(status)) goto done;
-    result = Py_BuildValue("(OOO)", buf[GQUERY], buf[GKEY], buf[GVALUE]);
-done:
-    mha_clear(&c);
-    for (int i = 0; i < NT; i++) Py_XDECREF(t[i]);
-    for (int i = 0; i < NG; i++) Py_XDECREF(pg[i]);
-    for (int i = 0; i < NBUF; i++) Py_XDECREF(buf[i]);
-    return result;
+    if (raise_for_status(status)) Py_CLEAR(out);
+    return (PyObject *)out;
 }
 
 /* ------------------------------------------------------------------------ */
@@ -1266,14 +940,15 @@ static PyObject *attnpy_set_num_threads(PyObject *Py_UNUSED(module), PyObject *a
         int overflow = PyErr_ExceptionMatches(PyExc_OverflowError);
         PyErr_Clear();
         if (overflow) /* an int, just far out of range */
-            PyErr_SetString(PyExc_ValueError, "n must be between 1 and 256 (0: the default); "
-                            "got an int beyond the C long range");
+            PyErr_Format(PyExc_ValueError, "n must be between 1 and %d (0: the default); "
+                         "got an int beyond the C long range", ATTN_MAX_THREADS);
         else
             PyErr_Format(PyExc_TypeError, "n must be an int; got %.200s", Py_TYPE(arg)->tp_name);
         return NULL;
     }
-    if (n < 0 || n > 256 || attn_set_num_threads((int)n) != ATTN_OK) {
-        PyErr_Format(PyExc_ValueError, "n must be between 1 and 256 (0: the default); got %ld", n);
+    if (n < 0 || n > ATTN_MAX_THREADS || attn_set_num_threads((int)n) != ATTN_OK) {
+        PyErr_Format(PyExc_ValueError, "n must be between 1 and %d (0: the default); got %ld",
+                     ATTN_MAX_THREADS, n);
         return NULL;
     }
     Py_RETURN_NONE;
@@ -1289,8 +964,8 @@ static PyObject *attnpy_fma_peak(PyObject *Py_UNUSED(module), PyObject *args)
     int threads;
     long long iters;
     if (!PyArg_ParseTuple(args, "iL:fma_peak", &threads, &iters)) return NULL;
-    if (threads < 1 || threads > 256 || iters < 1) {
-        PyErr_SetString(PyExc_ValueError, "fma_peak needs 1 <= threads <= 256 and iters >= 1");
+    if (threads < 1 || threads > ATTN_MAX_THREADS || iters < 1) {
+        PyErr_SetString(PyExc_ValueError, "fma_peak needs 1 <= threads <= MAX_THREADS and iters >= 1");
         return NULL;
     }
     double gflops;
@@ -1359,23 +1034,20 @@ static PyObject *attnpy_fail_alloc(PyObject *Py_UNUSED(module), PyObject *arg)
 /* ------------------------------------------------------------------------ */
 
 static PyMethodDef attnpy_methods[] = {
-    {"scaled_dot_product_attention", (PyCFunction)(void (*)(void))attnpy_sdpa,
-     METH_VARARGS | METH_KEYWORDS,
-     "scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, "
-     "is_causal=False, scale=None, enable_gqa=False, *, need_weights=True, out=None)\n"
-     "--\n\nThe C entry point; see attnpy.scaled_dot_product_attention. "
-     "Returns (output, weights or None)."},
-    {"scaled_dot_product_attention_backward",
-     (PyCFunction)(void (*)(void))attnpy_sdpa_backward, METH_VARARGS | METH_KEYWORDS,
-     "The backward pass; see attnpy.scaled_dot_product_attention_backward. Returns "
-     "(grad_query, grad_key, grad_value, grad_weights or None, grad_scores or None)."},
-    {"multihead_attention", (PyCFunction)(void (*)(void))attnpy_mha, METH_VARARGS | METH_KEYWORDS,
-     "The multi-head layer on (N, L, E) inputs; see attnpy.MultiheadAttention. "
+    {"sdpa", (PyCFunction)(void (*)(void))attnpy_sdpa, METH_VARARGS | METH_KEYWORDS,
+     "sdpa(query, key, value, *, scale, masks=(), extra_keys=0, is_causal=False, "
+     "enable_gqa=False, dropout_p=0.0, seed=0, need_weights=True, trace=False, out=None)\n"
+     "--\n\nAttention on validated ndarrays; see attnpy.scaled_dot_product_attention. "
      "Returns (output, weights or None, trace dict or None)."},
-    {"multihead_attention_backward", (PyCFunction)(void (*)(void))attnpy_mha_backward,
+    {"sdpa_backward", (PyCFunction)(void (*)(void))attnpy_sdpa_backward,
      METH_VARARGS | METH_KEYWORDS,
-     "The multi-head layer's backward pass; see attnpy.MultiheadAttention.backward. "
-     "Returns (grad_query, grad_key, grad_value)."},
+     "sdpa_backward(grad_output, query, key, value, *, scale, masks=(), extra_keys=0, "
+     "is_causal=False, enable_gqa=False, dropout_p=0.0, seed=0, weights=None, trace=False, "
+     "grads=None)\n--\n\nThe backward pass. Returns (grad_query, grad_key, grad_value, "
+     "grad_weights or None, grad_scores or None)."},
+    {"linear", (PyCFunction)(void (*)(void))attnpy_linear, METH_VARARGS | METH_KEYWORDS,
+     "linear(x, weight, bias=None, *, out=None, accumulate=False)\n--\n\n"
+     "x (N, M, K) @ weight (O, K).T + bias (O,) into out (N, M, O), any strides."},
     {"set_num_threads", attnpy_set_num_threads, METH_O, "Threads the core uses (0: default)."},
     {"get_num_threads", attnpy_get_num_threads, METH_NOARGS, "Threads the core uses."},
     {"set_kernel", attnpy_set_kernel, METH_O, "Force a kernel ('auto' to choose)."},
@@ -1402,5 +1074,11 @@ static struct PyModuleDef attnpy_module = {
 PyMODINIT_FUNC PyInit__core(void)
 {
     import_array();
-    return PyModule_Create(&attnpy_module);
+    PyObject *m = PyModule_Create(&attnpy_module);
+    /* the core's limits, for the Python side's checks and messages */
+    if (m && (PyModule_AddIntConstant(m, "MAX_EXTENT", (long)ATTN_MAX_EXTENT) < 0 ||
+              PyModule_AddIntConstant(m, "MAX_THREADS", ATTN_MAX_THREADS) < 0 ||
+              PyModule_AddIntConstant(m, "MAX_DIMS", ATTN_MAX_DIMS) < 0))
+        Py_CLEAR(m);
+    return m;
 }

@@ -301,6 +301,12 @@ def sdpa_expectations(args, kwargs):
     if len(dts) > 1:
         errors.append((TypeError, "query, key and value"))
     dtype = cast_to if len(dts) > 1 else dts.pop()
+    mask = kwargs["attn_mask"]
+    # what a mask means is checked whatever the shapes (attnpy/_args.py)
+    if mask is not None and kwargs["is_causal"]:
+        errors.append((ValueError, "attn_mask"))
+    if isinstance(mask, list) and np.asarray(mask).dtype.kind in "iu":
+        errors.append((TypeError, "attn_mask"))
     shapes = {n: np.shape(a) for n, a in args.items()}
     if any(len(s) < 2 for s in shapes.values()):
         errors += [(ValueError, n) for n, s in shapes.items() if len(s) < 2]
@@ -327,14 +333,9 @@ def sdpa_expectations(args, kwargs):
         lead.append(big.pop() if len(big) == 1 else 1)
     out_shape = tuple(lead) + (L, Ev)
     w_shape = tuple(lead) + (L, S)
-    mask = kwargs["attn_mask"]
     if mask is not None:
-        if kwargs["is_causal"]:
-            errors.append((ValueError, "attn_mask"))
         if isinstance(mask, list):
             m = np.asarray(mask)
-            if m.dtype.kind in "iu":
-                errors.append((TypeError, "attn_mask"))
         else:
             m = mask
             if m.dtype != np.bool_:
