@@ -620,17 +620,22 @@ def scenario_sdpa(fdp, private):
                 out = np.zeros(shape, odt)
                 if fdp.ConsumeIntInRange(0, 3) == 0:
                     out = out.T if out.ndim > 1 else out[::-1]
-    what = f"{'_core.' if private else ''}scaled_dot_product_attention"
-    fn = _core.scaled_dot_product_attention if private else attnpy.scaled_dot_product_attention
+    what = "_core.sdpa" if private else "scaled_dot_product_attention"
     sizes = sdpa_sizes(q, k, v, gqa)
     if sizes and legit_but_huge((q, k, v, mask), *sizes):
         return
-    res = call(inputs, what, fn, q, k, v, mask, dropout, is_causal, scale, enable_gqa,
-               need_weights=need_weights, out=out)
-    if res is None:
-        return
     if private:
-        res = tuple(res)
+        kind = private_mask_kind(fdp, mask)
+        res = call(inputs, what, _core.sdpa, q, k, v, need_weights=need_weights, out=out,
+                   **private_options(fdp, q, mask, kind, is_causal, scale, enable_gqa, dropout))
+        if res is None or kind != natural_mask_kind(mask) or dropout != 0.0:
+            return  # another meaning than the public function's: no reference here
+        res = tuple(res[:2])
+    else:
+        res = call(inputs, what, attnpy.scaled_dot_product_attention, q, k, v, mask, dropout,
+                   is_causal, scale, enable_gqa, need_weights=need_weights, out=out)
+        if res is None:
+            return
     if out is not None and res[0] is not out:
         raise Finding(f"{what}: out= given but the output is another array")
     check_sdpa_result(res, q, k, v, mask, bool(is_causal), scale, bool(enable_gqa),
@@ -657,16 +662,23 @@ def scenario_sdpa_backward(fdp, private):
     if fdp.ConsumeIntInRange(0, 2) == 0:
         weights = build_array(fdp, "weights", tuple(lead) + (qs[-2], ks[-2]), dtype, inputs)
     trace = pick_flag(fdp) if fdp.ConsumeIntInRange(0, 7) == 0 else fdp.ConsumeBool()
-    what = f"{'_core.' if private else ''}scaled_dot_product_attention_backward"
+    what = "_core.sdpa_backward" if private else "scaled_dot_product_attention_backward"
     sizes = sdpa_sizes(q, k, v, gqa)
     if sizes and legit_but_huge((q, k, v, mask, do, weights), *sizes):
         return
-    fn = (_core.scaled_dot_product_attention_backward if private
-          else attnpy.scaled_dot_product_attention_backward)
-    res = call(inputs, what, fn, do, q, k, v, mask, is_causal, scale, enable_gqa,
-               weights=weights, trace=trace)
-    if res is None:
-        return
+    if private:
+        kind = private_mask_kind(fdp, mask)
+        grads = private_grads(fdp, (q, k, v), (q, k, v, do, mask, weights))
+        res = call(inputs, what, _core.sdpa_backward, do, q, k, v, weights=weights, trace=trace,
+                   grads=grads, **private_options(fdp, q, mask, kind, is_causal, scale,
+                                                  enable_gqa, 0.0))
+        if res is None or kind != natural_mask_kind(mask):
+            return
+    else:
+        res = call(inputs, what, attnpy.scaled_dot_product_attention_backward, do, q, k, v,
+                   mask, is_causal, scale, enable_gqa, weights=weights, trace=trace)
+        if res is None:
+            return
     gq, gk, gv = res[0], res[1], res[2]
     for nm, g, x in (("query", gq, q), ("key", gk, k), ("value", gv, v)):
         if isinstance(x, np.ndarray) and g.shape != x.shape:
@@ -920,72 +932,96 @@ def scenario_self_attention(fdp):
     close("output", res.output, want_out, x.dtype, big * (L + 1) * 64, "self_attention")
 
 
-def scenario_core_mha(fdp, backward):
-    """_core.multihead_attention(_backward) with fuzzed parameter arrays."""
-    dtype = FLOAT_DTYPES[fdp.ConsumeIntInRange(0, 1)]
-    inputs = Inputs()
-    N, L, S = pick_dim(fdp, 3), pick_dim(fdp, 4), pick_dim(fdp, 4)
-    H = pick_int(fdp, 1, 4)
-    Hkv = pick_int(fdp, 1, 4)
-    iH = H if isinstance(H, int) and 0 < H < 64 else 1
-    iK = Hkv if isinstance(Hkv, int) and 0 < Hkv < 64 else 1
-    D, Dv = fdp.ConsumeIntInRange(0, 3), fdp.ConsumeIntInRange(0, 3)
-    qd, kd, vd, od = (fdp.ConsumeIntInRange(0, 5) for _ in range(4))
-    b = lambda name, shape, opt: (None if opt and fdp.ConsumeBool()  # noqa: E731
-                                  else build_array(fdp, name, shape, dtype, inputs))
-    args = [b("query", (N, L, qd), False), b("key", (N, S, kd), False),
-            b("value", (N, S, vd), False),
-            b("w_q", (iH * D, qd), False), b("w_k", (iK * D, kd), False),
-            b("w_v", (iK * Dv, vd), False),
-            b("b_q", (iH * D,), True), b("b_k", (iK * D,), True), b("b_v", (iK * Dv,), True),
-            b("w_out", (od, iH * Dv), True), b("b_out", (od,), True),
-            b("bias_k", (iK * D,), True), b("bias_v", (iK * Dv,), True),
-            H, Hkv, pick_flag(fdp) if fdp.ConsumeIntInRange(0, 7) == 0 else fdp.ConsumeBool()]
-    try:  # the flag may be an array whose truth is ambiguous (the call must refuse it)
-        zero_attn = bool(args[15])
-    except ValueError:
-        zero_attn = False
-    S2 = S + (args[11] is not None) + zero_attn
-    args += [build_mask(fdp, [(L, S), (N, iH, L, S), (N, 1, 1, S), (S,)][
-                 fdp.ConsumeIntInRange(0, 3)], dtype, inputs),
-             build_mask(fdp, (N, 1, 1, S), dtype, inputs, "key_padding_mask"),
-             fdp.ConsumeBool(), pick_flag(fdp) if fdp.ConsumeIntInRange(0, 7) == 0 else False,
-             pick_scalar(fdp, "scale") if fdp.ConsumeBool() else None,
-             0.0 if fdp.ConsumeIntInRange(0, 3) else pick_scalar(fdp, "dropout_p"),
-             fdp.ConsumeIntInRange(0, 2**64 - 1) if fdp.ConsumeIntInRange(0, 15)
-             else [-1, 2**70, "seed"][fdp.ConsumeIntInRange(0, 2)]]
-    out_elems = 8 * N * iH * L * S2 + 4 * N * (L + S2) * (iH + iK) * (D + Dv + od)
-    work = out_elems * (qd + kd + vd + od + D + Dv + 1)
-    if legit_but_huge(args[:13] + args[16:18], out_elems, work):
-        return
-    if not backward:
-        args += [fdp.ConsumeBool(), fdp.ConsumeBool()]
-        call(inputs, "_core.multihead_attention", _core.multihead_attention, *args,
-             overflow_ok=True)
-        return
-    outdim = od if args[9] is not None else iH * Dv
-    args += [b("grad_output", (N, L, outdim), False), b("trace q", (N, L, iH * D), False),
-             b("trace k", (N, S2, iK * D), False), b("trace v", (N, S2, iK * Dv), False),
-             b("trace concat", (N, L, iH * Dv), False),
-             b("trace weights", (N, iH, L, S2), False)]
-    # gradient outputs: written by the call, so not tracked as inputs
+def natural_mask_kind(mask):
+    """The kind the public SDPA gives a mask: bool means attend, float is added."""
+    return "attend" if getattr(mask, "dtype", None) == np.bool_ else "add"
+
+
+def private_mask_kind(fdp, mask):
+    r = fdp.ConsumeIntInRange(0, 15)
+    return natural_mask_kind(mask) if r > 2 else ["ignore", "add", "Attend"][r]
+
+
+def private_options(fdp, q, mask, kind, is_causal, scale, enable_gqa, dropout):
+    """The private entry points' options, by name, as Python would pass them, and now
+    and then as nobody should (junk in a field, a misspelt name: TypeError)."""
+    E = q.shape[-1] if isinstance(q, np.ndarray) and q.ndim else 1
+    opts = dict(scale=(1.0 / math.sqrt(E) if E else math.inf) if scale is None else scale,
+                masks=[] if mask is None else [(mask, kind, "attn_mask")],
+                is_causal=is_causal, enable_gqa=enable_gqa, dropout_p=dropout,
+                seed=fdp.ConsumeIntInRange(0, 2**64 - 1))
+    r = fdp.ConsumeIntInRange(0, 31)
+    if r == 0:
+        opts["extra_keys"] = pick_int(fdp, 0, 8)
+    elif r == 1:
+        opts["is_casual"] = True
+    elif r == 2:
+        opts["masks"] = [mask] if mask is not None else [(None, "add", "m")]
+    elif r == 3:
+        del opts["scale"]
+    elif r == 4:
+        opts["seed"] = [-1, 2**70, "seed"][fdp.ConsumeIntInRange(0, 2)]
+    return opts
+
+
+def private_grads(fdp, inputs_qkv, readable):
+    """grads=: None, or arrays shaped like query, key, value (some aliasing what the
+    backward reads, which must be refused; some read-only or strided)."""
+    if fdp.ConsumeIntInRange(0, 2):
+        return None
     grads = []
-    for i, shape in enumerate([(iH * D, qd), (iK * D, kd), (iK * Dv, vd), (iH * D,), (iK * D,),
-                               (iK * Dv,), (od, iH * Dv), (od,), (iK * D,), (iK * Dv,)]):
+    for x in inputs_qkv:
         r = fdp.ConsumeIntInRange(0, 7)
+        shape = x.shape if isinstance(x, np.ndarray) else (1,)
+        dt = x.dtype if isinstance(x, np.ndarray) and x.dtype.kind == "f" else np.float64
         if r == 0:
             grads.append(None)
-        elif r == 1 and isinstance(args[i + 3], np.ndarray):
-            grads.append(args[i + 3])  # aliasing a parameter: must be refused
+        elif r == 1:
+            alias = [a for a in readable if isinstance(a, np.ndarray)]
+            grads.append(alias[fdp.ConsumeIntInRange(0, len(alias) - 1)] if alias else None)
         else:
-            g = np.zeros(shape, dtype)
-            if r == 2:
+            g = np.full(shape, 7.0, dt) if math.prod(shape) <= (1 << 16) else None
+            if g is not None and r == 2:
                 g.flags.writeable = False
-            if r == 3 and g.ndim == 2:
+            if g is not None and r == 3 and g.ndim > 1:
                 g = g.T
             grads.append(g)
-    call(inputs, "_core.multihead_attention_backward", _core.multihead_attention_backward,
-         *(args + grads), overflow_ok=True)
+    return tuple(grads)
+
+
+def scenario_core_linear(fdp, accumulate):
+    """_core.linear(x, weight, bias, out=, accumulate=) against x @ weight.T + bias."""
+    dtype = FLOAT_DTYPES[fdp.ConsumeIntInRange(0, 1)]
+    inputs = Inputs()
+    N, M, K, O = pick_dim(fdp, 3), pick_dim(fdp, 5), pick_dim(fdp, 5), pick_dim(fdp, 5)
+    x = build_array(fdp, "x", (N, M, K), dtype, inputs)
+    w = build_array(fdp, "weight", (O, K), dtype, inputs)
+    b = None if fdp.ConsumeBool() else build_array(fdp, "bias", (O,), dtype, inputs)
+    out = None
+    if accumulate or fdp.ConsumeIntInRange(0, 3) == 0:
+        r = fdp.ConsumeIntInRange(0, 5)
+        if r == 0 and isinstance(x, np.ndarray):
+            out = x  # aliasing an input: must be refused
+        elif math.prod((N, M, O)) <= (1 << 16):
+            out = np.full((N, M, O), 0.5 * r, dtype)
+            if r == 2:
+                out = out.transpose(0, 2, 1).copy().transpose(0, 2, 1)  # strided
+            elif r == 3:
+                out.flags.writeable = False
+    if legit_but_huge((x, w, b), math.prod((N, M, O)), math.prod((N, M, O, K))):
+        return
+    before = None if not isinstance(out, np.ndarray) else out.astype(np.float64)
+    res = call(inputs, "_core.linear", _core.linear, x, w, b, out=out, accumulate=accumulate)
+    if res is None or not all(isinstance(a, np.ndarray) for a in (x, w)):
+        return
+    if not finite_moderate(x, w, b) or (before is not None and not np.isfinite(before).all()):
+        return
+    want = x.astype(np.float64) @ w.astype(np.float64).T
+    if b is not None:
+        want = want + b.astype(np.float64)
+    if accumulate:
+        want = want + before
+    close("linear", res, want, res.dtype, 64 * 64 * (K + 1) + 64, "_core.linear")
 
 
 def scenario_causal_mask(fdp):
@@ -1031,8 +1067,8 @@ SCENARIOS = [
     scenario_mha,
     scenario_mha,
     scenario_self_attention,
-    lambda f: scenario_core_mha(f, False),
-    lambda f: scenario_core_mha(f, True),
+    lambda f: scenario_core_linear(f, False),
+    lambda f: scenario_core_linear(f, True),
     scenario_causal_mask,
     scenario_config,
 ]
