@@ -1,4 +1,5 @@
 """Threads and kernels of the C core."""
+import numbers
 from contextlib import contextmanager
 
 from . import _core
@@ -12,7 +13,12 @@ _choice = "auto"  # what set_kernel was last given (get_kernel says what it reso
 def set_num_threads(n):
     """Use ``n`` threads in the core (``0``: back to the default, which is
     ``OMP_NUM_THREADS`` when set, else the CPUs online)."""
-    _core.set_num_threads(n)
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral):
+        raise TypeError(f"n must be an int; got {type(n).__name__}")
+    if not 0 <= n <= _core.MAX_THREADS:
+        raise ValueError(f"n must be between 1 and {_core.MAX_THREADS} (0: the default); "
+                         f"got {n}")
+    _core.set_num_threads(int(n))
 
 
 def get_num_threads():

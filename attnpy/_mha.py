@@ -481,6 +481,8 @@ class MultiheadAttention:
                 attn_mask = attn_mask.reshape(N, H, L, S)   # splits axis 0: always a view
 
         dropout_p = self.dropout if self.training else 0.0
+        if not 0.0 <= dropout_p <= 1.0:   # the attribute may have been set by hand
+            raise ValueError(f"dropout must be in [0, 1]; got {dropout_p}")
         seed = int(self._rng.integers(0, 2**63)) if dropout_p > 0 else 0
         p = self._params
         bias_kv = (p["bias_k"].reshape(-1), p["bias_v"].reshape(-1)) if "bias_k" in p else None

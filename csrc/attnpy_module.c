@@ -155,26 +155,35 @@ static int may_overlap(PyArrayObject *a, PyArrayObject *b)
     return alo < bhi && blo < ahi;
 }
 
-/* An output the core writes: of dtype typenum and exactly the shape dims,
-   aligned, writeable, sharing no byte with any of the n inputs. */
+/* An array the core reads or writes whole: of dtype typenum and exactly the
+   shape dims. */
+static int check_shaped(PyArrayObject *arr, const char *name, int typenum, int nd,
+                        const npy_intp *dims)
+{
+    char s1[SHAPE_BUF], s2[SHAPE_BUF];
+    if (check_float(arr, name)) return -1;
+    if (PyArray_TYPE(arr) != typenum) {
+        PyErr_Format(PyExc_TypeError, "%s must have dtype %s like query; got %s", name,
+                     typenum == NPY_FLOAT ? "float32" : "float64", dtype_name(arr));
+        return -1;
+    }
+    int same = PyArray_NDIM(arr) == nd;
+    for (int d = 0; same && d < nd; d++) same = PyArray_DIM(arr, d) == dims[d];
+    if (!same) {
+        PyErr_Format(PyExc_ValueError, "%s must have shape %s; got %s", name,
+                     fmt_dims(dims, nd, s1, SHAPE_BUF), fmt_shape(arr, s2, SHAPE_BUF));
+        return -1;
+    }
+    return 0;
+}
+
+/* An output the core writes: shaped as above, writeable, sharing no byte
+   with any of the n inputs. */
 static int check_output(PyArrayObject *out, const char *name, int typenum, int nd,
                         const npy_intp *dims, PyArrayObject *const *inputs,
                         const char *const *input_names, int n)
 {
-    char s1[SHAPE_BUF], s2[SHAPE_BUF];
-    if (check_float(out, name)) return -1;
-    if (PyArray_TYPE(out) != typenum) {
-        PyErr_Format(PyExc_TypeError, "%s must have dtype %s like query; got %s", name,
-                     typenum == NPY_FLOAT ? "float32" : "float64", dtype_name(out));
-        return -1;
-    }
-    int same = PyArray_NDIM(out) == nd;
-    for (int d = 0; same && d < nd; d++) same = PyArray_DIM(out, d) == dims[d];
-    if (!same) {
-        PyErr_Format(PyExc_ValueError, "%s must have shape %s; got %s", name,
-                     fmt_dims(dims, nd, s1, SHAPE_BUF), fmt_shape(out, s2, SHAPE_BUF));
-        return -1;
-    }
+    if (check_shaped(out, name, typenum, nd, dims)) return -1;
     if (!PyArray_ISWRITEABLE(out)) {
         PyErr_Format(PyExc_ValueError, "%s must be writeable; got a read-only array", name);
         return -1;
@@ -524,7 +533,7 @@ static int sdpa_prepare(sdpa_call *c, PyArrayObject *q, PyArrayObject *k, PyArra
         return -1;
     }
     if (!(o->dropout_p >= 0.0 && o->dropout_p <= 1.0)) {
-        PyErr_Format(PyExc_ValueError, "dropout_p must be in [0, 1]; got %g", o->dropout_p);
+        PyErr_SetString(PyExc_ValueError, "dropout_p must be in [0, 1]");
         return -1;
     }
 
@@ -765,26 +774,9 @@ static PyObject *attnpy_sdpa_backward(PyObject *Py_UNUSED(module), PyObject *arg
     const char *in_names[5];
     int n_in = sdpa_inputs(&c, &o, in, in_names);
 
-    char s1[SHAPE_BUF], s2[SHAPE_BUF];
-    PyArrayObject *read[2] = {dout, weights};
-    const char *read_names[2] = {"grad_output", "weights"};
-    const npy_intp *read_dims[2] = {c.out_dims, c.w_dims};
-    for (int i = 0; i < 2 && read[i]; i++) {
-        int same = PyArray_NDIM(read[i]) == nd;
-        for (int d = 0; same && d < nd; d++) same = PyArray_DIM(read[i], d) == read_dims[i][d];
-        if (check_float(read[i], read_names[i])) return NULL;
-        if (PyArray_TYPE(read[i]) != typenum) {
-            PyErr_Format(PyExc_TypeError, "%s must have dtype %s like query; got %s",
-                         read_names[i], dtype_name(q), dtype_name(read[i]));
-            return NULL;
-        }
-        if (!same) {
-            PyErr_Format(PyExc_ValueError, "%s must have shape %s; got %s", read_names[i],
-                         fmt_dims(read_dims[i], nd, s1, SHAPE_BUF),
-                         fmt_shape(read[i], s2, SHAPE_BUF));
-            return NULL;
-        }
-    }
+    if (check_shaped(dout, "grad_output", typenum, nd, c.out_dims) ||
+        (weights && check_shaped(weights, "weights", typenum, nd, c.w_dims)))
+        return NULL;
     view_of(dout, nd, &g.grad_out);
     if (weights) view_of(weights, nd, &g.weights);
 
@@ -933,22 +925,14 @@ static PyObject *attnpy_linear(PyObject *Py_UNUSED(module), PyObject *args, PyOb
 /* ------------------------------------------------------------------------ */
 /* threads and kernels                                                       */
 
+/* set_num_threads(n): attnpy.set_num_threads checks n and explains. */
 static PyObject *attnpy_set_num_threads(PyObject *Py_UNUSED(module), PyObject *arg)
 {
-    long n = PyLong_AsLong(arg);
-    if (n == -1 && PyErr_Occurred()) {
-        int overflow = PyErr_ExceptionMatches(PyExc_OverflowError);
-        PyErr_Clear();
-        if (overflow) /* an int, just far out of range */
-            PyErr_Format(PyExc_ValueError, "n must be between 1 and %d (0: the default); "
-                         "got an int beyond the C long range", ATTN_MAX_THREADS);
-        else
-            PyErr_Format(PyExc_TypeError, "n must be an int; got %.200s", Py_TYPE(arg)->tp_name);
-        return NULL;
-    }
-    if (n < 0 || n > ATTN_MAX_THREADS || attn_set_num_threads((int)n) != ATTN_OK) {
-        PyErr_Format(PyExc_ValueError, "n must be between 1 and %d (0: the default); got %ld",
-                     ATTN_MAX_THREADS, n);
+    int64_t n;
+    if (to_count(arg, &n, "n") < 0) return NULL;
+    if (n > ATTN_MAX_THREADS || attn_set_num_threads((int)n) != ATTN_OK) {
+        PyErr_Format(PyExc_ValueError, "n must be between 1 and %d (0: the default)",
+                     ATTN_MAX_THREADS);
         return NULL;
     }
     Py_RETURN_NONE;
