@@ -2,7 +2,8 @@
 
     python bench/compare.py BEFORE_DIR AFTER_DIR [--quick] [--out FILE]
                             [--control] [--processes] [--threads N]
-                            [--budget S] [--rows REGEX] [--json FILE]
+                            [--minutes M] [--budget S] [--rows REGEX]
+                            [--plan] [--json FILE]
 
 BEFORE_DIR and AFTER_DIR are source trees, each with an ``attnpy`` package
 whose extension is built in place (``python setup.py build_ext --inplace``).
@@ -16,14 +17,26 @@ so each has its own extension file, code and thread pool. Both use the same
 thread count (--threads, default 2) and get the same inputs (seeded NumPy
 arrays; multi-head parameters loaded with load_state_dict). A row is timed in
 rounds: each round runs a block of calls of each build in turn, the order
-rotating from round to round (A B, B A, ...). Before a block: gc, a pause
-(so the other build's pool has stopped spinning; its workers spin 1 ms after
-a job) and, for calls under 20 ms, one untimed call. Every call is timed on
-its own; a build's time is the median over all its calls.
+rotating from round to round (A B, B A, ...). Before a block: a pause (so
+the other build's pool has stopped spinning; its workers spin 1 ms after a
+job) and, for calls under 20 ms, one untimed call (the warm-up; slower
+calls need none). Every call is timed on
+its own, with the garbage collector off; a build's time is the median over
+all its calls.
+
+How long. A first pass times one call of every row (of BEFORE); from that,
+each build gets about 1 s of timed calls per row (--budget), 6 to 400 calls,
+in at most 12 rounds. If that would take longer than --minutes (default 5),
+each build's time on a row is capped, the same cap for every row, the
+largest that fits: rows of slow calls get fewer calls (down to 3), rows of
+fast ones keep theirs, and a slow or busy machine gets wider intervals, not
+an unbounded run.
+--plan prints the plan and its estimated duration after the first pass and
+stops.
 
 The noise estimate. Rounds are paired (the blocks of one round ran next to
 each other), so the ratio's 95% interval comes from resampling rounds with
-replacement (bootstrap, 2000 resamples) and taking the ratio of the medians
+replacement (bootstrap, 1000 resamples) and taking the ratio of the medians
 each time. The per-round ratios (median of the round's after block over its
 before block) are shown too, as min-max. A row is "within noise" when its
 interval contains 1.00. --control adds an A/A control, a third contestant
@@ -62,6 +75,7 @@ HERE = Path(__file__).resolve().parent
 
 SMALL_CALL = 0.02   # seconds: below this, one untimed call before each block
 MIN_CALLS = 6       # timed calls per build and row, at least
+FEWEST_CALLS = 3    # and at the least under a time limit
 MAX_CALLS = 400     # and at most
 
 
@@ -144,32 +158,33 @@ class Runner:
                 res = m(x, trace=True)
                 self.fn = lambda: m.backward(res, dout)
 
-    def call(self):
-        """One call; its arrays, to compare the builds' results."""
-        return list(_arrays(self.fn(), self.np))
-
     def first_time(self):
         t0 = time.perf_counter()
         self.fn()
         return time.perf_counter() - t0
 
-    def block(self, n, settle, precall):
-        """gc, a pause, maybe one untimed call, then n calls timed one by one."""
+    def block(self, n, settle, precall, keep=False):
+        """A pause, maybe one untimed call, then n calls timed one by one, the
+        garbage collector off (it collects once per row, in release). With
+        keep, also the last call's arrays (the check of the results)."""
         fn = self.fn
-        gc.collect()
         time.sleep(settle)
         if precall:
             fn()
         times = []
         gc.disable()
         try:
-            for _ in range(n):
+            for _ in range(n - 1 if keep else n):
                 t0 = time.perf_counter()
                 fn()
                 times.append(time.perf_counter() - t0)
+            if keep:
+                t0 = time.perf_counter()
+                res = fn()
+                times.append(time.perf_counter() - t0)
         finally:
             gc.enable()
-        return times
+        return (times, list(_arrays(res, self.np))) if keep else times
 
     def release(self):
         self.fn = None
@@ -266,17 +281,14 @@ class LocalBuild:
     def setup(self, spec, inputs):
         self.runner.setup(spec, inputs)
 
-    def call(self):
-        return self.runner.call()
-
     def first_time(self):
         return self.runner.first_time()
 
-    def block(self, n, settle, precall):
-        return self.runner.block(n, settle, precall)
+    def block(self, n, settle, precall, keep=False):
+        return self.runner.block(n, settle, precall, keep)
 
     def release(self):
-        self.runner.release()
+        self.runner.fn = None        # main collects once for all the in-process builds
 
     def close(self):
         pass
@@ -315,14 +327,11 @@ class WorkerBuild:
     def setup(self, spec, inputs):
         self._ask("setup", spec)   # the worker draws the same seeded inputs itself
 
-    def call(self):
-        return self._ask("call")
-
     def first_time(self):
         return self._ask("first_time")
 
-    def block(self, n, settle, precall):
-        return self._ask("block", n, settle, precall)
+    def block(self, n, settle, precall, keep=False):
+        return self._ask("block", n, settle, precall, keep)
 
     def release(self):
         self._ask("release")
@@ -372,26 +381,91 @@ def worker_main(root, threads):
 # timing and statistics
 
 
-def time_row(builds, budget, rounds_max, settle):
-    """{build name: [[seconds per call] per round]} for the row set up in every build."""
-    first = builds[0].first_time()
-    n = max(MIN_CALLS, min(MAX_CALLS, int(budget / max(first, 1e-7))))
+def row_costs(builds, rows, np):
+    """The plan's first step: seconds per call of each row, from the first
+    build (one call after a warm-up one for calls under SMALL_CALL)."""
+    costs = []
+    for row in rows:
+        b = builds[0]
+        b.setup(_row_spec(row), _inputs(_row_spec(row), np))
+        c = b.first_time()
+        if c < SMALL_CALL:
+            c = b.first_time()
+        b.release()
+        gc.collect()
+        costs.append(c)
+    return costs
+
+
+def _row_plan(c, budget, cap, rounds_max):
+    """Calls of one build on a row whose calls take c seconds: budget / c,
+    6 to 400; with a cap (seconds per build and row, the time limit's share)
+    no more than cap / c unless that is under 3."""
+    n = max(MIN_CALLS, min(MAX_CALLS, int(budget / max(c, 1e-7))))
+    if cap is not None:
+        n = min(n, max(FEWEST_CALLS, int(cap / max(c, 1e-7))))
     rounds = min(n, rounds_max)
-    block = max(1, round(n / rounds))
-    precall = first < SMALL_CALL
+    return {"rounds": rounds, "block": max(1, round(n / rounds)), "precall": c < SMALL_CALL}
+
+
+def _row_seconds(c, kind, plan, n_builds, settle):
+    """What a row will take: MHA backward's traced forward (about one call
+    per build), the timed blocks with their untimed calls and pauses."""
+    setup = n_builds if kind == "mha_bwd" else 0
+    per_block = (plan["block"] + plan["precall"]) * c + settle
+    return setup * c + n_builds * plan["rounds"] * per_block
+
+
+def make_plan(rows, costs, n_builds, budget, rounds_max, settle, minutes):
+    """Per-row rounds and block sizes. With a time limit (minutes > 0) that
+    the plan would pass, the time of each build on a row is capped (the same
+    cap for every row, the largest that fits): rows of slow calls get fewer
+    calls (down to 3), rows of fast calls keep theirs. Returns (plans, cap,
+    seconds); cap is None when nothing had to give."""
+    def total(cap):
+        plans = [_row_plan(c, budget, cap, rounds_max) for c in costs]
+        return plans, sum(_row_seconds(c, r.kind, p, n_builds, settle)
+                          for c, r, p in zip(costs, rows, plans))
+    plans, secs = total(None)
+    if minutes <= 0 or secs <= 60 * minutes:
+        return plans, None, secs
+    lo, hi = 0.0, max(max(MIN_CALLS * c, budget) for c in costs)
+    for _ in range(40):                       # bisection on the cap
+        mid = (lo + hi) / 2
+        if total(mid)[1] <= 60 * minutes:
+            lo = mid
+        else:
+            hi = mid
+    plans, secs = total(lo)
+    return plans, lo, secs
+
+
+def time_row(builds, plan, settle, np):
+    """({build name: [[seconds per call] per round]}, agreement) for the row
+    set up in every build. The first round's blocks of the two compared
+    builds keep their last call's arrays, which are compared and dropped."""
     times = {b.name: [] for b in builds}
-    for r in range(rounds):
+    agree = None
+    for r in range(plan["rounds"]):
         order = builds[r % len(builds):] + builds[:r % len(builds)]
+        kept = {}
         for b in order:
-            times[b.name].append(b.block(block, settle, precall))
-    return times
+            if r == 0 and b in builds[:2]:
+                ts, kept[b.name] = b.block(plan["block"], settle, plan["precall"], keep=True)
+                if len(kept) == 2:
+                    agree = agreement(kept[builds[0].name], kept[builds[1].name], np)
+                    kept.clear()
+            else:
+                ts = b.block(plan["block"], settle, plan["precall"])
+            times[b.name].append(ts)
+    return times, agree
 
 
 def _median(xs):
     return statistics.median(xs)
 
 
-def ratio_stats(base, other, np, resamples=2000, seed=0):
+def ratio_stats(base, other, np, resamples=1000, seed=0):
     """Ratio of medians (other / base) with a 95% interval from resampling
     rounds with replacement (paired), and the per-round ratios' range."""
     a, b = np.asarray(base), np.asarray(other)          # (rounds, block)
@@ -551,6 +625,11 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--budget", type=float, default=None,
                     help="seconds of timed calls per build and row (default 1.0; quick 0.02)")
+    ap.add_argument("--minutes", type=float, default=5.0,
+                    help="fit the timing in about this long: fewer calls on slow rows or a busy "
+                         "machine (0: no limit; default 5)")
+    ap.add_argument("--plan", action="store_true",
+                    help="time one call per row, print the plan and its duration, and stop")
     ap.add_argument("--rows", default=None, help="only the rows whose label matches this regex")
     args = ap.parse_args(argv)
 
@@ -591,15 +670,37 @@ def main(argv=None):
             print("WARNING: the builds chose different kernels: "
                   + ", ".join(f"{n} {i['kernel']}" for n, i in infos.items()), file=sys.stderr)
 
+        t_plan = time.time()
+        costs = row_costs(builds, rows, np)
+        plans, cap, planned = make_plan(rows, costs, len(builds), budget, rounds_max, settle,
+                                        args.minutes)
+        t_plan = time.time() - t_plan
+        if args.minutes > 0 and planned > 60 * args.minutes:
+            print(f"WARNING: even at {FEWEST_CALLS} calls a row this run needs about "
+                  f"{planned / 60:.1f} min (limit {args.minutes:g}); the machine is slow or "
+                  f"busy. Fewer rows (--rows) or no --control shorten it.", file=sys.stderr)
+        if args.plan:
+            print(f"one call per row: {t_plan:.1f} s; planned timing {planned:.0f} s"
+                  + (f" (each build's time on a row capped at {cap:.2g} s)"
+                     if cap is not None else ""))
+            for row, c, p in zip(rows, costs, plans):
+                print(f"  {row.label:42s} {fmt_time(c):>10s}  {p['rounds']:2d} rounds x "
+                      f"{p['block']:3d} calls{'  (+1 untimed)' if p['precall'] else ''}  "
+                      f"~{_row_seconds(c, row.kind, p, len(builds), settle):.1f} s")
+            return 0
         header = {
             "CPU": cpu_description(),
             "threads": f"{args.threads} for every build (set_num_threads)",
             "mode": ("one worker process per build" if args.processes else
                      "both builds in one process, under their own package names")
-                    + f"; {'quick (tiny rows, a check that the script runs; not results)' if args.quick else 'full'}",
+                    + ("; quick (tiny rows, a check that the script runs; not results)"
+                       if args.quick else "; full"),
             "timing": f"{budget:g} s of timed calls per build and row ({MIN_CALLS}–{MAX_CALLS} "
                       f"calls), at most {rounds_max} rounds, {1000 * settle:g} ms pause before "
-                      f"each block",
+                      f"each block" + (f"; to fit {args.minutes:g} min, each build's time on a "
+                                       f"row capped at {cap:.2g} s (at least {FEWEST_CALLS} calls)"
+                                       if cap is not None else "")
+                      + f"; planned {planned:.0f} s after a {t_plan:.0f} s pass of one call per row",
             "versions": f"Python {platform.python_version()}, NumPy {np.__version__}",
         }
         for n, d in descriptions.items():
@@ -611,26 +712,23 @@ def main(argv=None):
         print(f"{'row':42s} {'before':>10s} {'after':>10s} {'ratio':>7s} {'95% interval':>13s}"
               + (f" {'A/A':>7s}" if args.control else ""), flush=True)
         results = []
-        for row in rows:
+        for row, plan in zip(rows, plans):
             spec = _row_spec(row)
             inputs = _inputs(spec, np)
-            arrays = {}
             for b in builds:
                 b.setup(spec, inputs)
-                arrays[b.name] = b.call()           # also the warm-up
-            ref = arrays[builds[0].name]
-            agree = agreement(ref, arrays[builds[1].name], np)
-            del arrays, ref
-            times = time_row(builds, budget, rounds_max, settle)
+            times, agree = time_row(builds, plan, settle, np)
             for b in builds:
                 b.release()
             del inputs
+            gc.collect()
             by = {n: times[b.name] for n, b in by_role.items()}
             res = {"label": row.label, "agree": agree,
                    "median": {n: _median([t for blk in ts for t in blk]) for n, ts in by.items()},
                    "after": ratio_stats(by["before"], by["after"], np), "times": by}
             if args.control:
                 res["control"] = ratio_stats(by["before"], by["control"], np)
+            res["calls"] = plan["rounds"] * plan["block"]
             results.append(res)
             st = res["after"]
             print(f"{row.label:42s} {fmt_time(res['median']['before']):>10s} "

@@ -1,8 +1,8 @@
 """bench/compare.py runs (quick mode, a few tiny rows) in both of its modes.
 
-Not a performance test: times are never asserted. The tree is compared with
-itself (an A/A run), which also checks that two copies of one build load side
-by side and agree bit for bit.
+Not a performance test: times are never asserted. The build under test is
+compared with itself (an A/A run), which also checks that two copies of one
+build load side by side and agree bit for bit.
 """
 import subprocess
 import sys
@@ -11,13 +11,18 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+try:                        # the build under test (the sanitizer pass has its own)
+    import attnpy
+    BUILD = Path(attnpy.__file__).resolve().parent.parent
+except ImportError:
+    BUILD = ROOT
 
 
 @pytest.mark.parametrize("mode", [[], ["--processes"]])
 def test_quick_compare_writes_table(tmp_path, mode):
     out = tmp_path / "compare.md"
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "compare.py"), str(ROOT),
-                           str(ROOT), "--quick", "--control", "--rows", "L=8 D=4|MHA",
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "compare.py"), str(BUILD),
+                           str(BUILD), "--quick", "--control", "--rows", "L=8 D=4|MHA",
                            "--out", str(out)] + mode,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -33,7 +38,7 @@ def test_quick_compare_writes_table(tmp_path, mode):
 def test_compare_refuses_an_unbuilt_tree(tmp_path):
     (tmp_path / "attnpy").mkdir()
     (tmp_path / "attnpy" / "__init__.py").write_text("")
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "compare.py"), str(ROOT),
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "compare.py"), str(BUILD),
                            str(tmp_path), "--quick"], capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0
     assert "build_ext --inplace" in proc.stderr
