@@ -93,10 +93,17 @@ def real(x, name, expect):
         raise TypeError(f"{name} must be {expect}; got {type(x).__name__}") from None
 
 
-def scale_of(scale, E):
-    """The scale: 1/sqrt(E) by default (inf for E = 0, where the core scores 0)."""
+def default_scale(E):
+    """1/sqrt(E): inf for E = 0, where the core scores 0 whatever the scale."""
+    return 1.0 / math.sqrt(E) if E > 0 else math.inf
+
+
+def scale_of(scale, query):
+    """The scale: given, or default_scale(query.shape[-1])."""
     if scale is None:
-        return 1.0 / math.sqrt(E) if E > 0 else math.inf
+        return default_scale(query.shape[-1] if query.ndim else 0)
+    if type(scale) is float:
+        return scale
     return real(scale, "scale", "a float or None")
 
 
@@ -106,7 +113,3 @@ def check_aligned(a, name):
         raise ValueError(f"{name} is not aligned for {a.dtype} (its buffer or strides are not "
                          f"a multiple of {a.dtype.itemsize} bytes); attnpy reads arrays in "
                          f"place and does not copy them")
-
-
-def last_dim(a):
-    return a.shape[-1] if isinstance(a, np.ndarray) and a.ndim >= 1 else 0

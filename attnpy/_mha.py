@@ -493,7 +493,7 @@ class MultiheadAttention:
             masks=[m for m in (_args.mask(attn_mask, "attn_mask", dtype, "ignore"),
                                _args.mask(key_padding_mask, "key_padding_mask", dtype, "ignore"))
                    if m],
-            scale=_args.scale_of(None, self.head_dim), is_causal=False,
+            scale=_args.default_scale(self.head_dim), is_causal=False,
             dropout_p=dropout_p, seed=seed, need_weights=need_weights, trace=trace)
 
         context = None
@@ -639,7 +639,7 @@ def self_attention(x, w_q, w_k, w_v, *, attn_mask=None, is_causal=False, scale=N
     m = _args.mask(attn_mask, "attn_mask", dtype, "attend")
     out, weights, raw = _layer_forward(
         xb, xb, xb, (w_q.T, w_k.T, w_v.T, None, None, None), None, 1, 1, None, False, None,
-        None, masks=[m] if m else [], scale=_args.scale_of(scale, E), is_causal=bool(is_causal),
+        None, masks=[m] if m else [], scale=_args.default_scale(E) if scale is None else _args.real(scale, "scale", "a float or None"), is_causal=bool(is_causal),
         dropout_p=0.0, seed=0, need_weights=True, trace=trace)
     weights = weights[:, 0]
     if unbatched:

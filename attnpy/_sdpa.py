@@ -101,13 +101,15 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     >>> out.shape, weights.shape
     ((4, 8), (4, 4))
     """
-    query, key, value = _args.float_inputs((query, key, value), ("query", "key", "value"))
-    p = _args.real(dropout_p, "dropout_p", "a float")
-    if p != 0.0:
-        raise ValueError(f"dropout_p must be 0.0 here; got {dropout_p!r}. Dropout on the attention "
-                         f"weights is available through attnpy.MultiheadAttention (dropout=..., "
-                         f"seed=...)")
-    options = _options(query, attn_mask, is_causal, scale, enable_gqa)
+    # fast paths first: this is the per-call overhead of every lesson-sized call
+    if not type(query) is type(key) is type(value) is np.ndarray:
+        query, key, value = _args.float_inputs((query, key, value), ("query", "key", "value"))
+    if not (type(dropout_p) is float or type(dropout_p) is int) or dropout_p != 0:
+        p = _args.real(dropout_p, "dropout_p", "a float")
+        if p != 0.0:
+            raise ValueError(f"dropout_p must be 0.0 here; got {dropout_p!r}. Dropout on the "
+                             f"attention weights is available through attnpy.MultiheadAttention "
+                             f"(dropout=..., seed=...)")
     if out is not None:
         if not isinstance(out, np.ndarray):
             raise TypeError(f"out must be a NumPy array; got {type(out).__name__}")
@@ -115,22 +117,24 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
             raise TypeError(f"out must have dtype {query.dtype} like query; got {out.dtype}")
         if not (out.flags.c_contiguous and out.flags.aligned):
             raise ValueError("out must be a C-contiguous, aligned array")
-    output, weights, _ = _core.sdpa(query, key, value, need_weights=bool(need_weights), out=out,
-                                    **options)
+    is_causal = bool(is_causal)
+    output, weights, _ = _core.sdpa(
+        query, key, value, scale=_args.scale_of(scale, query),
+        masks=_masks(query, attn_mask, is_causal), is_causal=is_causal,
+        enable_gqa=bool(enable_gqa), need_weights=bool(need_weights), out=out)
     return AttentionResult(output, weights)
 
 
-def _options(query, attn_mask, is_causal, scale, enable_gqa):
-    """The options SDPA's forward and backward share, by the core's names."""
-    is_causal = bool(is_causal)
-    if attn_mask is not None and is_causal:
+def _masks(query, attn_mask, is_causal):
+    """SDPA's attn_mask for the core: () or ((array, kind, "attn_mask"),)."""
+    if attn_mask is None:
+        return ()
+    if is_causal:
         raise ValueError("attn_mask and is_causal=True cannot both be given (torch raises too); "
                          "pass the causal mask in attn_mask (see attnpy.causal_mask) or use "
                          "is_causal alone")
     dtype = query.dtype if query.dtype in (np.float32, np.float64) else np.dtype(np.float64)
-    m = _args.mask(attn_mask, "attn_mask", dtype, "attend")
-    return dict(scale=_args.scale_of(scale, _args.last_dim(query)), masks=[m] if m else [],
-                is_causal=is_causal, enable_gqa=bool(enable_gqa))
+    return (_args.mask(attn_mask, "attn_mask", dtype, "attend"),)
 
 
 def causal_mask(L, S=None, *, align="top_left", dtype=np.float32):
@@ -263,11 +267,17 @@ def scaled_dot_product_attention_backward(grad_output, query, key, value, attn_m
     of ``query``'s gradient are zero, and it adds nothing to ``key`` and
     ``value``'s. Keys with zero weight get no gradient from that row.
     """
-    grad_output, query, key, value = _args.float_inputs(
-        (grad_output, query, key, value), ("grad_output", "query", "key", "value"))
-    options = _options(query, attn_mask, is_causal, scale, enable_gqa)
+    if not type(query) is type(key) is type(value) is np.ndarray:
+        query, key, value = _args.float_inputs((query, key, value), ("query", "key", "value"))
+    # array-likes given for what the forward returned take the query's dtype
+    dtype = query.dtype if query.dtype in (np.float32, np.float64) else np.dtype(np.float64)
+    if not isinstance(grad_output, np.ndarray):
+        grad_output = _args.convert(grad_output, "grad_output", dtype)
     if weights is not None and not isinstance(weights, np.ndarray):
-        weights = _args.convert(weights, "weights", query.dtype)
-    gq, gk, gv, gw, gs = _core.sdpa_backward(grad_output, query, key, value, weights=weights,
-                                             trace=bool(trace), **options)
+        weights = _args.convert(weights, "weights", dtype)
+    is_causal = bool(is_causal)
+    gq, gk, gv, gw, gs = _core.sdpa_backward(
+        grad_output, query, key, value, scale=_args.scale_of(scale, query),
+        masks=_masks(query, attn_mask, is_causal), is_causal=is_causal,
+        enable_gqa=bool(enable_gqa), weights=weights, trace=bool(trace))
     return AttentionGradients(gq, gk, gv, BackwardTrace(gw, gs) if trace else None)

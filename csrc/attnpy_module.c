@@ -12,8 +12,9 @@
  * (pointer, byte strides) without copying it, releases the GIL and calls the
  * core, which trusts what it is given.
  *
- * Arguments: each entry point lists its parameters in one table of (name,
- * converter, destination), see parse_args; options are keyword-only, so a
+ * Arguments: each entry point (METH_FASTCALL: no tuple or dict is built per
+ * call) lists its parameters in one table of (name, converter, destination),
+ * see parse_args; options are keyword-only, so a
  * misspelt or missing option is a TypeError, never a silent default.
  *
  * References: the converters store borrowed references (the caller's tuple
@@ -262,27 +263,28 @@ typedef struct {
 #define MAX_ARGS 16
 
 /*
- * Fill every spec from args (the first npos specs may be given by position)
- * and kwargs (any spec, by name). An unknown keyword, a repeated one or a
- * missing required argument is a TypeError. Arguments not given keep the
- * value their destination was initialised with.
+ * Fill every spec from a vectorcall's arguments: nargs positional ones (the
+ * first npos specs may be given by position) and the keywords named in
+ * kwnames (any spec, by name), whose values follow the positional ones in
+ * args. An unknown keyword, a repeated one or a missing required argument is
+ * a TypeError. Arguments not given keep the value their destination was
+ * initialised with.
  */
-static int parse_args(const char *fn, PyObject *args, PyObject *kwargs, const arg_spec *spec,
-                      int n, int npos)
+static int parse_args(const char *fn, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
+                      const arg_spec *spec, int n, int npos)
 {
     PyObject *given[MAX_ARGS] = {NULL};
-    Py_ssize_t nargs = PyTuple_GET_SIZE(args);
     if (nargs > npos) {
         PyErr_Format(PyExc_TypeError,
                      "%s() takes %d positional arguments but %zd were given; its options are "
                      "keyword-only", fn, npos, nargs);
         return -1;
     }
-    for (Py_ssize_t i = 0; i < nargs; i++) given[i] = PyTuple_GET_ITEM(args, i);
-    PyObject *key, *value;
-    Py_ssize_t pos = 0;
-    while (kwargs && PyDict_Next(kwargs, &pos, &key, &value)) {
-        const char *name = PyUnicode_Check(key) ? PyUnicode_AsUTF8(key) : NULL;
+    for (Py_ssize_t i = 0; i < nargs; i++) given[i] = args[i];
+    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+    for (Py_ssize_t w = 0; w < nkw; w++) {
+        PyObject *key = PyTuple_GET_ITEM(kwnames, w);
+        const char *name = PyUnicode_AsUTF8(key);
         int i = 0;
         while (name && i < n && strcmp(spec[i].name, name) != 0) i++;
         if (!name || i == n) {
@@ -295,7 +297,7 @@ static int parse_args(const char *fn, PyObject *args, PyObject *kwargs, const ar
             PyErr_Format(PyExc_TypeError, "%s() got multiple values for argument '%s'", fn, name);
             return -1;
         }
-        given[i] = value;
+        given[i] = args[nargs + w];
     }
     for (int i = 0; i < n; i++) {
         if (!given[i]) {
@@ -664,7 +666,8 @@ static int sdpa_inputs(const sdpa_call *c, const sdpa_options *o, PyArrayObject 
 /* sdpa(query, key, value, *, scale, masks=(), extra_keys=0, is_causal=False,
         enable_gqa=False, dropout_p=0.0, seed=0, need_weights=True, trace=False,
         out=None) -> (output, weights or None, trace dict or None) */
-static PyObject *attnpy_sdpa(PyObject *Py_UNUSED(module), PyObject *args, PyObject *kwargs)
+static PyObject *attnpy_sdpa(PyObject *Py_UNUSED(module), PyObject *const *args,
+                             Py_ssize_t nargs, PyObject *kwnames)
 {
     PyArrayObject *q = NULL, *k = NULL, *v = NULL, *out = NULL;
     sdpa_options o = {.scale = NAN};
@@ -683,7 +686,7 @@ static PyObject *attnpy_sdpa(PyObject *Py_UNUSED(module), PyObject *args, PyObje
     PyObject *result = NULL, *stages = NULL;
     sdpa_call c;
 
-    if (parse_args("sdpa", args, kwargs, spec, sizeof spec / sizeof spec[0], 3) < 0 ||
+    if (parse_args("sdpa", args, PyVectorcall_NARGS(nargs), kwnames, spec, sizeof spec / sizeof spec[0], 3) < 0 ||
         sdpa_prepare(&c, q, k, v, &o) < 0)
         return NULL;
     const int nd = c.nd, typenum = c.typenum;
@@ -741,8 +744,8 @@ done:
    -> (grad_query, grad_key, grad_value, grad_weights or None, grad_scores or None)
    grads: arrays shaped like query, key, value (any strides) that receive the
    gradients instead of new ones. */
-static PyObject *attnpy_sdpa_backward(PyObject *Py_UNUSED(module), PyObject *args,
-                                      PyObject *kwargs)
+static PyObject *attnpy_sdpa_backward(PyObject *Py_UNUSED(module), PyObject *const *args,
+                                      Py_ssize_t nargs, PyObject *kwnames)
 {
     PyArrayObject *dout = NULL, *q = NULL, *k = NULL, *v = NULL, *weights = NULL;
     PyArrayObject *given[3] = {NULL, NULL, NULL};
@@ -765,7 +768,7 @@ static PyObject *attnpy_sdpa_backward(PyObject *Py_UNUSED(module), PyObject *arg
     sdpa_call c;
     memset(&g, 0, sizeof g);
 
-    if (parse_args("sdpa_backward", args, kwargs, spec, sizeof spec / sizeof spec[0], 4) < 0 ||
+    if (parse_args("sdpa_backward", args, PyVectorcall_NARGS(nargs), kwnames, spec, sizeof spec / sizeof spec[0], 4) < 0 ||
         sdpa_prepare(&c, q, k, v, &o) < 0)
         return NULL;
     const int nd = c.nd, typenum = c.typenum;
@@ -858,7 +861,8 @@ done:
 /* linear(x, weight, bias=None, *, out=None, accumulate=False) -> out
    out[n, m, o] (+)= bias[o] + sum_k x[n, m, k] weight[o, k], any strides:
    x (N, M, K), weight (O, K), bias (O,), out (N, M, O). */
-static PyObject *attnpy_linear(PyObject *Py_UNUSED(module), PyObject *args, PyObject *kwargs)
+static PyObject *attnpy_linear(PyObject *Py_UNUSED(module), PyObject *const *args,
+                               Py_ssize_t nargs, PyObject *kwnames)
 {
     PyArrayObject *x = NULL, *w = NULL, *b = NULL, *out = NULL;
     int accumulate = 0;
@@ -870,7 +874,7 @@ static PyObject *attnpy_linear(PyObject *Py_UNUSED(module), PyObject *args, PyOb
         {"accumulate", to_bool, &accumulate, 0},
     };
     char s1[SHAPE_BUF], s2[SHAPE_BUF];
-    if (parse_args("linear", args, kwargs, spec, sizeof spec / sizeof spec[0], 3) < 0 ||
+    if (parse_args("linear", args, PyVectorcall_NARGS(nargs), kwnames, spec, sizeof spec / sizeof spec[0], 3) < 0 ||
         check_float(x, "x") || check_float(w, "weight") || (b && check_float(b, "bias")))
         return NULL;
     const int typenum = PyArray_TYPE(x);
@@ -1018,18 +1022,18 @@ static PyObject *attnpy_fail_alloc(PyObject *Py_UNUSED(module), PyObject *arg)
 /* ------------------------------------------------------------------------ */
 
 static PyMethodDef attnpy_methods[] = {
-    {"sdpa", (PyCFunction)(void (*)(void))attnpy_sdpa, METH_VARARGS | METH_KEYWORDS,
+    {"sdpa", (PyCFunction)(void (*)(void))attnpy_sdpa, METH_FASTCALL | METH_KEYWORDS,
      "sdpa(query, key, value, *, scale, masks=(), extra_keys=0, is_causal=False, "
      "enable_gqa=False, dropout_p=0.0, seed=0, need_weights=True, trace=False, out=None)\n"
      "--\n\nAttention on validated ndarrays; see attnpy.scaled_dot_product_attention. "
      "Returns (output, weights or None, trace dict or None)."},
     {"sdpa_backward", (PyCFunction)(void (*)(void))attnpy_sdpa_backward,
-     METH_VARARGS | METH_KEYWORDS,
+     METH_FASTCALL | METH_KEYWORDS,
      "sdpa_backward(grad_output, query, key, value, *, scale, masks=(), extra_keys=0, "
      "is_causal=False, enable_gqa=False, dropout_p=0.0, seed=0, weights=None, trace=False, "
      "grads=None)\n--\n\nThe backward pass. Returns (grad_query, grad_key, grad_value, "
      "grad_weights or None, grad_scores or None)."},
-    {"linear", (PyCFunction)(void (*)(void))attnpy_linear, METH_VARARGS | METH_KEYWORDS,
+    {"linear", (PyCFunction)(void (*)(void))attnpy_linear, METH_FASTCALL | METH_KEYWORDS,
      "linear(x, weight, bias=None, *, out=None, accumulate=False)\n--\n\n"
      "x (N, M, K) @ weight (O, K).T + bias (O,) into out (N, M, O), any strides."},
     {"set_num_threads", attnpy_set_num_threads, METH_O, "Threads the core uses (0: default)."},
