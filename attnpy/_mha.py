@@ -568,7 +568,8 @@ class MultiheadAttention:
         gq, gk, gv = _layer_backward(
             ctx["query"], ctx["key"], ctx["value"], self._projections(), ctx["raw"], grad_output,
             p["out_proj.weight"], (g_wq, g_wk, g_wv, g_bq, g_bk, g_bv), grads["out_proj.weight"],
-            grads.get("out_proj.bias"), (g_biask, g_biasv) if g_biask is not None else None)
+            grads.get("out_proj.bias"), (g_biask, g_biasv) if g_biask is not None else None,
+            (grads["in_proj_weight"], gb) if self._qkv_same_embed_dim else None)
         if ctx["unbatched"]:
             gq, gk, gv = gq[0], gk[0], gv[0]
         elif not self.batch_first:
@@ -727,7 +728,7 @@ def _layer_forward(query, key, value, proj, fused, H, Hkv, bias_kv, add_zero_att
     if trace:
         # what the backward needs too: the options and the head counts
         raw = dict(q=q, k=k, v=v, weights=weights, concat=concat, output=out, **staged,
-                   _options=options, _heads=(H, Hkv))
+                   _options=options, _heads=(H, Hkv), _qkv=qkv if fused is not None else None)
     if not need_weights:
         returned = None
     else:
@@ -735,11 +736,10 @@ def _layer_forward(query, key, value, proj, fused, H, Hkv, bias_kv, add_zero_att
     return out, returned, raw
 
 
-def _linear_backward(x, w, dy, dx, dw, db):
-    """Gradients of y = x w^T + b from dy (N, M, O), x (N, M, K), w (O, K):
-    dx = dy w (into dx, or a new array when dx is None), dw = sum_n dy[n]^T x[n]
-    and db = sum dy into the given arrays (skipped when None)."""
-    dx = _core.linear(dy, w.T, out=dx)
+def _param_grads(x, dy, dw, db):
+    """The parameters' gradients of y = x w^T + b from dy (N, M, O) and x
+    (N, M, K): dw = sum_n dy[n]^T x[n] and db = sum dy, into the given arrays
+    (skipped when None)."""
     N, M, O = dy.shape
     if dw is not None and N * M == 0:
         dw[...] = 0                       # no rows (not N empty products)
@@ -752,29 +752,38 @@ def _linear_backward(x, w, dy, dx, dw, db):
             _core.linear(dy[n].T[None], x[n].T, out=dw[None], accumulate=n > 0)
     if db is not None:
         db[...] = dy.sum(axis=(0, 1))
-    return dx
 
 
 def _layer_backward(query, key, value, proj, raw, grad_output, w_out, g_proj, g_wout, g_bout,
-                    g_bias_kv):
+                    g_bias_kv, g_fused=None):
     """The layer's gradients, step by step back through _layer_forward.
 
     Parameter gradients are written into the arrays of g_proj = (g_wq, g_wk,
-    g_wv, g_bq, g_bk, g_bv), g_wout, g_bout and g_bias_kv; returns the
-    gradients of query, key and value.
+    g_wv, g_bq, g_bk, g_bv), g_wout, g_bout and g_bias_kv (g_fused: the whole
+    (in_proj_weight, in_proj_bias) gradients, of which g_proj's are views);
+    returns the gradients of query, key and value.
     """
     w_q, w_k, w_v = proj[:3]
     g_wq, g_wk, g_wv, g_bq, g_bk, g_bv = g_proj
     H, Hkv = raw["_heads"]
-    q, k, v, concat = raw["q"], raw["k"], raw["v"], raw["concat"]
+    q, k, v, concat, qkv = raw["q"], raw["k"], raw["v"], raw["concat"], raw["_qkv"]
     ctx = raw["_options"]
     S = key.shape[1]
 
     # 3. output projection
-    dconcat = _linear_backward(concat, w_out, grad_output, None, g_wout, g_bout)
+    dconcat = _core.linear(grad_output, w_out.T)
+    _param_grads(concat, grad_output, g_wout, g_bout)
 
-    # 2. attention: each head's gradients into its columns of dq, dk, dv
-    dq, dk, dv = np.empty_like(q), np.empty(k.shape, q.dtype), np.empty(v.shape, q.dtype)
+    # 2. attention: each head's gradients into its columns of dq, dk, dv (of
+    # one buffer when one product made q, k and v: then one product makes
+    # in_proj_weight's gradient too)
+    if qkv is not None and g_fused is not None:
+        dqkv = np.empty_like(qkv)
+        dq, dk, dv = (dqkv[..., :q.shape[2]], dqkv[..., q.shape[2]:q.shape[2] + k.shape[2]],
+                      dqkv[..., q.shape[2] + k.shape[2]:])
+    else:
+        dqkv = None
+        dq, dk, dv = np.empty_like(q), np.empty(k.shape, q.dtype), np.empty(v.shape, q.dtype)
     _core.sdpa_backward(
         _split(dconcat, H), _split(q, H), _split(k, Hkv), _split(v, Hkv),
         weights=raw["weights"] if ctx["dropout_p"] > 0 else None,
@@ -786,6 +795,11 @@ def _layer_backward(query, key, value, proj, raw, grad_output, w_out, g_proj, g_
         g_bias_kv[1][...] = dv[:, S].sum(axis=0)
 
     # 1. input projections (the first S rows of dk, dv: the appended rows have no input)
-    return (_linear_backward(query, w_q, dq, None, g_wq, g_bq),
-            _linear_backward(key, w_k, dk[:, :S], None, g_wk, g_bk),
-            _linear_backward(value, w_v, dv[:, :S], None, g_wv, g_bv))
+    if dqkv is not None:
+        _param_grads(query, dqkv, *g_fused)
+    else:
+        _param_grads(query, dq, g_wq, g_bq)
+        _param_grads(key, dk[:, :S], g_wk, g_bk)
+        _param_grads(value, dv[:, :S], g_wv, g_bv)
+    return (_core.linear(dq, w_q.T), _core.linear(dk[:, :S], w_k.T),
+            _core.linear(dv[:, :S], w_v.T))
