@@ -1,11 +1,11 @@
 """MultiheadAttention beyond torch's layer: grouped-query heads, dropout, the
-trace's guarantees, and the textbook self_attention. Checked against float64
-NumPy written here (torch has no num_kv_heads)."""
+trace's guarantees, and the textbook self_attention. Checked against the
+float64 NumPy reference (reference.py; torch has no num_kv_heads)."""
 import numpy as np
 import pytest
 
 import attnpy
-from reference import sdpa_reference
+from reference import mha_reference, self_attention_reference
 
 
 def rng_for(name):
@@ -20,26 +20,6 @@ def random_layer(E, H, Hkv=None, dtype=np.float64, **kw):
     return mha
 
 
-def mha_reference(mha, x, kv=None, padding=None):
-    """float64: projections, GQA head mapping, softmax, merge, out projection."""
-    sd = {k: v.astype(np.float64) for k, v in mha.state_dict().items()}
-    kv = x if kv is None else kv
-    E, H, Hkv = mha.embed_dim, mha.num_heads, mha.num_kv_heads
-    D = E // H
-    W, b = sd["in_proj_weight"], sd["in_proj_bias"]
-    q = x @ W[:E].T + b[:E]
-    k = kv @ W[E:E + Hkv * D].T + b[E:E + Hkv * D]
-    v = kv @ W[E + Hkv * D:].T + b[E + Hkv * D:]
-    N, L, S = x.shape[0], x.shape[1], kv.shape[1]
-    qh = q.reshape(N, L, H, D).transpose(0, 2, 1, 3)
-    kh = k.reshape(N, S, Hkv, D).transpose(0, 2, 1, 3)
-    vh = v.reshape(N, S, Hkv, D).transpose(0, 2, 1, 3)
-    mask = None if padding is None else ~padding[:, None, None, :]     # SDPA polarity
-    out, w = sdpa_reference(qh, kh, vh, attn_mask=mask, enable_gqa=True)
-    concat = out.transpose(0, 2, 1, 3).reshape(N, L, E)
-    return concat @ sd["out_proj.weight"].T + sd["out_proj.bias"], w
-
-
 @pytest.mark.parametrize("H,Hkv", [(4, 4), (4, 2), (6, 3), (4, 1)], ids=["mha", "gqa2", "gqa3", "mqa"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_grouped_query_heads(H, Hkv, dtype):
@@ -51,7 +31,8 @@ def test_grouped_query_heads(H, Hkv, dtype):
     padding = np.zeros((2, 7), bool)
     padding[1, 4:] = True
     res = mha(x, kv, kv, key_padding_mask=padding, trace=True)
-    ref_out, ref_w = mha_reference(mha, x.astype(np.float64), kv.astype(np.float64), padding)
+    ref = mha_reference(mha, x, kv, kv, key_padding_mask=padding)
+    ref_out, ref_w = ref["output"], ref["weights"]
     tol = 1e-4 if dtype == np.float32 else 1e-12
     np.testing.assert_allclose(res.output, ref_out, atol=tol, rtol=tol)
     np.testing.assert_allclose(res.weights, ref_w, atol=tol, rtol=tol)
@@ -186,15 +167,11 @@ def test_self_attention_textbook(dtype, causal):
     res = attnpy.self_attention(x, w_q, w_k, w_v, is_causal=causal, trace=True)
 
     X = x.astype(np.float64)
-    Q, K, V = X @ w_q, X @ w_k, X @ w_v
-    scores = Q @ K.T / np.sqrt(d_k)
-    if causal:
-        scores = np.where(np.tril(np.ones((L, L), bool)), scores, -np.inf)
-    w = np.exp(scores - scores.max(1, keepdims=True))
-    w /= w.sum(1, keepdims=True)
+    Q, K = X @ w_q, X @ w_k
+    out, w = self_attention_reference(X, w_q, w_k, w_v, is_causal=causal)
     tol = 1e-5 if dtype == np.float32 else 1e-12
     np.testing.assert_allclose(res.weights, w, atol=tol, rtol=tol)
-    np.testing.assert_allclose(res.output, w @ V, atol=tol, rtol=tol)
+    np.testing.assert_allclose(res.output, out, atol=tol, rtol=tol)
     np.testing.assert_allclose(res.trace.q[0], Q, atol=tol, rtol=tol)
     np.testing.assert_allclose(res.trace.scores[0], Q @ K.T, atol=10 * tol, rtol=tol)
     assert res.output.shape == (L, d_v)
