@@ -353,18 +353,21 @@ def mha_backward_reference(layer, ref, dout):
 
 def self_attention_reference(x, w_q, w_k, w_v, attn_mask=None, is_causal=False, scale=None):
     """The textbook single-head self-attention in float64: q, k, v = x @ w_q,
-    x @ w_k, x @ w_v, then SDPA (bool masks: True attends). x (L, d) or
-    (N, L, d); a 3-D mask is one (L, L) mask per sequence. Returns (out, weights)
-    without a head axis (an unbatched x with a mask for N > 1 sequences keeps N)."""
+    x @ w_k, x @ w_v, then SDPA over (N, 1 head, L, .) problems (bool masks:
+    True attends). x (L, d) (N = 1) or (N, L, d); a 3-D mask is one (L, L) mask
+    per sequence, a 4-D one broadcasts to (N, 1, L, L). Returns (out, weights)
+    without the head axis, and without N for an unbatched x (unless the mask
+    holds more than one sequence)."""
     X = np.array(x, dtype=np.float64)
     with np.errstate(invalid="ignore", over="ignore"):
         Q, K, V = (X @ np.asarray(w, dtype=np.float64) for w in (w_q, w_k, w_v))
     unbatched = X.ndim == 2
-    one_head = (lambda a: a[None]) if unbatched else (lambda a: a[:, None])
+    one_head = (lambda a: a[None, None]) if unbatched else (lambda a: a[:, None])
     m = attn_mask
-    if m is not None and np.ndim(m) == 3 and not unbatched:
+    if m is not None and np.ndim(m) == 3:
         m = np.asarray(m)[:, None]
     out, w = sdpa_reference(one_head(Q), one_head(K), one_head(V), m, is_causal, scale)
-    if unbatched:
-        return (out[0], w[0]) if out.shape[0] == 1 else (out, w)
-    return out[:, 0], w[:, 0]
+    out, w = out[:, 0], w[:, 0]
+    if unbatched and out.shape[0] == 1:
+        return out[0], w[0]
+    return out, w
