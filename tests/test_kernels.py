@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import attnpy
-import test_sdpa_parity as parity
+import test_sdpa as parity
 from reference import sdpa_reference
 
 KERNELS = attnpy.supported_kernels()
@@ -216,8 +216,6 @@ BACKWARD_CASES = [
     ("gqa_bool_mask", dict(enable_gqa=True, mask=True), (2, 4, 70, 32), (2, 2, 150, 32), 16),
     ("broadcast_kv", dict(), (3, 2, 129, 16), (1, 2, 129, 16), 16),
 ]
-
-
 @pytest.mark.parametrize("kernel_and_threads", SETTINGS, indirect=True)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("name, kw, qs, ks, Ev", BACKWARD_CASES,
