@@ -5,7 +5,10 @@ import json
 
 import numpy as np
 import pytest
-import torch
+try:
+    import torch
+except ImportError:   # the tests marked torch are skipped (conftest.py)
+    torch = None
 
 import attnpy
 import test_sdpa as parity
@@ -41,6 +44,9 @@ CASES = [pytest.param(sc, dt, layout, id=f"{sc.name}-{np.dtype(dt).name}-{layout
          for dt in (np.float32, np.float64)
          for layout in ("c", parity.NONC_LAYOUTS[i % 5])
          if not (sc.gqa and len(sc.q) == 2)]  # torch's GQA needs a head axis
+
+
+@pytest.mark.torch
 @pytest.mark.parametrize("sc, dtype, layout", CASES)
 def test_sdpa_backward_matches_torch(sc, dtype, layout):
     q, k, v, kw = parity.make_inputs(sc, dtype, layout)
@@ -76,6 +82,9 @@ def test_given_weights_equal_recomputed(dtype):
     tol = 1e-5 if dtype == np.float32 else 1e-13
     for x, y in zip(a[:3], b[:3]):
         np.testing.assert_allclose(x, y, atol=tol, rtol=tol)
+
+
+@pytest.mark.torch
 def test_trace_gives_the_softmax_jacobian_applied():
     rng = np.random.default_rng(3)
     q, k, v = (rng.standard_normal((2, 5, 4)) for _ in range(3))
@@ -186,6 +195,9 @@ def torch_module(cfg, batch_first, dtype, seed):
         for p in m.parameters():
             p.normal_(0, 0.4)
     return m.eval()
+
+
+@pytest.mark.torch
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("layout", ["batch_first", "seq_first", "unbatched"])
 @pytest.mark.parametrize("masks", ["none", "kpm_bool", "attn_float", "both"])
@@ -299,6 +311,9 @@ def test_backward_needs_a_traced_forward():
 
 # --------------------------------------------------------------------------
 # training
+
+@pytest.mark.slow
+@pytest.mark.torch
 def test_training_a_layer_lowers_the_loss_like_torch():
     """SGD on a small task: the output at position i must reproduce the input
     at position i - 1 (attend to the previous token, through positional

@@ -41,6 +41,8 @@ def test_all_four_kernels_exist_on_this_machine():
             assert "avx512" in KERNELS
 
 
+@pytest.mark.slow
+@pytest.mark.torch      # the parity matrix compares with torch too
 @pytest.mark.parametrize("kernel_and_threads", SETTINGS, indirect=True)
 def test_parity_matrix_under_kernel(kernel_and_threads):
     for case in ALL_CASES:
@@ -216,6 +218,9 @@ BACKWARD_CASES = [
     ("gqa_bool_mask", dict(enable_gqa=True, mask=True), (2, 4, 70, 32), (2, 2, 150, 32), 16),
     ("broadcast_kv", dict(), (3, 2, 129, 16), (1, 2, 129, 16), 16),
 ]
+
+
+@pytest.mark.torch
 @pytest.mark.parametrize("kernel_and_threads", SETTINGS, indirect=True)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("name, kw, qs, ks, Ev", BACKWARD_CASES,

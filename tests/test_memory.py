@@ -188,6 +188,9 @@ def run(fn, expect_error):
     except (TypeError, ValueError):
         return
     raise AssertionError("no error")
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["good", "bad"])
 def test_repeated_calls_do_not_leak(kind):
     inputs, good, bad = calls()
@@ -367,6 +370,7 @@ def fault_build(tmp_path_factory):
     return tmp / "lib"
 
 
+@pytest.mark.slow      # builds the extension once more, with the hook
 def test_every_allocation_failure_is_a_memory_error(fault_build):
     sys.path.insert(0, str(HERE))
     try:

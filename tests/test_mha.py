@@ -45,8 +45,11 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
+try:
+    import torch
+    import torch.nn.functional as F
+except ImportError:   # the tests marked torch are skipped (conftest.py)
+    torch = F = None
 
 import attnpy
 from attnpy import _core
@@ -58,7 +61,7 @@ TOL = {
     np.float64: dict(atol=1e-12, rtol=1e-12),
 }
 DTYPES = (np.float32, np.float64)
-TORCH_DTYPE = {np.float32: torch.float32, np.float64: torch.float64}
+TORCH_DTYPE = {np.float32: torch.float32, np.float64: torch.float64} if torch else {}
 ERRORS_JSON = "/tmp/attnpy_mha_errors.json"
 PARAM_STD = 0.5
 
@@ -515,6 +518,9 @@ def assert_close_to_torch(actual, torch_value, exact, dtype, what, stage, case_i
             f"{what}: attnpy differs from torch beyond tolerance and is not the closer "
             f"one to the float64 value ({errors})")
         TORCH_ROUNDING.append(dict(case=case_id, stage=stage, **errors))
+
+
+@pytest.mark.torch
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_parity(case):
     dtype = case.dtype
@@ -605,6 +611,9 @@ def test_matrix_covers_every_option():
         assert both <= seen[(dt, "both_masks")], dt
     assert 150 <= len(CASES) <= 400
     assert len({c.id for c in CASES}) == len(CASES)
+
+
+@pytest.mark.torch
 def test_fully_masked_rows_occur():
     """The matrix really exercises fully masked rows (through each kind of mask)."""
     kinds = set()
@@ -622,6 +631,9 @@ def test_fully_masked_rows_occur():
 
 # --------------------------------------------------------------------------
 # is_causal with bias_k / zero key: attnpy follows the mask
+
+
+@pytest.mark.torch
 @pytest.mark.parametrize("extra", ["bias_kv", "zero_attn"])
 @pytest.mark.parametrize("need_weights", [True, False], ids=["weights", "noweights"])
 def test_is_causal_with_extra_keys_follows_the_mask(extra, need_weights):
@@ -664,7 +676,8 @@ SD_CONFIGS = {
 }
 
 
-def torch_module(config, dtype=torch.float64, seed=0):
+def torch_module(config, dtype=None, seed=0):
+    dtype = torch.float64 if dtype is None else dtype
     g = torch.Generator().manual_seed(seed)
     m = torch.nn.MultiheadAttention(**{"batch_first": True, **config}, dtype=dtype)
     with torch.no_grad():
@@ -681,6 +694,9 @@ def sample_inputs(layer, rng, N=2, L=3, S=4):
     if not layer.batch_first:
         q, k, v = (x.swapaxes(0, 1) for x in (q, k, v))
     return q, k, v
+
+
+@pytest.mark.torch
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("config", SD_CONFIGS, ids=str)
 def test_state_dict_round_trip(config, dtype):
@@ -713,6 +729,9 @@ def test_state_dict_round_trip(config, dtype):
     with torch.no_grad():
         t_out, _ = m(*(torch.from_numpy(np.ascontiguousarray(x)) for x in (q, k, v)))
     assert_close(a.output, t_out.numpy(), dtype, "output vs torch after from_torch")
+
+
+@pytest.mark.torch
 def test_load_state_dict_copies():
     """Loading copies: changing the source afterwards does not change the layer."""
     m = torch_module(SD_CONFIGS["packed"])
@@ -722,6 +741,9 @@ def test_load_state_dict_copies():
     keep = layer.state_dict()["in_proj_weight"].copy()
     sd["in_proj_weight"][...] = 0.0
     assert np.array_equal(layer.state_dict()["in_proj_weight"], keep)
+
+
+@pytest.mark.torch
 @pytest.mark.parametrize("config", ["packed", "kdim_vdim", "bias_kv_zero_attn"])
 def test_load_state_dict_missing_key(config):
     sd = torch_module(SD_CONFIGS[config]).state_dict()
@@ -730,6 +752,9 @@ def test_load_state_dict_missing_key(config):
         partial = {k: v for k, v in sd.items() if k != name}
         with pytest.raises(KeyError, match=name.replace(".", r"\.")):
             layer.load_state_dict(partial)
+
+
+@pytest.mark.torch
 @pytest.mark.parametrize("config", ["packed", "kdim_vdim"])
 def test_load_state_dict_unexpected_key(config):
     sd = dict(torch_module(SD_CONFIGS[config]).state_dict())
@@ -740,6 +765,9 @@ def test_load_state_dict_unexpected_key(config):
     with pytest.raises(KeyError):
         other = "kdim_vdim" if config == "packed" else "packed"
         layer.load_state_dict(torch_module(SD_CONFIGS[other]).state_dict())
+
+
+@pytest.mark.torch
 @pytest.mark.parametrize("config", ["packed", "kdim_vdim", "bias_kv_zero_attn"])
 def test_load_state_dict_wrong_shape(config):
     sd = torch_module(SD_CONFIGS[config]).state_dict()
@@ -805,6 +833,9 @@ def test_init_statistics_bias_kv():
                    for s in range(20))])
     assert abs(samples.std() / math.sqrt(1.0 / E) - 1) < 0.10
     assert abs(samples.mean()) < 0.1 * math.sqrt(1.0 / E)
+
+
+@pytest.mark.torch
 def test_init_matches_torch_statistics():
     """The same spread as torch's own initialisation of the same layer."""
     E = 64

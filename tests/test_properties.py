@@ -411,6 +411,9 @@ def _prop_sdpa(call):
     skip = ambiguous_rows(want_w, v)
     got = np.where(skip[..., None], 0.0, res.output)
     close(got, np.where(skip[..., None], 0.0, want_out), dtype, "output")
+
+
+@pytest.mark.slow
 def test_sdpa_properties():
     run(_prop_sdpa, "scaled_dot_product_attention", min_ok=60, min_errors=60)
 

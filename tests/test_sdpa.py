@@ -15,8 +15,11 @@ from typing import Optional
 
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
+try:
+    import torch
+    import torch.nn.functional as F
+except ImportError:   # the tests marked torch are skipped (conftest.py)
+    torch = F = None
 
 import attnpy
 from reference import sdpa_reference
@@ -292,6 +295,9 @@ for _i, _sc in enumerate(SCENARIOS):
                     _sc, _dtype, _layout, _nw,
                     id=f"{_sc.name}-{np.dtype(_dtype).name}-{_layout}-"
                        f"{'weights' if _nw else 'noweights'}"))
+
+
+@pytest.mark.torch
 @pytest.mark.parametrize("sc, dtype, layout, need_weights", CASES)
 def test_parity(sc, dtype, layout, need_weights):
     q, k, v, kwargs = make_inputs(sc, dtype, layout)
@@ -342,6 +348,10 @@ def test_parity_matrix_size():
             for nw in (True, False):
                 assert (dtype, layout, nw) in ids
     assert 300 <= len(CASES) <= 600
+
+
+@pytest.mark.slow
+@pytest.mark.torch
 def test_max_errors_report():
     """Sweep every (scenario, dtype, layout); print and save the max errors."""
     report = {}
@@ -405,6 +415,9 @@ def _torch_vs_reference(q, k, v, ref_kwargs, **torch_kwargs):
     t_out = torch_sdpa(q, k, v, **torch_kwargs)
     ref_out, _ = sdpa_reference(q, k, v, **ref_kwargs)
     return float(np.abs(t_out - ref_out).max())
+
+
+@pytest.mark.torch
 @pytest.mark.parametrize("L, S", [(5, 5), (4, 9), (9, 4)], ids=["square", "L<S", "L>S"])
 def test_torch_bool_mask_true_means_attend(L, S):
     rng = seeded_rng("torch-bool", L, S)
@@ -416,6 +429,9 @@ def test_torch_bool_mask_true_means_attend(L, S):
     inverted = _torch_vs_reference(q, k, v, dict(attn_mask=~mask), attn_mask=mask)
     assert same < 1e-12
     assert inverted > 1e-3
+
+
+@pytest.mark.torch
 @pytest.mark.parametrize("L, S", [(5, 5), (4, 9), (9, 4)], ids=["square", "L<S", "L>S"])
 def test_torch_is_causal_is_top_left_tril(L, S):
     rng = seeded_rng("torch-causal", L, S)
@@ -427,6 +443,9 @@ def test_torch_is_causal_is_top_left_tril(L, S):
         bottom_right = np.tril(np.ones((L, S), dtype=bool), k=S - L)
         bottom_right[:, 0] = True  # keep every row alive
         assert _torch_vs_reference(q, k, v, dict(attn_mask=bottom_right), is_causal=True) > 1e-3
+
+
+@pytest.mark.torch
 @pytest.mark.parametrize("kind", ["bool", "float_neginf"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 def test_torch_fully_masked_row_gives_zero_output(kind, dtype):
@@ -442,6 +461,9 @@ def test_torch_fully_masked_row_gives_zero_output(kind, dtype):
     assert np.all(t_out[0, 1, 2] == 0) and np.all(t_out[1, 2, 4] == 0)
     np.testing.assert_allclose(t_out, sdpa_reference(q, k, v, attn_mask=mask)[0],
                                **TOL[dtype])
+
+
+@pytest.mark.torch
 @pytest.mark.parametrize("Hq, H", [(4, 2), (6, 1), (6, 3), (6, 2)],
                          ids=["4-2", "6-1", "6-3", "6-2"])
 def test_torch_gqa_maps_head_h_to_h_div_group(Hq, H):
@@ -457,6 +479,9 @@ def test_torch_gqa_maps_head_h_to_h_div_group(Hq, H):
         modulo = np.arange(Hq) % H
         wrong = sdpa_reference(q, k[:, modulo], v[:, modulo])[0]
         assert float(np.abs(torch_sdpa(q, k, v, enable_gqa=True) - wrong).max()) > 1e-3
+
+
+@pytest.mark.torch
 def test_torch_default_scale_is_one_over_sqrt_E_and_float_mask_is_added():
     rng = seeded_rng("torch-scale")
     q, k, v = _rand(rng, (2, 5, 16)), _rand(rng, (2, 7, 16)), _rand(rng, (2, 7, 3))
@@ -464,6 +489,9 @@ def test_torch_default_scale_is_one_over_sqrt_E_and_float_mask_is_added():
     assert _torch_vs_reference(q, k, v, dict(scale=0.25, attn_mask=mask), attn_mask=mask) < 1e-12
     assert _torch_vs_reference(q, k, v, dict(scale=1 / math.sqrt(3)), attn_mask=None) > 1e-3
     assert _torch_vs_reference(q, k, v, dict(scale=0.7), scale=0.7) < 1e-12
+
+
+@pytest.mark.torch
 def test_torch_batch_dims_broadcast_like_matmul():
     rng = seeded_rng("torch-bcast")
     q, k, v = _rand(rng, (3, 2, 4, 8)), _rand(rng, (1, 2, 6, 8)), _rand(rng, (2, 6, 5))
@@ -531,6 +559,9 @@ def test_causal_mask_top_left_equals_is_causal(dtype, L, S):
         L, S, dtype=dtype))
     np.testing.assert_allclose(a.output, b.output, **STREAM_TOL[dtype])
     np.testing.assert_allclose(a.weights, b.weights, **STREAM_TOL[dtype])
+
+
+@pytest.mark.torch
 @pytest.mark.parametrize("L, S", [(4, 9), (6, 6), (1, 7)], ids=["L<S", "square", "L1"])
 def test_causal_mask_bottom_right_matches_torch_causal_lower_right(L, S):
     from torch.nn.attention.bias import causal_lower_right
@@ -543,6 +574,9 @@ def test_causal_mask_bottom_right_matches_torch_causal_lower_right(L, S):
     res = attnpy.scaled_dot_product_attention(
         q, k, v, attn_mask=attnpy.causal_mask(L, S, align="bottom_right", dtype=np.float64))
     np.testing.assert_allclose(res.output, t_out, **TOL[np.float64])
+
+
+@pytest.mark.torch
 @pytest.mark.parametrize("shapes", [
     ((2, 0, 4), (2, 5, 4), (2, 5, 3)),
     ((2, 3, 4), (2, 0, 4), (2, 0, 3)),
@@ -563,6 +597,9 @@ def test_empty_dimensions(shapes, need_weights, dtype):
     if need_weights:
         assert res.weights.shape == ref_w.shape
         assert_close(res.weights, ref_w, dtype, "weights vs float64 reference")
+
+
+@pytest.mark.torch
 @pytest.mark.parametrize("scale", [64.0, -64.0], ids=["huge_positive", "huge_negative"])
 @pytest.mark.parametrize("need_weights", [True, False], ids=["weights", "noweights"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)

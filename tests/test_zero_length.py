@@ -15,11 +15,14 @@ import itertools
 
 import numpy as np
 import pytest
-import torch
+try:
+    import torch
+except ImportError:   # the tests marked torch are skipped (conftest.py)
+    torch = None
 
 import attnpy
 
-F = torch.nn.functional.scaled_dot_product_attention
+F = torch.nn.functional.scaled_dot_product_attention if torch else None
 sdpa, sdpa_bwd = attnpy.scaled_dot_product_attention, attnpy.scaled_dot_product_attention_backward
 
 # (B, H, L, S, E, Ev) with one or two zeros
@@ -41,6 +44,9 @@ OPTIONS = {"default": {}, "causal": {"is_causal": True}, "mask": {"mask": True},
            "scale_neg": {"scale": -2.0}}
 CASES = [(shape, name) for shape in SHAPES for name in OPTIONS
          if shape[4] == 0 or not name.startswith("scale")]
+
+
+@pytest.mark.torch
 @pytest.mark.parametrize("shape,option", CASES,
                          ids=["x".join(map(str, s)) + "-" + o for s, o in CASES])
 @pytest.mark.parametrize("kernel", ["auto", "reference"])
@@ -76,6 +82,9 @@ def test_e0_weights_are_uniform_over_allowed_keys():
     x = np.ones((3, 4))
     res = attnpy.self_attention(x, np.ones((4, 0)), np.ones((4, 0)), np.arange(8.0).reshape(4, 2))
     np.testing.assert_allclose(res.weights, np.full((3, 3), 1 / 3))
+
+
+@pytest.mark.torch
 @pytest.mark.parametrize("N,L,S", [(0, 3, 4), (2, 0, 4), (2, 3, 0), (2, 0, 0)])
 @pytest.mark.parametrize("batch_first", [True, False])
 def test_multihead_zero_length_like_torch(N, L, S, batch_first):
