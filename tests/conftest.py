@@ -5,9 +5,10 @@ Markers (registered in pyproject.toml):
   browser  needs chromium, chromedriver and selenium: skipped when one is missing
   slow     takes more than about 5 s: `bash dev.sh quick` leaves these out
 
-Files that need other optional packages (transformers and the MiniLM model,
-nbformat / nbclient / ipykernel, matplotlib) skip themselves with
-pytest.importorskip. So `pytest -m "not slow and not browser"` runs with
+Files that mix torch tests with others import torch from optional_torch.py
+(None without PyTorch). Files that need other optional packages
+(transformers and the MiniLM model, nbformat / nbclient / ipykernel,
+matplotlib) skip themselves with pytest.importorskip. So `pytest -m "not slow and not browser"` runs with
 numpy, pytest, hypothesis and matplotlib alone (requirements-quick.txt).
 
 With ATTNPY_REQUIRE_ALL=1 (`bash dev.sh test`, the CI gate) nothing may be

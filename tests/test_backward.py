@@ -5,12 +5,9 @@ import json
 
 import numpy as np
 import pytest
-try:
-    import torch
-except ImportError:   # the tests marked torch are skipped (conftest.py)
-    torch = None
 
 import attnpy
+from optional_torch import torch
 import test_sdpa as parity
 
 TOL = {np.float32: dict(atol=1e-4, rtol=1e-4), np.float64: dict(atol=1e-10, rtol=1e-10)}

@@ -45,14 +45,10 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import pytest
-try:
-    import torch
-    import torch.nn.functional as F
-except ImportError:   # the tests marked torch are skipped (conftest.py)
-    torch = F = None
 
 import attnpy
 from attnpy import _core
+from optional_torch import F, torch
 from reference import mha_reference, self_attention_reference
 from test_memory import _wide
 

@@ -15,13 +15,9 @@ from typing import Optional
 
 import numpy as np
 import pytest
-try:
-    import torch
-    import torch.nn.functional as F
-except ImportError:   # the tests marked torch are skipped (conftest.py)
-    torch = F = None
 
 import attnpy
+from optional_torch import F, torch
 from reference import sdpa_reference
 
 TOL = {

@@ -15,12 +15,9 @@ import itertools
 
 import numpy as np
 import pytest
-try:
-    import torch
-except ImportError:   # the tests marked torch are skipped (conftest.py)
-    torch = None
 
 import attnpy
+from optional_torch import torch
 
 F = torch.nn.functional.scaled_dot_product_attention if torch else None
 sdpa, sdpa_bwd = attnpy.scaled_dot_product_attention, attnpy.scaled_dot_product_attention_backward
