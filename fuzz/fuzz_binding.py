@@ -350,6 +350,14 @@ def pick_int(fdp, lo, hi):
 # the float64 reference
 
 
+def shape_of(a):
+    """The shape of an argument, list or array (() if it has none)."""
+    try:
+        return np.shape(a)
+    except ValueError:   # a ragged list
+        return ()
+
+
 def dims_of(*args):
     return [d for a in args if isinstance(a, np.ndarray) for d in a.shape]
 
@@ -763,6 +771,11 @@ def scenario_self_attention(fdp):
     scale = pick_scalar(fdp, "scale") if fdp.ConsumeBool() else None
     trace = fdp.ConsumeBool()
     Nn = 1 if unb else N
+    # the sizes the arguments have, not the ones drawn: a shape may have been
+    # mutated, or x be a list ([[]]: L = 1 where L = 0 was drawn)
+    xs, qs, vs = shape_of(x), shape_of(wq), shape_of(wv)
+    Nn, L = max(Nn, math.prod(xs[:-2])), max(L, xs[-2] if len(xs) >= 2 else 0)
+    dk, dv = max(dk, qs[-1] if qs else 0), max(dv, vs[-1] if vs else 0)
     if legit_but_huge((x, wq, wk, wv, mask), 8 * Nn * L * L + 4 * Nn * L * (dk + dv),
                       Nn * L * L * (dk + dv) + Nn * L * dm * (2 * dk + dv)):
         return
