@@ -7,6 +7,10 @@
 #   bash dev.sh bench  set everything up, run the benchmark (writes bench/results.md, .png)
 #   bash dev.sh notebooks  set everything up, run the notebooks and keep their outputs
 #   bash dev.sh fuzz [SECONDS]  set everything up, fuzz the binding (default 600 s)
+#   bash dev.sh quick  the fast loop, under 90 s once set up: a light venv in .venv-quick
+#                      (requirements-quick.txt: no torch, no sudo), the extension built in
+#                      place with -Werror, the C tests, and the Python tests not marked slow
+#                      or browser (those needing torch are skipped); extra args go to pytest
 # "Set up" means: a virtual environment in .venv, the pinned dependencies,
 # and the C extension built in place with -Wall -Wextra -Werror.
 set -euo pipefail
@@ -14,6 +18,7 @@ cd "$(dirname "$0")"
 
 PY=${PYTHON:-python3}
 VENV="$PWD/.venv"
+QUICK_VENV="$PWD/.venv-quick"
 
 # Debian's chromium and chromium-driver, for the head view's browser test.
 browser() {
@@ -75,6 +80,21 @@ sanitizer_tests() {
     )
 }
 
+# The light environment of the quick loop: pip runs only when
+# requirements-quick.txt changed since the last install.
+quick_setup() {
+    if [ ! -x "$QUICK_VENV/bin/python" ]; then
+        "$PY" -m venv "$QUICK_VENV"
+    fi
+    if ! cmp -s requirements-quick.txt "$QUICK_VENV/requirements-quick.txt"; then
+        "$QUICK_VENV/bin/python" -m pip install -q --upgrade pip
+        "$QUICK_VENV/bin/python" -m pip install -q -r requirements-quick.txt
+        cp requirements-quick.txt "$QUICK_VENV/requirements-quick.txt"
+    fi
+    # in place, warnings are errors; setuptools skips it when nothing changed
+    ATTNPY_STRICT=1 "$QUICK_VENV/bin/python" setup.py -q build_ext --inplace >/dev/null
+}
+
 c_tests() {
     mkdir -p build
     ${CC:-cc} -std=c11 -O2 -g -pthread -ffp-contract=fast -Wall -Wextra -Werror \
@@ -89,6 +109,8 @@ case "${1:-}" in
         "$VENV/bin/python" -m attnpy demo "${@:2}"
         ;;
     test)
+        # the CI gate: every test runs, a skipped one fails (tests/conftest.py)
+        export ATTNPY_REQUIRE_ALL=1
         browser
         setup
         c_tests
@@ -96,6 +118,12 @@ case "${1:-}" in
         sanitizer_tests
         # the coverage-guided fuzzer over the binding, a bounded run (fuzz/README.md)
         PYTHON="$VENV/bin/python" bash fuzz/run_ci.sh
+        ;;
+    quick)
+        quick_setup
+        c_tests
+        PYTHONPATH="$PWD" "$QUICK_VENV/bin/python" -m pytest -q -p no:cacheprovider \
+            -m "not slow and not browser" tests "${@:2}"
         ;;
     fuzz)
         setup
@@ -110,7 +138,7 @@ case "${1:-}" in
         "$VENV/bin/python" bench/bench.py "${@:2}"
         ;;
     *)
-        echo "usage: bash dev.sh demo|test|notebooks|fuzz|bench [args...]" >&2
+        echo "usage: bash dev.sh demo|test|quick|notebooks|fuzz|bench [args...]" >&2
         exit 2
         ;;
 esac

@@ -45,7 +45,7 @@ if os.environ.get("ATTNPY_FUZZ") == "1":
 define_macros = [("NPY_NO_DEPRECATED_API", "NPY_2_0_API_VERSION")]
 if os.environ.get("ATTNPY_FAULT_INJECTION") == "1" or os.environ.get("ATTNPY_SANITIZE") == "1":
     # a debug hook, never in a release build: _core._fail_alloc(n) makes the n-th
-    # allocation fail (tests/test_fault_injection.py); the sanitizer build has it too
+    # allocation fail (tests/test_memory.py); the sanitizer build has it too
     define_macros.append(("ATTN_FAULT_INJECTION", "1"))
 
 core = Extension(

@@ -17,8 +17,9 @@ What counts as a finding (the harness raises, libFuzzer saves the input):
   * any change to the bytes of an input (every array's whole buffer is
     snapshotted before the call and compared after it, error paths included);
   * a result of the wrong shape or dtype, or, for finite float inputs of a
-    moderate size, values that differ from the float64 NumPy reference below
-    beyond a tolerance derived from the dtype's epsilon.
+    moderate size, values that differ from the float64 NumPy reference the
+    tests use too (tests/reference.py) beyond a tolerance derived from the
+    dtype's epsilon.
 
 Run:  bash fuzz/run.sh [libFuzzer flags]   (see fuzz/README.md)
 Replay one input:  python fuzz/fuzz_binding.py path/to/crash-file
@@ -38,6 +39,12 @@ if _BUILD:
     sys.path.insert(0, os.path.abspath(_BUILD))
 
 import atheris  # noqa: E402
+
+# The float64 reference is the tests' one (tests/reference.py): one copy, so a
+# finding is never a bug of a second copy. It does not import attnpy.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "tests"))
+from reference import (mha_from_batch_first, mha_reference, mha_to_batch_first,  # noqa: E402
+                       sdpa_backward_reference, sdpa_forward, self_attention_reference)
 
 if os.environ.get("ATTNPY_FUZZ_GLOBAL_LIBFUZZER") == "1":
     # No preloaded libFuzzer (no ASan): load atheris's own libFuzzer with
@@ -343,6 +350,14 @@ def pick_int(fdp, lo, hi):
 # the float64 reference
 
 
+def shape_of(a):
+    """The shape of an argument, list or array (() if it has none)."""
+    try:
+        return np.shape(a)
+    except ValueError:   # a ragged list
+        return ()
+
+
 def dims_of(*args):
     return [d for a in args if isinstance(a, np.ndarray) for d in a.shape]
 
@@ -401,93 +416,6 @@ def finite_moderate(*arrays):
     return True
 
 
-def ref_mask(mask, is_causal, L, S, true_attends=True):
-    """The additive float64 mask (None for no mask)."""
-    if is_causal:
-        return np.where(np.tril(np.ones((L, S), dtype=bool)), 0.0, -np.inf)
-    if mask is None:
-        return None
-    m = np.asarray(mask)
-    if m.dtype == np.bool_:
-        return np.where(m == true_attends, 0.0, -np.inf)
-    return m.astype(np.float64)
-
-
-def ref_softmax(x):
-    if x.shape[-1] == 0:
-        return np.zeros(x.shape)
-    mx = x.max(axis=-1, keepdims=True)
-    dead = np.isneginf(mx)
-    e = np.exp(x - np.where(dead, 0.0, mx))
-    s = e.sum(axis=-1, keepdims=True)
-    return np.where(dead, 0.0, e / np.where(dead, 1.0, s))
-
-
-def ref_sdpa(q, k, v, mask, is_causal, scale, gqa):
-    """float64 forward: (out, weights, logits), torch's semantics."""
-    q, k, v = (np.asarray(a, dtype=np.float64) for a in (q, k, v))
-    L, E, S = q.shape[-2], q.shape[-1], k.shape[-2]
-    if gqa and q.ndim >= 3 and k.ndim >= 3:
-        Hq, H = q.shape[-3], k.shape[-3]
-        if H and Hq % H == 0 and Hq:
-            k = np.take(k, np.arange(Hq) // (Hq // H), axis=-3)
-            if v.ndim >= 3:  # a 2-D value broadcasts over every head
-                v = np.take(v, np.arange(Hq) // (Hq // H), axis=-3)
-    # E = 0: q k^T is an empty sum, exactly 0 whatever the scale (as torch has it)
-    sc = 1.0 if E == 0 else (1.0 / math.sqrt(E)) if scale is None else float(scale)
-    with np.errstate(all="ignore"):
-        logits = sc * np.matmul(q, np.swapaxes(k, -1, -2))
-        m = ref_mask(mask, is_causal, L, S)
-        if m is not None:
-            logits = logits + m
-        w = ref_softmax(logits)
-        out = np.matmul(w, v)
-    # the weights have the full broadcast batch shape (value's leading dims too)
-    lead = out.shape[:-2]
-    w = np.broadcast_to(w, lead + w.shape[-2:])
-    logits = np.broadcast_to(logits, lead + logits.shape[-2:])
-    return out, w, logits
-
-
-def unbroadcast(g, shape):
-    """Sum a broadcast gradient back to an input's shape."""
-    while g.ndim > len(shape):
-        g = g.sum(axis=0)
-    for ax, n in enumerate(shape):
-        if n == 1 and g.shape[ax] != 1:
-            g = g.sum(axis=ax, keepdims=True)
-    return g
-
-
-def ref_sdpa_backward(do, q, k, v, mask, is_causal, scale, gqa):
-    q64, k64, v64 = (np.asarray(a, dtype=np.float64) for a in (q, k, v))
-    do = np.asarray(do, dtype=np.float64)
-    L, E, S = q64.shape[-2], q64.shape[-1], k64.shape[-2]
-    group = 1
-    kk, vv = k64, v64
-    if gqa and q64.ndim >= 3 and k64.ndim >= 3 and k64.shape[-3] and q64.shape[-3]:
-        group = q64.shape[-3] // k64.shape[-3]
-        idx = np.arange(q64.shape[-3]) // group
-        kk = np.take(k64, idx, axis=-3)
-        # a 2-D value broadcasts over every head
-        vv = np.take(v64, idx, axis=-3) if v64.ndim >= 3 else v64
-    sc = 1.0 if E == 0 else (1.0 / math.sqrt(E)) if scale is None else float(scale)
-    with np.errstate(all="ignore"):
-        _, P, _ = ref_sdpa(q64, kk, vv, mask, is_causal, scale, False)
-        dV = np.matmul(np.swapaxes(P, -1, -2), do)
-        dP = np.matmul(do, np.swapaxes(vv, -1, -2))
-        dS = P * (dP - (P * dP).sum(axis=-1, keepdims=True))
-        dQ = sc * np.matmul(dS, kk)
-        dK = sc * np.matmul(np.swapaxes(dS, -1, -2), np.broadcast_to(q64, dS.shape[:-2] + (L, E)))
-    if group > 1:  # sum the query heads of each kv head
-        def fold(g):
-            sh = g.shape
-            return g.reshape(sh[:-3] + (sh[-3] // group, group) + sh[-2:]).sum(axis=-3)
-        dK, dV = fold(dK), fold(dV)
-    return (unbroadcast(dQ, q64.shape), unbroadcast(dK, k64.shape), unbroadcast(dV, v64.shape),
-            dP, dS)
-
-
 def close(name, got, want, dtype, scale_of, what):
     """|got - want| within an epsilon-derived bound (scale_of: the size of what
     was summed to make each entry)."""
@@ -523,7 +451,8 @@ def check_sdpa_result(res, q, k, v, mask, is_causal, scale, gqa, need_weights, w
         return
     if max(q.shape[-2] * k.shape[-2], q.shape[-2] * q.shape[-1]) > MAX_WORK:
         return
-    want_out, want_w, logits = ref_sdpa(q, k, v, mask, is_causal, scale, gqa)
+    ref = sdpa_forward(q, k, v, mask, is_causal, scale, gqa)
+    want_out, want_w, logits = ref["out"], ref["weights"], ref["logits"]
     if want_out.shape != out.shape:
         raise Finding(f"{what}: output shape {out.shape}, reference {want_out.shape}")
     if np.any(np.isnan(want_out)) or np.any(np.isposinf(logits)):
@@ -691,8 +620,9 @@ def scenario_sdpa_backward(fdp, private):
         return
     if max(q.shape[-2] * k.shape[-2], q.shape[-2] * q.shape[-1]) > MAX_WORK:
         return
-    want = ref_sdpa_backward(do, q, k, v, mask, bool(is_causal), scale, bool(enable_gqa))
-    if any(np.any(~np.isfinite(w)) for w in want):
+    want = sdpa_backward_reference(do, q, k, v, mask, bool(is_causal), scale, bool(enable_gqa),
+                                   with_intermediates=True)
+    if any(w is not None and np.any(~np.isfinite(w)) for w in want):
         return
     E = q.shape[-1]
     sc = (1.0 / math.sqrt(max(E, 1))) if scale is None else abs(float(scale))
@@ -794,58 +724,21 @@ def scenario_mha(fdp):
 
 
 def ref_mha(layer, query, key, value, kpm, am):
-    """float64 forward of the layer in eval mode: (output, per-head weights),
-    torch's conventions (bool masks: True = masked out; float masks added)."""
-    f = np.float64
-    p = {name: a.astype(f) for name, a in layer.state_dict().items()}
-    unb = query.ndim == 2
-    q, k, v = (np.asarray(x, f) for x in (query, key, value))
-    if unb:
-        q, k, v = q[None], k[None], v[None]
-    elif not layer.batch_first:
-        q, k, v = (x.swapaxes(0, 1) for x in (q, k, v))
-    E, H, Hkv = layer.embed_dim, layer.num_heads, layer.num_kv_heads
-    D, kvE = E // H, Hkv * (E // H)
-    if "in_proj_weight" in p:
-        w = p["in_proj_weight"]
-        wq, wk, wv = w[:E], w[E:E + kvE], w[E + kvE:]
-    else:
-        wq, wk, wv = p["q_proj_weight"], p["k_proj_weight"], p["v_proj_weight"]
-    b = p.get("in_proj_bias", np.zeros(E + 2 * kvE))
-    Q, K, V = q @ wq.T + b[:E], k @ wk.T + b[E:E + kvE], v @ wv.T + b[E + kvE:]
-    N, L, S = Q.shape[0], Q.shape[1], K.shape[1]
-    if "bias_k" in p:
-        K = np.concatenate([K, np.broadcast_to(p["bias_k"].reshape(1, 1, kvE), (N, 1, kvE))], 1)
-        V = np.concatenate([V, np.broadcast_to(p["bias_v"].reshape(1, 1, kvE), (N, 1, kvE))], 1)
-    if layer.add_zero_attn:
-        K = np.concatenate([K, np.zeros((N, 1, kvE))], 1)
-        V = np.concatenate([V, np.zeros((N, 1, kvE))], 1)
-    S2 = K.shape[1]
-    group = H // Hkv
-    Qh = Q.reshape(N, L, H, D).transpose(0, 2, 1, 3)
-    Kh = np.repeat(K.reshape(N, S2, Hkv, D).transpose(0, 2, 1, 3), group, axis=1)
-    Vh = np.repeat(V.reshape(N, S2, Hkv, D).transpose(0, 2, 1, 3), group, axis=1)
-    logits = Qh @ Kh.swapaxes(-1, -2) / math.sqrt(D)
-    add = np.zeros((N, H, L, S2))
-    for m, shape in ((am, None), (kpm, (N, 1, 1, S))):
-        if m is None:
-            continue
-        m = np.asarray(m)
-        m = np.where(m, -np.inf, 0.0) if m.dtype == np.bool_ else m.astype(f)
-        m = m.reshape(shape) if shape else (m.reshape(N, H, L, S) if m.ndim == 3 else m)
-        add[..., :S] += np.broadcast_to(m, (N, H, L, S))   # extra keys never masked
-    logits = logits + add
-    w = ref_softmax(logits)
-    concat = (w @ Vh).transpose(0, 2, 1, 3).reshape(N, L, E)
-    out = concat @ p["out_proj.weight"].T + p.get("out_proj.bias", np.zeros(E))
-    size = (1 + np.max(np.abs(Qh), initial=0)) * (1 + np.max(np.abs(Kh), initial=0)) * D
-    size *= (1 + np.max(np.abs(Vh), initial=0)) * (S2 + 1) * (E + 1) * (
-        1 + np.max(np.abs(p["out_proj.weight"]), initial=0))
-    if unb:
-        out, w = out[0], w[0]
-    elif not layer.batch_first:
-        out = out.swapaxes(0, 1)
-    return out, w, logits, size
+    """float64 forward of the layer in eval mode: (output, per-head weights,
+    logits, the size of what each output entry sums), in the caller's layout."""
+    unb = np.ndim(query) == 2
+    ref = mha_reference(layer, *(mha_to_batch_first(layer, x) for x in (query, key, value)),
+                        kpm, am)
+    D = layer.embed_dim // layer.num_heads
+    S2 = ref["weights"].shape[-1]
+    # the largest finite entries: a non-finite value row of zero weight is not
+    # read (and one that is read makes the output non-finite: not compared)
+    peak = lambda a: 1 + np.max(np.abs(a[np.isfinite(a)]), initial=0)  # noqa: E731
+    size = peak(ref["q"]) * peak(ref["k_expanded"]) * D
+    size *= peak(ref["v_expanded"]) * (S2 + 1) * (layer.embed_dim + 1) * peak(
+        ref["params"]["out_proj.weight"])
+    w = ref["weights"][0] if unb else ref["weights"]
+    return mha_from_batch_first(layer, ref["output"], unb), w, ref["logits"], size
 
 
 def check_mha_result(layer, res, query, key, value, kpm, am, need_weights, average):
@@ -890,6 +783,11 @@ def scenario_self_attention(fdp):
     scale = pick_scalar(fdp, "scale") if fdp.ConsumeBool() else None
     trace = fdp.ConsumeBool()
     Nn = 1 if unb else N
+    # the sizes the arguments have, not the ones drawn: a shape may have been
+    # mutated, or x be a list ([[]]: L = 1 where L = 0 was drawn)
+    xs, qs, vs = shape_of(x), shape_of(wq), shape_of(wv)
+    Nn, L = max(Nn, math.prod(xs[:-2])), max(L, xs[-2] if len(xs) >= 2 else 0)
+    dk, dv = max(dk, qs[-1] if qs else 0), max(dv, vs[-1] if vs else 0)
     if legit_but_huge((x, wq, wk, wv, mask), 8 * Nn * L * L + 4 * Nn * L * (dk + dv),
                       Nn * L * L * (dk + dv) + Nn * L * dm * (2 * dk + dv)):
         return
@@ -906,19 +804,10 @@ def scenario_self_attention(fdp):
     unb = x.ndim == 2  # what attnpy goes by (the shape may have been mutated)
     x64 = x.astype(np.float64)
     with np.errstate(all="ignore"):
-        Q, K, V = x64 @ wq.astype(np.float64), x64 @ wk.astype(np.float64), x64 @ wv.astype(
-            np.float64)
-        if np.max(np.abs(Q), initial=0) > 64 or np.max(np.abs(K), initial=0) > 64 or \
-                np.max(np.abs(V), initial=0) > 64:
+        if any(np.max(np.abs(x64 @ w.astype(np.float64)), initial=0) > 64 for w in (wq, wk, wv)):
             return
-        m = mask
-        if isinstance(m, np.ndarray) and m.ndim == 3:
-            m = m[:, None] if not unb else m
-        want_out, want_w, _ = ref_sdpa(Q[None] if unb else Q[:, None], K[None] if unb else
-                                       K[:, None], V[None] if unb else V[:, None], m,
-                                       bool(is_causal), scale, False)
-    want_out = want_out[0] if unb else want_out[:, 0]
-    want_w = want_w[0] if unb else want_w[:, 0]
+        want_out, want_w = self_attention_reference(x64, wq, wk, wv, mask, bool(is_causal),
+                                                    scale)
     if want_out.shape != res.output.shape:
         if unb and want_out.ndim == 3:
             return  # an (N, L, L) mask on unbatched x: shapes differ legitimately

@@ -5,10 +5,10 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 import attnpy
-import test_sdpa_parity as parity
+from optional_torch import torch
+import test_sdpa as parity
 
 TOL = {np.float32: dict(atol=1e-4, rtol=1e-4), np.float64: dict(atol=1e-10, rtol=1e-10)}
 ERRORS = {}  # what the closing note quotes: max |attnpy - reference| per check and dtype
@@ -43,6 +43,7 @@ CASES = [pytest.param(sc, dt, layout, id=f"{sc.name}-{np.dtype(dt).name}-{layout
          if not (sc.gqa and len(sc.q) == 2)]  # torch's GQA needs a head axis
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("sc, dtype, layout", CASES)
 def test_sdpa_backward_matches_torch(sc, dtype, layout):
     q, k, v, kw = parity.make_inputs(sc, dtype, layout)
@@ -80,6 +81,7 @@ def test_given_weights_equal_recomputed(dtype):
         np.testing.assert_allclose(x, y, atol=tol, rtol=tol)
 
 
+@pytest.mark.torch
 def test_trace_gives_the_softmax_jacobian_applied():
     rng = np.random.default_rng(3)
     q, k, v = (rng.standard_normal((2, 5, 4)) for _ in range(3))
@@ -192,6 +194,7 @@ def torch_module(cfg, batch_first, dtype, seed):
     return m.eval()
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("layout", ["batch_first", "seq_first", "unbatched"])
 @pytest.mark.parametrize("masks", ["none", "kpm_bool", "attn_float", "both"])
@@ -306,6 +309,8 @@ def test_backward_needs_a_traced_forward():
 # --------------------------------------------------------------------------
 # training
 
+@pytest.mark.slow
+@pytest.mark.torch
 def test_training_a_layer_lowers_the_loss_like_torch():
     """SGD on a small task: the output at position i must reproduce the input
     at position i - 1 (attend to the previous token, through positional
@@ -345,3 +350,38 @@ def test_training_a_layer_lowers_the_loss_like_torch():
     np.testing.assert_allclose(ours[:50], theirs[:50], rtol=1e-9)
     assert ours[-1] < 0.5 * ours[0], (ours[0], ours[-1])
     ERRORS["training_loss_first_last"] = [ours[0], ours[-1]]
+
+
+# --------------------------------------------------------------------------
+# non-finite values the backward must not read
+
+
+# Regression: the tiled backward read the inf value rows of masked keys (code review)
+def test_fast_backward_ignores_non_finite_values_of_masked_keys():
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((1, 2, 40, 16)) for _ in range(3))
+    v[..., 5, :] = np.inf
+    mask = np.ones((40, 40), bool)
+    mask[:, 5] = False
+    dout = rng.standard_normal((1, 2, 40, 16))
+    for kernel in attnpy.supported_kernels():
+        with attnpy.use_kernel(kernel):
+            g = attnpy.scaled_dot_product_attention_backward(dout, q, k, v, attn_mask=mask)
+        assert np.isfinite(g.query).all() and np.isfinite(g.key).all(), kernel
+        assert np.isfinite(np.delete(g.value, 5, axis=-2)).all(), kernel
+
+
+# Regression: the tiled backward computed inf * 0 = NaN for scale=inf
+@pytest.mark.parametrize("kernel", ["reference"] + attnpy.supported_kernels()[1:])
+def test_backward_with_an_infinite_scale_agrees_across_kernels(kernel):
+    """scale=inf sends a negative score to -inf: the row has no weight and
+    passes no gradient (the reference kernel's 0). The tiled backward computed
+    dq = scale * (dS k) = inf * 0 = NaN. Found by tests/test_properties.py."""
+    q = np.array([[1.0, -1.5, 1.0]], np.float32)
+    k = np.array([[1.0, 1.5, -2.0]], np.float32)
+    v = np.array([[0.5]], np.float32)
+    with attnpy.use_kernel(kernel):
+        g = attnpy.scaled_dot_product_attention_backward(
+            np.ones((1, 1), np.float32), q, k, v, scale=float("inf"))
+    for grad in g[:3]:
+        np.testing.assert_array_equal(grad, 0.0)

@@ -7,9 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
+@pytest.mark.torch      # the table compares with torch
 def test_quick_benchmark_writes_results(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench.py"), "--quick",
                            "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)

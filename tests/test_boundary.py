@@ -118,7 +118,7 @@ def test_read_only_outputs_are_refused():
 
 def _forward(x, proj, H, Hkv, w_out=None, need_weights=True, trace=False):
     return _mha._layer_forward(x, x, x, proj, None, H, Hkv, None, False, w_out, None, masks=[],
-                               scale=_args.scale_of(None, proj[0].shape[0] // H),
+                               scale=_args.default_scale(proj[0].shape[0] // H),
                                is_causal=False, dropout_p=0.0, seed=0,
                                need_weights=need_weights, trace=trace)
 

@@ -4,11 +4,13 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from attnpy import demo
 from reference import sdpa_reference
 
 
+@pytest.mark.slow
 def test_demo_prints_checks_and_writes_its_pictures(tmp_path):
     out = tmp_path / "pictures"
     run = subprocess.run([sys.executable, "-m", "attnpy", "demo", str(out)],

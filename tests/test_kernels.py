@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import attnpy
-import test_sdpa_parity as parity
+import test_sdpa as parity
 from reference import sdpa_reference
 
 KERNELS = attnpy.supported_kernels()
@@ -41,6 +41,8 @@ def test_all_four_kernels_exist_on_this_machine():
             assert "avx512" in KERNELS
 
 
+@pytest.mark.slow
+@pytest.mark.torch      # the parity matrix compares with torch too
 @pytest.mark.parametrize("kernel_and_threads", SETTINGS, indirect=True)
 def test_parity_matrix_under_kernel(kernel_and_threads):
     for case in ALL_CASES:
@@ -218,6 +220,7 @@ BACKWARD_CASES = [
 ]
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("kernel_and_threads", SETTINGS, indirect=True)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("name, kw, qs, ks, Ev", BACKWARD_CASES,

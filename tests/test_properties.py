@@ -9,8 +9,8 @@ masks of every dtype and shape, scales (0, negative, +-inf, NaN, 1e-30,
 1e30, ints, strings) and values with NaN and +-inf -- and predicts from the
 documented rules alone whether the call is valid:
 
-- valid: the result must match a float64 NumPy reference written here (and in
-  reference.py) with the rules attnpy promises for non-finite values;
+- valid: the result must match the float64 NumPy reference (reference.py)
+  with the rules attnpy promises for non-finite values;
 - invalid: the call must raise TypeError or ValueError whose message names an
   argument that is wrong (one of the wrong ones, when several are).
 
@@ -31,7 +31,9 @@ from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 
 import attnpy
-from reference import additive_mask, softmax_rows, sdpa_reference, weighted_sum
+from reference import (additive_mask, mha_backward_reference, mha_from_batch_first,
+                       mha_reference, mha_to_batch_first, sdpa_backward_reference,
+                       sdpa_reference, self_attention_reference)
 
 SCALE = float(os.environ.get("ATTNPY_HYPOTHESIS_SCALE", "1"))
 FIXED = os.environ.get("ATTNPY_HYPOTHESIS_RANDOM") != "1"
@@ -412,55 +414,13 @@ def _prop_sdpa(call):
     close(got, np.where(skip[..., None], 0.0, want_out), dtype, "output")
 
 
+@pytest.mark.slow
 def test_sdpa_properties():
     run(_prop_sdpa, "scaled_dot_product_attention", min_ok=60, min_errors=60)
 
 
 # ---------------------------------------------------------------------------
 # scaled_dot_product_attention_backward
-
-
-def sdpa_backward_reference(dout, q, k, v, mask, is_causal, scale, gqa):
-    """dq, dk, dv in float64, summed back to the inputs' shapes."""
-    q, k, v, dout = (np.array(a, dtype=np.float64) for a in (q, k, v, dout))
-    qs, ks, vs = q.shape, k.shape, v.shape
-    E = qs[-1]
-    if scale is None:
-        scale = 1.0 / np.sqrt(E) if E else 1.0
-    if E == 0:
-        scale = 0.0
-    group = 1
-    if gqa and q.ndim >= 3 and qs[-3] == 0:   # no query heads: nothing flows back
-        return np.zeros(qs), np.zeros(ks), np.zeros(vs)
-    if gqa and q.ndim >= 3:
-        Hq, Hk = qs[-3], (ks[-3] if k.ndim >= 3 else 1)
-        group = Hq // Hk if Hk else 1
-        k = np.repeat(k if k.ndim >= 3 else k[None], group, axis=-3)
-        v = np.repeat(v if v.ndim >= 3 else v[None], group, axis=-3)
-    batch = np.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
-    qb, kb, vb = (np.broadcast_to(a, batch + a.shape[-2:]) for a in (q, k, v))
-    _, P = sdpa_reference(qb, kb, vb, mask, is_causal, scale if E else None)
-    live = P != 0
-    with np.errstate(invalid="ignore", over="ignore"):
-        dP = np.einsum("...lc,...sc->...ls", dout, vb)
-        D = np.where(live, P * dP, 0.0).sum(-1, keepdims=True)
-        dS = np.where(live, P * (dP - D), 0.0)
-        dV = np.where(live[..., None], P[..., None] * dout[..., :, None, :], 0.0).sum(-3)
-        dQ = np.where(live[..., None], scale * dS[..., None] * kb[..., None, :, :], 0.0).sum(-2)
-        dK = np.where(live[..., None], scale * dS[..., None] * qb[..., :, None, :], 0.0).sum(-3)
-
-    def unbroadcast(g, shape, expanded_shape, fold):
-        while g.ndim > len(expanded_shape):
-            g = g.sum(0)
-        for ax, n in enumerate(expanded_shape):
-            if n == 1 and g.shape[ax] != 1:
-                g = g.sum(ax, keepdims=True)
-        if fold and group > 1:   # fold the query heads of each key/value head
-            g = g.reshape(g.shape[:-3] + (g.shape[-3] // group, group) + g.shape[-2:]).sum(-3)
-        return g.reshape(shape)
-
-    return (unbroadcast(dQ, qs, q.shape, False), unbroadcast(dK, ks, k.shape, True),
-            unbroadcast(dV, vs, v.shape, True))
 
 
 @st.composite
@@ -540,95 +500,6 @@ def test_sdpa_backward_properties():
 
 # ---------------------------------------------------------------------------
 # MultiheadAttention: forward, trace, backward
-
-
-def mha_reference(layer, query, key, value, key_padding_mask, attn_mask):
-    """Every stage of the layer in float64, batch-first (N, L, E) inputs."""
-    p = {n: np.asarray(a, dtype=np.float64) for n, a in layer.state_dict().items()}
-    H, Hkv, E = layer.num_heads, layer.num_kv_heads, layer.embed_dim
-    D = E // H
-    kvE = Hkv * D
-    if layer._qkv_same_embed_dim:
-        w = p["in_proj_weight"]
-        wq, wk, wv = w[:E], w[E:E + kvE], w[E + kvE:]
-    else:
-        wq, wk, wv = p["q_proj_weight"], p["k_proj_weight"], p["v_proj_weight"]
-    b = p.get("in_proj_bias", np.zeros(E + 2 * kvE))
-    bq, bk, bv = b[:E], b[E:E + kvE], b[E + kvE:]
-    x, y, z = (np.asarray(a, dtype=np.float64) for a in (query, key, value))
-    N, L, S = x.shape[0], x.shape[1], y.shape[1]
-    with np.errstate(invalid="ignore", over="ignore"):
-        q, k, v = x @ wq.T + bq, y @ wk.T + bk, z @ wv.T + bv
-    extra = []
-    if "bias_k" in p:
-        extra.append((p["bias_k"].reshape(1, 1, kvE), p["bias_v"].reshape(1, 1, kvE)))
-    if layer.add_zero_attn:
-        extra.append((np.zeros((1, 1, kvE)), np.zeros((1, 1, kvE))))
-    for ek, ev in extra:
-        k = np.concatenate([k, np.broadcast_to(ek, (N, 1, kvE))], axis=1)
-        v = np.concatenate([v, np.broadcast_to(ev, (N, 1, kvE))], axis=1)
-    S2 = S + len(extra)
-    heads = lambda a, h: a.reshape(a.shape[0], a.shape[1], h, D).transpose(0, 2, 1, 3)
-    qh, kh, vh = heads(q, H), heads(k, Hkv), heads(v, Hkv)
-    kx, vx = np.repeat(kh, H // Hkv, axis=1), np.repeat(vh, H // Hkv, axis=1)
-    M = np.zeros((N, H, L, S2))
-    for m in (attn_mask, key_padding_mask):
-        if m is None:
-            continue
-        m = np.asarray(m)
-        add = np.where(m, -np.inf, 0.0) if m.dtype == np.bool_ else m.astype(np.float64)
-        with np.errstate(invalid="ignore"):
-            M[..., :S] = M[..., :S] + np.broadcast_to(add, (N, H, L, S))
-    with np.errstate(invalid="ignore", over="ignore"):
-        scores = np.einsum("nhld,nhsd->nhls", qh, kx)
-        logits = np.where(M == -np.inf, -np.inf, scores / np.sqrt(D) + M)
-        weights = softmax_rows(logits)
-        ho = weighted_sum(weights, vx)
-    concat = ho.transpose(0, 2, 1, 3).reshape(N, L, E)
-    with np.errstate(invalid="ignore", over="ignore"):
-        out = concat @ p["out_proj.weight"].T + p.get("out_proj.bias", 0.0)
-    return dict(q=qh, k=kh, v=vh, scores=scores, logits=logits, weights=weights,
-                head_outputs=ho, concat=concat, output=out, _p=p, _w=(wq, wk, wv),
-                _x=(x, y, z), _S=S, _extra=len(extra), _kx=kx, _vx=vx)
-
-
-def mha_backward_reference(layer, ref, dout):
-    """Gradients of every input and parameter, in float64, by the chain rule."""
-    p, (wq, wk, wv), (x, y, z) = ref["_p"], ref["_w"], ref["_x"]
-    H, Hkv, E, S = layer.num_heads, layer.num_kv_heads, layer.embed_dim, ref["_S"]
-    D = E // H
-    N, L = x.shape[:2]
-    P, concat = ref["weights"], ref["concat"]
-    dconcat = dout @ p["out_proj.weight"]
-    g = {"out_proj.weight": np.einsum("nlo,nle->oe", dout, concat)}
-    if "out_proj.bias" in p:
-        g["out_proj.bias"] = dout.sum((0, 1))
-    dho = dconcat.reshape(N, L, H, D).transpose(0, 2, 1, 3)
-    scale = 1.0 / np.sqrt(D)
-    dV = np.einsum("nhls,nhld->nhsd", P, dho)
-    dP = np.einsum("nhld,nhsd->nhls", dho, ref["_vx"])
-    dS = P * (dP - (P * dP).sum(-1, keepdims=True))
-    dQ = scale * np.einsum("nhls,nhsd->nhld", dS, ref["_kx"])
-    dK = scale * np.einsum("nhls,nhld->nhsd", dS, ref["q"])
-    group = H // Hkv
-    S2 = P.shape[-1]
-    dK = dK.reshape(N, Hkv, group, S2, D).sum(2)
-    dV = dV.reshape(N, Hkv, group, S2, D).sum(2)
-    merge = lambda a: a.transpose(0, 2, 1, 3).reshape(a.shape[0], a.shape[2],
-                                                      a.shape[1] * a.shape[3])
-    dq, dk, dv = merge(dQ), merge(dK), merge(dV)
-    if "bias_k" in p:
-        g["bias_k"] = dk[:, S].sum(0).reshape(1, 1, -1)
-        g["bias_v"] = dv[:, S].sum(0).reshape(1, 1, -1)
-    dk, dv = dk[:, :S], dv[:, :S]
-    gw = [np.einsum("nlo,nli->oi", d, a) for d, a in ((dq, x), (dk, y), (dv, z))]
-    if layer._qkv_same_embed_dim:
-        g["in_proj_weight"] = np.concatenate(gw)
-    else:
-        g["q_proj_weight"], g["k_proj_weight"], g["v_proj_weight"] = gw
-    if "in_proj_bias" in p:
-        g["in_proj_bias"] = np.concatenate([d.sum((0, 1)) for d in (dq, dk, dv)])
-    return dq @ wq, dk @ wk, dv @ wv, g
 
 
 @st.composite
@@ -750,31 +621,11 @@ def mha_expectations(layer, args, kwargs, unbatched):
     return errors, (N, L, S)
 
 
-def batch_first(a, layer, unbatched):
-    a = np.asarray(a, dtype=np.float64)
-    if unbatched:
-        return a[None]
-    return a if layer.batch_first else a.swapaxes(0, 1)
-
-
-def masks_4d(kwargs, N, H, L, S):
-    out = []
-    for name in ("attn_mask", "key_padding_mask"):
-        m = kwargs[name]
-        if m is None:
-            out.append(None)
-        elif name == "key_padding_mask":
-            out.append(np.asarray(m).reshape(N, 1, 1, S))
-        else:
-            out.append(np.asarray(m).reshape((N, H, L, S) if np.ndim(m) == 3 else np.shape(m)))
-    return out
-
-
 @examples(500)
 @given(mha_calls(), st.integers(0, 2**32 - 1))
 def _prop_mha(call, seed):
     layer, args, kwargs, unbatched, kernel = call
-    errors, nls = mha_expectations(layer, args, kwargs, unbatched)
+    errors, _ = mha_expectations(layer, args, kwargs, unbatched)
     note(f"{layer!r}; errors expected: {errors}")
     inputs = [a for a in args.values() if a is not None] + \
         [kwargs["attn_mask"], kwargs["key_padding_mask"]]
@@ -786,17 +637,13 @@ def _prop_mha(call, seed):
     res = outcome("MultiheadAttention", call_, errors, inputs)
     if res is None:
         return
-    N, L, S = nls
-    H = layer.num_heads
     q = args["query"]
     k = q if args["key"] is None else args["key"]
     v = k if args["value"] is None else args["value"]
-    x, y, z = (batch_first(a, layer, unbatched) for a in (q, k, v))
-    am, kpm = masks_4d(kwargs, N, H, L, S)
-    ref = mha_reference(layer, x, y, z, kpm, am)
+    x, y, z = (mha_to_batch_first(layer, a) for a in (q, k, v))
+    ref = mha_reference(layer, x, y, z, kwargs["key_padding_mask"], kwargs["attn_mask"])
     dt = layer.dtype
-    unfold = (lambda a: a[0]) if unbatched else (
-        lambda a: a if layer.batch_first else a.swapaxes(0, 1))
+    unfold = lambda a: mha_from_batch_first(layer, a, unbatched)  # noqa: E731
     finite = all(np.isfinite(np.asarray(a, dtype=np.float64)).all() for a in (x, y, z))
     if not finite:
         # NaN/inf inputs: projections mix them into whole rows; the output
@@ -828,7 +675,7 @@ def _prop_mha(call, seed):
             grads = layer.backward(res, dout)
         assert snapshot(buffers(*inputs, dout)) == before
         COUNTS["MultiheadAttention.backward"]["ok"] += 1
-        gq, gk, gv, gp = mha_backward_reference(layer, ref, batch_first(dout, layer, unbatched))
+        gq, gk, gv, gp = mha_backward_reference(layer, ref, mha_to_batch_first(layer, dout))
         for got, want, name in ((grads.query, gq, "query"), (grads.key, gk, "key"),
                                 (grads.value, gv, "value")):
             close(got, unfold(want), dt, f"gradient of {name}")
@@ -918,10 +765,8 @@ def _prop_self_attention(call):
     if res is None:
         return
     X = np.array(x, dtype=np.float64)
-    with np.errstate(invalid="ignore", over="ignore"):
-        Q, K, V = (X @ np.asarray(ws[n], dtype=np.float64) for n in ("w_q", "w_k", "w_v"))
     sc = None if scale is None else float(scale)
-    out, w = sdpa_reference(Q, K, V, mask, is_causal, sc)
+    out, w = self_attention_reference(X, ws["w_q"], ws["w_k"], ws["w_v"], mask, is_causal, sc)
     if not np.isfinite(X).all():
         assert res.output.shape == out.shape
         assert (np.isfinite(res.output) == np.isfinite(out)).all()

@@ -2,12 +2,12 @@
 maps whose answers are known."""
 import io
 
-import matplotlib
+import pytest
 
+matplotlib = pytest.importorskip("matplotlib")
 matplotlib.use("Agg")
 
 import numpy as np
-import pytest
 
 import attnpy
 from attnpy import viz

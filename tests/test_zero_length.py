@@ -7,16 +7,19 @@ and returns empty outputs, except that with S = 0 each query row has no keys
 allow. (torch multiplies q and k by sqrt(scale) before q k^T, so the default
 scale 1/sqrt(0) = inf never meets a 0; attnpy used to compute inf * 0 = NaN.)
 attnpy does the same, forward and backward; these tests ask torch each time.
+
+Then the fuzzer's findings about zero widths and empty problems (E = 0 gave
+NaN; billions of empty problems took a minute), which need no torch.
 """
 import itertools
 
 import numpy as np
 import pytest
-import torch
 
 import attnpy
+from optional_torch import torch
 
-F = torch.nn.functional.scaled_dot_product_attention
+F = torch.nn.functional.scaled_dot_product_attention if torch else None
 sdpa, sdpa_bwd = attnpy.scaled_dot_product_attention, attnpy.scaled_dot_product_attention_backward
 
 # (B, H, L, S, E, Ev) with one or two zeros
@@ -40,6 +43,7 @@ CASES = [(shape, name) for shape in SHAPES for name in OPTIONS
          if shape[4] == 0 or not name.startswith("scale")]
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("shape,option", CASES,
                          ids=["x".join(map(str, s)) + "-" + o for s, o in CASES])
 @pytest.mark.parametrize("kernel", ["auto", "reference"])
@@ -77,6 +81,7 @@ def test_e0_weights_are_uniform_over_allowed_keys():
     np.testing.assert_allclose(res.weights, np.full((3, 3), 1 / 3))
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("N,L,S", [(0, 3, 4), (2, 0, 4), (2, 3, 0), (2, 0, 0)])
 @pytest.mark.parametrize("batch_first", [True, False])
 def test_multihead_zero_length_like_torch(N, L, S, batch_first):
@@ -108,3 +113,126 @@ def test_self_attention_zero_length():
         res = attnpy.self_attention(x, w, w, w)
         assert res.output.shape == (L, 2) and res.weights.shape == (L, L)
         assert not np.isnan(res.output).any()
+
+
+# --------------------------------------------------------------------------
+# E = 0 (or head_dim 0): an empty q . k is 0, whatever the scale
+
+
+# Regression: E = 0 gave NaN (0 * 1/sqrt(0)); torch gives uniform weights (fuzzer)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("need_weights", [True, False])
+@pytest.mark.parametrize("scale", [None, 2.0, float("inf"), float("nan")])
+def test_sdpa_zero_width_query_gives_uniform_weights(dtype, need_weights, scale):
+    q, k = np.zeros((2, 0), dtype), np.zeros((3, 0), dtype)
+    v = np.arange(6, dtype=dtype).reshape(3, 2)
+    out, w = attnpy.scaled_dot_product_attention(q, k, v, scale=scale,
+                                                 need_weights=need_weights)
+    np.testing.assert_allclose(out, np.broadcast_to(v.mean(axis=0), (2, 2)), rtol=1e-6)
+    if need_weights:
+        np.testing.assert_allclose(w, np.full((2, 3), 1 / 3), rtol=1e-6)
+
+
+# Regression: E = 0 gave NaN, in every kernel and with is_causal (fuzzer)
+@pytest.mark.parametrize("kernel", attnpy.supported_kernels())
+def test_sdpa_zero_width_every_kernel_and_causal(kernel):
+    q, k = np.zeros((1, 3, 0)), np.zeros((1, 3, 0))
+    v = np.arange(9.0).reshape(1, 3, 3)
+    with attnpy.use_kernel(kernel):
+        for nw in (True, False):
+            out, _ = attnpy.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                         need_weights=nw)
+            want = np.stack([v[0, :i + 1].mean(axis=0) for i in range(3)])[None]
+            np.testing.assert_allclose(out, want, rtol=1e-12)
+
+
+# Regression: E = 0 gave NaN gradients (fuzzer)
+def test_sdpa_backward_zero_width_query():
+    q, k = np.zeros((2, 0)), np.zeros((3, 0))
+    v = np.arange(6.0).reshape(3, 2)
+    dout = np.ones((2, 2))
+    gq, gk, gv, _ = attnpy.scaled_dot_product_attention_backward(dout, q, k, v)
+    assert gq.shape == (2, 0) and gk.shape == (3, 0)
+    # P uniform (1/3): dV = P^T dO = 2/3 everywhere
+    np.testing.assert_allclose(gv, np.full((3, 2), 2 / 3), rtol=1e-12)
+
+
+# Regression: a zero-width w_q / w_k gave NaN in self_attention (fuzzer)
+def test_self_attention_zero_width_projection():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 4))
+    w_qk = np.zeros((4, 0))
+    w_v = rng.standard_normal((4, 2))
+    res = attnpy.self_attention(x, w_qk, w_qk, w_v)
+    np.testing.assert_allclose(res.weights, np.full((3, 3), 1 / 3), rtol=1e-12)
+    np.testing.assert_allclose(res.output, np.broadcast_to((x @ w_v).mean(axis=0), (3, 2)),
+                               rtol=1e-12)
+
+
+# --------------------------------------------------------------------------
+# billions of empty problems return at once (the bound leaves a 100x margin)
+
+
+BIG = 2**31 - 1
+
+FAST = 1.0  # seconds
+
+
+def _zeros(shape, dtype=np.float32):
+    return np.lib.stride_tricks.as_strided(np.zeros(1, dtype), shape, (0,) * len(shape))
+
+
+def _timed(fn, *args, **kwargs):
+    import time
+    t = time.perf_counter()
+    res = fn(*args, **kwargs)
+    return res, time.perf_counter() - t
+
+
+# Regression: 2**31 - 1 empty problems took 24 s in the forward with weights (fuzzer)
+def test_forward_with_weights_over_empty_problems_is_immediate():
+    q, k, v = _zeros((BIG, 2, 4)), np.empty((BIG, 0, 4), np.float32), np.empty((BIG, 0, 0),
+                                                                                np.float32)
+    (out, w), dt = _timed(attnpy.scaled_dot_product_attention, q, k, v)
+    assert out.shape == (BIG, 2, 0) and w.shape == (BIG, 2, 0)
+    assert dt < FAST, dt
+
+
+# Regression: 2**31 - 1 empty problems took 65 s in the backward (fuzzer)
+def test_backward_over_empty_problems_is_immediate():
+    q = np.empty((BIG, 0, 4), np.float32)
+    (gq, gk, gv, _), dt = _timed(attnpy.scaled_dot_product_attention_backward, q, q, q, q)
+    assert gq.shape == gk.shape == gv.shape == q.shape
+    assert dt < FAST, dt
+
+
+# Regression: the early return for empty problems must still zero the key/value gradients (fuzzer)
+def test_backward_empty_queries_still_zero_key_gradients():
+    # L = 0 but S > 0: the key and value gradients exist and must be exactly zero
+    q = np.empty((3, 0, 4))
+    k = np.ones((3, 5, 4))
+    gq, gk, gv, _ = attnpy.scaled_dot_product_attention_backward(np.empty((3, 0, 4)), q, k, k)
+    assert not gk.any() and not gv.any() and gk.shape == (3, 5, 4)
+
+
+# Regression: self_attention over 2**31 - 1 empty sequences took 1.5 s (fuzzer)
+def test_self_attention_over_empty_rows_is_immediate():
+    x = np.empty((BIG, 0, 0), np.float32)
+    w = np.empty((0, 0), np.float32)
+    res, dt = _timed(attnpy.self_attention, x, w, w, w)
+    assert res.output.shape == (BIG, 0, 0)
+    assert dt < FAST, dt
+
+
+# Regression: the multi-head backward over 2**31 - 1 empty sequences took 34 s (fuzzer)
+@pytest.mark.parametrize("num_kv_heads", [3, 1])
+def test_mha_backward_over_empty_sequences_is_immediate(num_kv_heads):
+    layer = attnpy.MultiheadAttention(12, 3, batch_first=False, dtype=np.float64,
+                                      num_kv_heads=num_kv_heads, seed=0)
+    q = np.empty((0, BIG, 12))
+    res = layer(q, trace=True)
+    grads, dt = _timed(layer.backward, res, np.empty((0, BIG, 12)))
+    assert dt < FAST, dt
+    assert grads.query.shape == q.shape
+    for name, g in grads.params.items():
+        assert not g.any(), name

@@ -4,6 +4,10 @@ Every case in BATTERY is one call that must raise. Each is a pytest case, and
 the whole battery also runs once in a fresh interpreter (a crash there shows
 up as a non-zero return code instead of taking pytest down). Every case also
 checks that the inputs it passed are bit-identical afterwards.
+
+Then the regressions about errors: messages that named the wrong argument or
+none, and numbers out of range that raised OverflowError or a
+self-contradicting TypeError instead of a ValueError.
 """
 import os
 import subprocess
@@ -237,7 +241,7 @@ def test_bad_argument(case):
 
 def test_battery_in_subprocess_does_not_crash():
     proc = subprocess.run(
-        [sys.executable, "-c", "import test_sdpa_errors as t; t.run_battery()"],
+        [sys.executable, "-c", "import test_errors as t; t.run_battery()"],
         cwd=HERE, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, (proc.returncode, proc.stdout[-3000:], proc.stderr[-3000:])
     assert f"battery: {len(BATTERY)} ok, 0 failed" in proc.stdout
@@ -333,3 +337,172 @@ def test_conversion_errors_other_than_bad_input_pass_through(exc):
         sdpa(x, x, x, attn_mask=_RaisesOnConversion(exc()))
     with pytest.raises(TypeError, match="query"):
         sdpa(_RaisesOnConversion(ValueError("no")), x, x)
+
+
+# --------------------------------------------------------------------------
+# arguments named in the message
+
+
+# Regression: a query of the wrong width blamed q_proj_weight, the layer's own parameter
+@pytest.mark.parametrize("name,shapes", [
+    ("query", [(2, 3, 5)]),
+    ("key", [(2, 3, 8), (2, 4, 5), (2, 4, 8)]),
+    ("value", [(2, 3, 8), (2, 4, 8), (2, 4, 6)]),
+])
+def test_multihead_blames_the_input_of_the_wrong_width(name, shapes):
+    """A query of the wrong width was reported as "q_proj_weight must have
+    shape (8, 5); got (8, 8)": the layer's own parameter, not the argument."""
+    layer = attnpy.MultiheadAttention(8, 2, dtype=np.float64)
+    with pytest.raises(ValueError, match=rf"^{name} must have 8 features .* got shape"):
+        layer(*(np.ones(s) for s in shapes))
+
+
+def _unaligned(shape, dtype=np.float64):
+    dt = np.dtype(dtype)
+    raw = bytearray(int(np.prod(shape)) * dt.itemsize + 1)
+    a = np.frombuffer(raw, dtype=dt, count=int(np.prod(shape)), offset=1).reshape(shape)
+    a[...] = 1
+    return a
+
+
+# Regression: self_attention's errors named the core's arguments (query, q_proj_weight)
+def test_self_attention_names_its_own_arguments():
+    """self_attention hands x to the core as query, key and value and w_q.T as
+    q_proj_weight: an unaligned x was "query is not aligned", an unaligned w_q
+    "q_proj_weight is not aligned", and an int x made the weights the culprit
+    ("w_q has dtype float64 but the layer computes in int64; pass
+    w_q.astype(np.int64)")."""
+    x, w = np.ones((3, 4)), np.ones((4, 2))
+    with pytest.raises(ValueError, match="^x is not aligned"):
+        attnpy.self_attention(_unaligned((3, 4)), w, w, w)
+    for i, name in enumerate(("w_q", "w_k", "w_v")):
+        ws = [w, w, w]
+        ws[i] = _unaligned((4, 2))
+        with pytest.raises(ValueError, match=f"^{name} is not aligned"):
+            attnpy.self_attention(x, *ws)
+    for dt in (np.int64, np.float16, np.dtype(">f8"), object):
+        with pytest.raises(TypeError, match="^x must be float32 or float64"):
+            attnpy.self_attention(x.astype(dt), w, w, w)
+
+
+# Regression: np.dtype's 'data type not understood' named no argument
+def test_a_dtype_numpy_does_not_know_is_named():
+    """np.dtype's own "data type 'nonsense' not understood" named no argument."""
+    with pytest.raises(TypeError, match="^dtype must be float32 or float64; got 'nonsense'"):
+        attnpy.causal_mask(3, dtype="nonsense")
+    with pytest.raises(TypeError, match="^dtype must be float32 or float64; got 'nonsense'"):
+        attnpy.MultiheadAttention(4, 2, dtype="nonsense")
+
+
+# Regression: range errors did not show the value given (code review)
+def test_messages_show_the_value_given():
+    q = np.zeros((2, 3))
+    with pytest.raises(ValueError, match=r"got 1\.0"):
+        attnpy.scaled_dot_product_attention(q, q, q, dropout_p=1.0)
+    layer = attnpy.MultiheadAttention(4, 1)
+    layer.dropout = 2.0   # as if set by hand: the core still checks it
+    with pytest.raises(ValueError, match=r"got 2\b"):
+        layer.train()(np.zeros((1, 2, 4), np.float32))
+
+
+# Regression: a mask given as a list of ints was accepted, its polarity ambiguous (code review)
+def test_an_int_list_mask_is_refused_as_ambiguous():
+    q = np.zeros((2, 3))
+    with pytest.raises(TypeError, match="attn_mask.*ambiguous"):
+        attnpy.scaled_dot_product_attention(q, q, q, attn_mask=[[1, 0], [0, 1]])
+    ok = attnpy.scaled_dot_product_attention(q, q, q, attn_mask=[[True, False], [True, True]])
+    assert ok.weights[0, 1] == 0.0
+
+
+# --------------------------------------------------------------------------
+# numbers out of range: ValueError, not OverflowError or a self-contradicting TypeError
+
+
+# Regression: set_num_threads accepted counts that do not fit (2**32 + 1 wrapped) (code review)
+def test_set_num_threads_rejects_values_that_do_not_fit():
+    for n in (2**32 + 1, 2**32, 257):
+        with pytest.raises(ValueError):
+            attnpy.set_num_threads(n)
+    assert attnpy.get_num_threads() >= 1
+
+
+# Regression: MultiheadAttention(dropout=10**400) raised OverflowError (fuzzer)
+@pytest.mark.parametrize("p", [10**400, -(10**400), 2**64, 10**5000],
+                         ids=["1e400", "-1e400", "2**64", "1e5000"])
+def test_mha_huge_int_dropout_is_a_value_error(p):
+    with pytest.raises(ValueError, match=r"^dropout must be in \[0, 1\]") as info:
+        attnpy.MultiheadAttention(4, 2, dropout=p)
+    assert len(str(info.value)) < 200
+
+
+# Regression: the exact int range check of dropout must still accept ints in range (fuzzer)
+def test_mha_int_dropout_in_range_still_accepted():
+    assert attnpy.MultiheadAttention(4, 2, dropout=1).dropout == 1.0
+    assert attnpy.MultiheadAttention(4, 2, dropout=np.int64(0)).dropout == 0.0
+
+
+def _x():
+    return np.ones((2, 2))
+
+
+# Regression: scale=10**400 raised 'scale must be a float or None; got int' (fuzzer)
+@pytest.mark.parametrize("call", [
+    lambda: attnpy.scaled_dot_product_attention(_x(), _x(), _x(), scale=10**400),
+    lambda: attnpy.scaled_dot_product_attention_backward(_x(), _x(), _x(), _x(),
+                                                         scale=-(10**400)),
+    lambda: attnpy.self_attention(_x(), _x(), _x(), _x(), scale=10**400),
+], ids=["sdpa", "sdpa_backward", "self_attention"])
+def test_scale_out_of_float_range_is_a_value_error_naming_scale(call):
+    with pytest.raises(ValueError, match=r"^scale is out of the float range"):
+        call()
+
+
+# Regression: dropout_p=10**400 raised a self-contradicting TypeError (fuzzer)
+def test_dropout_p_out_of_float_range_is_a_value_error():
+    with pytest.raises(ValueError, match=r"^dropout_p is out of the float range"):
+        attnpy.scaled_dot_product_attention(_x(), _x(), _x(), dropout_p=10**400)
+
+
+# Regression: set_num_threads(2**70) raised 'n must be an int; got int' (fuzzer)
+@pytest.mark.parametrize("n", [2**70, -(2**70)], ids=["2**70", "-2**70"])
+def test_set_num_threads_huge_int_is_a_value_error(n):
+    before = attnpy.get_num_threads()
+    with pytest.raises(ValueError, match=r"^n must be between 1 and 256"):
+        attnpy.set_num_threads(n)
+    assert attnpy.get_num_threads() == before
+
+
+# Regression: the range fix must leave non-numbers TypeErrors (fuzzer)
+def test_non_numbers_still_type_errors():
+    with pytest.raises(TypeError, match=r"^scale must be a float or None; got str"):
+        attnpy.scaled_dot_product_attention(_x(), _x(), _x(), scale="2")
+    with pytest.raises(TypeError, match=r"^n must be an int; got float"):
+        attnpy.set_num_threads(1.5)
+
+
+# --------------------------------------------------------------------------
+# array-likes that do not convert name the argument
+
+
+# Regression: an int16 x made self_attention convert w_v to int16: OverflowError (fuzzer)
+def test_self_attention_int_x_is_refused_before_converting_weights():
+    x = np.ones((1, 1), np.int16)
+    w = np.ones((1, 1), np.int16)
+    with pytest.raises(TypeError, match=r"^x must be float32 or float64 .*got int16"):
+        attnpy.self_attention(x, w, w, [[3e38]])
+
+
+# Regression: query=[[10**400, 0.0]] raised OverflowError, naming no argument (fuzzer)
+@pytest.mark.parametrize("bad", [[[10**400, 0.0]], [[1.0, "a"]], [[1.0], [1.0, 2.0]]],
+                         ids=["huge-int", "str", "ragged"])
+def test_mha_array_like_that_does_not_convert_names_the_argument(bad):
+    layer = attnpy.MultiheadAttention(2, 1)
+    with pytest.raises((TypeError, ValueError), match=r"^query "):
+        layer(bad)
+
+
+# Regression: x=[[10**400, 1.0]] raised OverflowError, naming no argument (fuzzer)
+def test_self_attention_list_x_out_of_range_names_x():
+    w = np.ones((2, 2))
+    with pytest.raises((TypeError, ValueError), match=r"^x "):
+        attnpy.self_attention([[10**400, 1.0]], w, w, w)

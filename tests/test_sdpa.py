@@ -15,10 +15,9 @@ from typing import Optional
 
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
 
 import attnpy
+from optional_torch import F, torch
 from reference import sdpa_reference
 
 TOL = {
@@ -294,6 +293,7 @@ for _i, _sc in enumerate(SCENARIOS):
                        f"{'weights' if _nw else 'noweights'}"))
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("sc, dtype, layout, need_weights", CASES)
 def test_parity(sc, dtype, layout, need_weights):
     q, k, v, kwargs = make_inputs(sc, dtype, layout)
@@ -346,6 +346,8 @@ def test_parity_matrix_size():
     assert 300 <= len(CASES) <= 600
 
 
+@pytest.mark.slow
+@pytest.mark.torch
 def test_max_errors_report():
     """Sweep every (scenario, dtype, layout); print and save the max errors."""
     report = {}
@@ -411,6 +413,7 @@ def _torch_vs_reference(q, k, v, ref_kwargs, **torch_kwargs):
     return float(np.abs(t_out - ref_out).max())
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("L, S", [(5, 5), (4, 9), (9, 4)], ids=["square", "L<S", "L>S"])
 def test_torch_bool_mask_true_means_attend(L, S):
     rng = seeded_rng("torch-bool", L, S)
@@ -424,6 +427,7 @@ def test_torch_bool_mask_true_means_attend(L, S):
     assert inverted > 1e-3
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("L, S", [(5, 5), (4, 9), (9, 4)], ids=["square", "L<S", "L>S"])
 def test_torch_is_causal_is_top_left_tril(L, S):
     rng = seeded_rng("torch-causal", L, S)
@@ -437,6 +441,7 @@ def test_torch_is_causal_is_top_left_tril(L, S):
         assert _torch_vs_reference(q, k, v, dict(attn_mask=bottom_right), is_causal=True) > 1e-3
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("kind", ["bool", "float_neginf"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 def test_torch_fully_masked_row_gives_zero_output(kind, dtype):
@@ -454,6 +459,7 @@ def test_torch_fully_masked_row_gives_zero_output(kind, dtype):
                                **TOL[dtype])
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("Hq, H", [(4, 2), (6, 1), (6, 3), (6, 2)],
                          ids=["4-2", "6-1", "6-3", "6-2"])
 def test_torch_gqa_maps_head_h_to_h_div_group(Hq, H):
@@ -471,6 +477,7 @@ def test_torch_gqa_maps_head_h_to_h_div_group(Hq, H):
         assert float(np.abs(torch_sdpa(q, k, v, enable_gqa=True) - wrong).max()) > 1e-3
 
 
+@pytest.mark.torch
 def test_torch_default_scale_is_one_over_sqrt_E_and_float_mask_is_added():
     rng = seeded_rng("torch-scale")
     q, k, v = _rand(rng, (2, 5, 16)), _rand(rng, (2, 7, 16)), _rand(rng, (2, 7, 3))
@@ -480,6 +487,7 @@ def test_torch_default_scale_is_one_over_sqrt_E_and_float_mask_is_added():
     assert _torch_vs_reference(q, k, v, dict(scale=0.7), scale=0.7) < 1e-12
 
 
+@pytest.mark.torch
 def test_torch_batch_dims_broadcast_like_matmul():
     rng = seeded_rng("torch-bcast")
     q, k, v = _rand(rng, (3, 2, 4, 8)), _rand(rng, (1, 2, 6, 8)), _rand(rng, (2, 6, 5))
@@ -549,6 +557,7 @@ def test_causal_mask_top_left_equals_is_causal(dtype, L, S):
     np.testing.assert_allclose(a.weights, b.weights, **STREAM_TOL[dtype])
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("L, S", [(4, 9), (6, 6), (1, 7)], ids=["L<S", "square", "L1"])
 def test_causal_mask_bottom_right_matches_torch_causal_lower_right(L, S):
     from torch.nn.attention.bias import causal_lower_right
@@ -563,6 +572,7 @@ def test_causal_mask_bottom_right_matches_torch_causal_lower_right(L, S):
     np.testing.assert_allclose(res.output, t_out, **TOL[np.float64])
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("shapes", [
     ((2, 0, 4), (2, 5, 4), (2, 5, 3)),
     ((2, 3, 4), (2, 0, 4), (2, 0, 3)),
@@ -585,6 +595,7 @@ def test_empty_dimensions(shapes, need_weights, dtype):
         assert_close(res.weights, ref_w, dtype, "weights vs float64 reference")
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("scale", [64.0, -64.0], ids=["huge_positive", "huge_negative"])
 @pytest.mark.parametrize("need_weights", [True, False], ids=["weights", "noweights"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
@@ -605,3 +616,47 @@ def test_huge_scores_do_not_overflow(dtype, need_weights, scale):
     assert_close(res.output, torch_sdpa(q, k, v, scale=scale), dtype, "output vs torch")
     if need_weights:
         assert_close(res.weights, ref_w, dtype, "weights vs float64 reference")
+
+
+# --------------------------------------------------------------------------
+# masks hide a pair whatever its score
+
+
+# Regression: the tiled kernels gave NaN rows when a masked pair's score was NaN or inf
+@pytest.mark.parametrize("kernel", ["reference"] + attnpy.supported_kernels()[1:])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("mask_kind", ["bool", "float"])
+def test_a_masked_pair_never_counts_whatever_its_score(kernel, dtype, mask_kind):
+    """A key the mask hides (bool False, or a float -inf) gets no weight even
+    when its score is NaN or inf: a NaN in a masked key's row, or scale=inf
+    times a zero dot product. The reference kernel skipped such pairs; the
+    tiled kernels added the score to the mask's -inf and got NaN for the
+    whole row. Found by tests/test_properties.py."""
+    allowed = np.array([[True, False], [True, False], [False, False]])
+    mask = allowed if mask_kind == "bool" else np.where(allowed, 0.0, -np.inf).astype(dtype)
+    q = np.array([[1.0, 0.0], [0.5, 0.0], [1.0, 1.0]], dtype)
+    v = np.array([[1.0, 2.0], [3.0, 4.0]], dtype)
+    cases = [  # key 1 (masked everywhere) holds a NaN / an inf score
+        (np.array([[1.0, 0.0], [np.nan, 0.0]], dtype), None),
+        (np.array([[1.0, 0.0], [np.inf, 0.0]], dtype), None),
+        (np.array([[1.0, 0.0], [0.0, 0.0]], dtype), float("inf")),   # inf * 0 = NaN
+    ]
+    want_w = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 0.0]])
+    with attnpy.use_kernel(kernel):
+        for k, scale in cases:
+            for need_weights in (True, False):
+                out, w = attnpy.scaled_dot_product_attention(
+                    q, k, v, attn_mask=mask, scale=scale, need_weights=need_weights)
+                if scale is None:
+                    np.testing.assert_array_equal(out, want_w @ v)
+                    if need_weights:
+                        np.testing.assert_array_equal(w, want_w)
+                else:   # key 0's score is inf * 1 = inf: rows 0, 1 NaN; row 2 masked
+                    assert np.isnan(out[:2]).all()
+                    np.testing.assert_array_equal(out[2], 0.0)
+            grads = attnpy.scaled_dot_product_attention_backward(
+                np.ones((3, 2), dtype), q, k, v, attn_mask=mask, scale=scale)
+            if scale is None:
+                for g in grads[:3]:
+                    assert np.isfinite(g).all()
+                np.testing.assert_array_equal(grads.value[1], 0.0)
