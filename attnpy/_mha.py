@@ -1,6 +1,7 @@
 """MultiheadAttention and self_attention: parameters, layouts, result types.
 
-Everything numeric happens in the C core (one call per forward). This module
+Everything numeric happens in the C core; this module composes the layer
+from its two operations (_core.linear and _core.sdpa, see _layer_forward),
 holds the parameters under torch's names, turns the caller's layout into
 (N, L, E) views (never copies), and names what comes back.
 """
@@ -713,13 +714,10 @@ def _layer_forward(query, key, value, proj, fused, H, Hkv, bias_kv, add_zero_att
 
     # 2. attention per head, on views; the heads' outputs land side by side
     concat = np.empty((N, L, H * Dv), dtype)
-    # with dropout, the weights callers see are the dropped ones, which the
-    # core writes with the trace
-    stages = trace or (dropout and need_weights)
     options = dict(scale=scale, masks=masks, extra_keys=extra, is_causal=is_causal,
                    enable_gqa=Hkv != H, dropout_p=dropout_p, seed=seed)
     _, weights, staged = _core.sdpa(_split(q, H), _split(k, Hkv), _split(v, Hkv),
-                                    need_weights=need_weights or stages, trace=stages,
+                                    need_weights=need_weights or trace, trace=trace,
                                     out=_split(concat, H), **options)
 
     # 3. output projection

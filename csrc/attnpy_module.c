@@ -665,7 +665,10 @@ static int sdpa_inputs(const sdpa_call *c, const sdpa_options *o, PyArrayObject 
 
 /* sdpa(query, key, value, *, scale, masks=(), extra_keys=0, is_causal=False,
         enable_gqa=False, dropout_p=0.0, seed=0, need_weights=True, trace=False,
-        out=None) -> (output, weights or None, trace dict or None) */
+        out=None) -> (output, weights or None, stages or None)
+   stages: a dict; with trace, "scores", "logits", "dropout_mask" and
+   "dropped_weights"; without, "dropped_weights" alone when there are
+   dropout and weights. */
 static PyObject *attnpy_sdpa(PyObject *Py_UNUSED(module), PyObject *const *args,
                              Py_ssize_t nargs, PyObject *kwnames)
 {
@@ -709,16 +712,20 @@ static PyObject *attnpy_sdpa(PyObject *Py_UNUSED(module), PyObject *const *args,
         goto done;
     if (need_weights && !(arr[W] = new_view(nd, c.w_dims, typenum, WEIGHTS_OF_QK, &c.a.weights)))
         goto done;
-    if (trace) {
-        int dropout = o.dropout_p > 0.0;
-        if (!(arr[SC] = new_view(nd, c.w_dims, typenum, "the trace's scores", &c.a.scores)) ||
-            !(arr[LG] = new_view(nd, c.w_dims, typenum, "the trace's logits", &c.a.logits)) ||
-            (dropout && !(arr[DM] = new_view(nd, c.w_dims, NPY_BOOL, "the trace's dropout_mask",
-                                             &c.a.dropout_mask))) ||
-            (dropout && !(arr[DR] = new_view(nd, c.w_dims, typenum,
-                                             "the trace's dropped_weights", &c.a.dropped))))
-            goto done;
-    }
+    /* with dropout, the weights after dropout are written whenever the
+       weights are (what the multi-head layer returns in training); the
+       trace adds the raw scores, the logits and the dropout mask */
+    const int dropout = o.dropout_p > 0.0;
+    if ((trace && (!(arr[SC] = new_view(nd, c.w_dims, typenum, "the trace's scores",
+                                         &c.a.scores)) ||
+                   !(arr[LG] = new_view(nd, c.w_dims, typenum, "the trace's logits",
+                                         &c.a.logits)) ||
+                   (dropout && !(arr[DM] = new_view(nd, c.w_dims, NPY_BOOL,
+                                                     "the trace's dropout_mask",
+                                                     &c.a.dropout_mask))))) ||
+        (dropout && need_weights &&
+         !(arr[DR] = new_view(nd, c.w_dims, typenum, "the weights after dropout", &c.a.dropped))))
+        goto done;
 
     int status;
     Py_BEGIN_ALLOW_THREADS
@@ -729,6 +736,8 @@ static PyObject *attnpy_sdpa(PyObject *Py_UNUSED(module), PyObject *const *args,
                                           "dropout_mask", arr[DM] ? (PyObject *)arr[DM] : Py_None,
                                           "dropped_weights",
                                           arr[DR] ? (PyObject *)arr[DR] : Py_None)))
+        goto done;
+    if (!trace && arr[DR] && !(stages = Py_BuildValue("{sO}", "dropped_weights", arr[DR])))
         goto done;
     result = Py_BuildValue("(OOO)", arr[OUT], arr[W] ? (PyObject *)arr[W] : Py_None,
                            stages ? stages : Py_None);
