@@ -42,7 +42,7 @@ setup() {
 # (build/asan; libasan preloaded since python itself is not instrumented,
 # leak detection off since CPython does not free everything at exit).
 sanitizer_tests() {
-    local c_sources="csrc/attn_core.c csrc/attn_fast.c csrc/attn_parallel.c csrc/test_core.c"
+    local c_sources="csrc/attn_core.c csrc/attn_fast.c csrc/attn_parallel.c csrc/attn_plan.c csrc/test_core.c"
     ${CC:-cc} -std=c11 -O1 -g -pthread -ffp-contract=fast -Wall -Wextra -Werror \
         -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer \
         $c_sources -lm -o build/test_core_asan
@@ -78,7 +78,7 @@ sanitizer_tests() {
 c_tests() {
     mkdir -p build
     ${CC:-cc} -std=c11 -O2 -g -pthread -ffp-contract=fast -Wall -Wextra -Werror \
-        csrc/attn_core.c csrc/attn_fast.c csrc/attn_parallel.c csrc/test_core.c \
+        csrc/attn_core.c csrc/attn_fast.c csrc/attn_parallel.c csrc/attn_plan.c csrc/test_core.c \
         -lm -o build/test_core
     ./build/test_core
 }

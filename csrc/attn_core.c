@@ -81,22 +81,17 @@ void attn_free(void *p)
     free(p);
 }
 
-/* TBITS: a signed integer as wide as T, for reading a float's bits */
 #define T float
 #define SFX f32
-#define TBITS int32_t
 #include "attn_kernels.inc"
 #undef T
 #undef SFX
-#undef TBITS
 
 #define T double
 #define SFX f64
-#define TBITS int64_t
 #include "attn_kernels.inc"
 #undef T
 #undef SFX
-#undef TBITS
 
 /* base + offset, or NULL when the tensor is absent. */
 static inline char *attn_at(char *base, int64_t offset)
@@ -138,6 +133,14 @@ static void attn_locate(const attn_sdpa_args *a, int64_t p, attn_head *hd)
     hd->dropped = attn_at(a->dropped.data, off[DR]);
 }
 
+/* The number of (batch, head) problems. */
+static int64_t attn_problems(const attn_sdpa_args *a)
+{
+    int64_t n = a->num_heads;
+    for (int d = 0; d < a->nbatch; d++) n *= a->batch_shape[d];
+    return n;
+}
+
 /* ------------------------------------------------------------------------ */
 /* Choosing a kernel, and the parallel loop                                   */
 
@@ -159,23 +162,22 @@ attn_kernel attn_get_kernel(void)
     return ATTN_KERNEL_BASELINE;
 }
 
-/* One call's work: items are (problem, block of query rows) for the fast
-   kernels, whole problems for the reference kernel. */
+/* One call's work: the plan, and its workspace. Items are (problem, block of
+   query rows) for the tiled kernels, whole problems for the reference. */
 typedef struct {
     const attn_sdpa_args *a;
-    attn_kernel kernel;
-    int64_t blocks;    /* query blocks per problem */
-    char *work;        /* per-thread workspaces, work_size bytes each */
-    size_t work_size;
+    const attn_plan *plan;
+    char *work; /* per-thread workspaces, plan->work_size bytes each */
 } attn_sdpa_job;
 
 static void attn_sdpa_item(void *ctx, int64_t item, int thread)
 {
     const attn_sdpa_job *job = ctx;
     const attn_sdpa_args *a = job->a;
-    void *work = job->work + (size_t)thread * job->work_size;
+    const attn_plan *plan = job->plan;
+    void *work = job->work + (size_t)thread * plan->work_size;
     attn_head hd;
-    if (job->kernel == ATTN_KERNEL_REFERENCE) {
+    if (plan->kernel == ATTN_KERNEL_REFERENCE) {
         attn_locate(a, item, &hd);
         if (a->dtype == ATTN_FLOAT32) {
             if (hd.weights) attn_head_reference_f32(a, &hd, work);
@@ -187,20 +189,11 @@ static void attn_sdpa_item(void *ctx, int64_t item, int thread)
         return;
     }
     /* the last query blocks first: under a causal mask they cost the most */
-    int64_t block = job->blocks - 1 - item % job->blocks;
-    int64_t i0 = block * ATTN_FAST_BR;
-    attn_locate(a, item / job->blocks, &hd);
-    attn_fast_rows(job->kernel, a, &hd, i0, a->L - i0 < ATTN_FAST_BR ? a->L - i0 : ATTN_FAST_BR,
-                   work);
-}
-
-/* Can the fast kernels do this call? No trace, no dropout, and a weights
-   buffer (if any) with unit column stride. */
-static int attn_fast_applies(const attn_sdpa_args *a)
-{
-    int64_t elem = a->dtype == ATTN_FLOAT64 ? (int64_t)sizeof(double) : (int64_t)sizeof(float);
-    return a->dropout_p == 0.0 && !a->scores.data && !a->logits.data && !a->dropout_mask.data &&
-           !a->dropped.data && (!a->weights.data || a->weights.col == elem);
+    int64_t blocks = plan->blocks[0], br = plan->block_rows;
+    int64_t block = blocks - 1 - item % blocks;
+    int64_t i0 = block * br;
+    attn_locate(a, item / blocks, &hd);
+    attn_fast_rows(plan->kernel, a, &hd, i0, a->L - i0 < br ? a->L - i0 : br, work);
 }
 
 int attn_sdpa(const attn_sdpa_args *a)
@@ -225,72 +218,43 @@ int attn_sdpa(const attn_sdpa_args *a)
         zero_width.scale = 0.0;
         return attn_sdpa(&zero_width);
     }
-    int64_t nproblems = a->num_heads;
-    for (int d = 0; d < a->nbatch; d++) nproblems *= a->batch_shape[d];
+    int64_t nproblems = attn_problems(a);
     /* nothing to write: return before walking (maybe billions of) empty problems */
     if (nproblems == 0 || a->L == 0 || (a->Ev == 0 && (!a->weights.data || a->S == 0)))
         return ATTN_OK;
 
-    attn_sdpa_job job = {.a = a, .kernel = attn_get_kernel(), .blocks = 1};
-    /* an infinite or NaN scale times a zero product is NaN in a tile, where
-       the reference kernel scores a blocked pair not at all */
-    if (job.kernel != ATTN_KERNEL_REFERENCE && (!attn_fast_applies(a) || !isfinite(a->scale)))
-        job.kernel = ATTN_KERNEL_REFERENCE;
-    int64_t items = nproblems;
-    if (job.kernel != ATTN_KERNEL_REFERENCE) {
-        job.blocks = (a->L + ATTN_FAST_BR - 1) / ATTN_FAST_BR;
-        items = nproblems * job.blocks;
-        job.work_size = attn_fast_workspace(a);
-    } else {
-        /* a key block of scores and one output row, in double */
-        job.work_size = (size_t)(ATTN_KEY_BLOCK + a->Ev) * sizeof(double);
-    }
-    job.work_size = (job.work_size + 63) / 64 * 64; /* threads apart by a cache line */
-
-    /* small problems stay on the calling thread: waking others costs more */
-    double flops = 2.0 * (double)nproblems * (double)a->L * (double)a->S * (double)(a->E + a->Ev);
-    int threads = attn_threads_for(flops);
-    if (threads > items) threads = (int)items;
-
-    job.work = attn_malloc(job.work_size * (size_t)threads);
-    if (!job.work && job.kernel != ATTN_KERNEL_REFERENCE) {
-        /* the fast kernels' tiles did not fit: the reference needs far less */
-        job.kernel = ATTN_KERNEL_REFERENCE;
-        job.blocks = 1;
-        items = nproblems;
-        job.work_size = (size_t)(ATTN_KEY_BLOCK + a->Ev) * sizeof(double);
-        job.work = attn_malloc(job.work_size * (size_t)threads);
-    }
-    if (!job.work) return ATTN_ENOMEM;
-    attn_parallel_for(items, threads, attn_sdpa_item, &job);
-    attn_free(job.work);
+    attn_plan plan;
+    attn_workspace ws;
+    attn_plan_sdpa(a, nproblems, &plan);
+    if (attn_plan_alloc(&plan, &ws) != ATTN_OK) return ATTN_ENOMEM;
+    attn_sdpa_job job = {.a = a, .plan = &plan, .work = ws.work};
+    attn_parallel_for(plan.items, plan.threads, attn_sdpa_item, &job);
+    attn_plan_free(&ws);
     return ATTN_OK;
 }
 
 /* A linear layer's work: items are (batch, block of rows, group of output
-   columns). Columns are split into as few groups as keep every thread busy:
-   each item packs its rows once, so fewer groups is less packing. */
+   columns), as the plan says. */
 typedef struct {
     const attn_linear_args *p;
-    attn_kernel kernel;
-    int64_t row_blocks, col_groups, group_width;
+    const attn_plan *plan;
     char *work;
-    size_t work_size;
 } attn_linear_job;
 
 static void attn_linear_item(void *ctx, int64_t item, int thread)
 {
     const attn_linear_job *job = ctx;
     const attn_linear_args *p = job->p;
-    int64_t cg = item % job->col_groups, rest = item / job->col_groups;
-    int64_t rb = rest % job->row_blocks, n = rest / job->row_blocks;
-    int64_t l0 = rb * ATTN_LINEAR_BR, o0 = cg * job->group_width;
-    int64_t nr = p->M - l0 < ATTN_LINEAR_BR ? p->M - l0 : ATTN_LINEAR_BR;
-    int64_t no = p->O - o0 < job->group_width ? p->O - o0 : job->group_width;
+    const attn_plan *plan = job->plan;
+    int64_t cg = item % plan->col_groups, rest = item / plan->col_groups;
+    int64_t rb = rest % plan->blocks[0], n = rest / plan->blocks[0];
+    int64_t br = plan->block_rows, l0 = rb * br, o0 = cg * plan->group_width;
+    int64_t nr = p->M - l0 < br ? p->M - l0 : br;
+    int64_t no = p->O - o0 < plan->group_width ? p->O - o0 : plan->group_width;
     if (no <= 0) return;
-    if (job->kernel != ATTN_KERNEL_REFERENCE)
-        attn_fast_linear_block(job->kernel, p, n, l0, nr, o0, no,
-                               job->work + (size_t)thread * job->work_size);
+    if (plan->kernel != ATTN_KERNEL_REFERENCE)
+        attn_fast_linear_block(plan->kernel, p, n, l0, nr, o0, no,
+                               job->work + (size_t)thread * plan->work_size);
     else if (p->dtype == ATTN_FLOAT32)
         attn_linear_block_f32(p, n, l0, nr, o0, no);
     else
@@ -304,31 +268,21 @@ typedef struct {
     const attn_sdpa_grad_args *g;
     attn_sdpa_args locate_grad;  /* fwd, with grad_out / weights / trace as views */
     attn_sdpa_args locate_dst;   /* fwd, with q / k / v as the destination views */
-    attn_kernel kernel;          /* REFERENCE: one item per problem */
-    int phase;                   /* fast kernels: 0 query-major, 1 key-major */
-    int64_t blocks;              /* fast kernels: row blocks per problem in this phase */
-    char *stats;                 /* fast kernels: 3 x L values per problem */
-    atomic_int nonfinite;        /* fast kernels: a gradient came out NaN or inf */
+    const attn_plan *plan;       /* REFERENCE: one item per problem */
+    int phase;                   /* tiled kernels: 0 query-major, 1 key-major */
+    char *stats;                 /* tiled kernels: 3 x L values per problem */
+    atomic_int nonfinite;        /* tiled kernels: a gradient came out NaN or inf */
     char *work;
-    size_t work_size;
 } attn_backward_job;
-
-/* Is every element of a (rows x cols) block of a gradient finite? */
-static int attn_block_finite(const attn_sdpa_args *a, attn_mat m, int64_t r0, int64_t rows,
-                             int64_t cols)
-{
-    const char *p = m.data + r0 * m.row;
-    double largest = a->dtype == ATTN_FLOAT32 ? attn_max_abs_f32(p, m.row, m.col, rows, cols)
-                                              : attn_max_abs_f64(p, m.row, m.col, rows, cols);
-    return !isinf(largest);
-}
 
 static void attn_backward_item(void *ctx, int64_t item, int thread)
 {
     const attn_backward_job *job = ctx;
     const attn_sdpa_grad_args *g = job->g;
     const attn_sdpa_args *a = &g->fwd;
-    int64_t p = job->kernel == ATTN_KERNEL_REFERENCE ? item : item / job->blocks;
+    const attn_plan *plan = job->plan;
+    const int64_t blocks = plan->blocks[job->phase];
+    int64_t p = plan->kernel == ATTN_KERNEL_REFERENCE ? item : item / blocks;
     attn_head hd, hg; /* the problem in the inputs; in dO, weights and the trace */
     attn_locate(a, p, &hd);
     attn_locate(&job->locate_grad, p, &hg);
@@ -345,18 +299,19 @@ static void attn_backward_item(void *ctx, int64_t item, int thread)
     attn_mat dv = g->grad_v.data ? (attn_mat){(char *)hdst.v, g->grad_v.row, g->grad_v.col}
                                  : (attn_mat){g->dv + (size_t)p * (size_t)(a->S * a->Ev) * es,
                                               a->Ev * (int64_t)es, (int64_t)es};
-    char *work = job->work + (size_t)thread * job->work_size;
-    if (job->kernel != ATTN_KERNEL_REFERENCE) {
-        int64_t block = item % job->blocks, start = block * ATTN_FAST_BR;
+    char *work = job->work + (size_t)thread * plan->work_size;
+    if (plan->kernel != ATTN_KERNEL_REFERENCE) {
+        int64_t br = plan->block_rows, start = item % blocks * br;
         int64_t rows = job->phase == 0 ? a->L : a->S;
-        int64_t n = rows - start < ATTN_FAST_BR ? rows - start : ATTN_FAST_BR;
+        int64_t n = rows - start < br ? rows - start : br;
         char *stats = job->stats + (size_t)p * (size_t)(3 * a->L) * es;
-        attn_fast_backward_rows(job->kernel, g, &hd, hg.out, job->phase, start, n, stats,
+        attn_fast_backward_rows(plan->kernel, g, &hd, hg.out, job->phase, start, n, stats,
                                 job->phase == 0 ? dq : dk, dv, work);
-        /* the rows just written, while they are in cache: see attn_sdpa_backward */
-        int finite = job->phase == 0 ? attn_block_finite(a, dq, start, n, a->E)
-                                     : attn_block_finite(a, dk, start, n, a->E) &&
-                                           attn_block_finite(a, dv, start, n, a->Ev);
+        /* NaN policy rule 5, on the rows just written, while they are in cache */
+        int finite = job->phase == 0
+                         ? attn_policy_grad_finite(a->dtype, dq, start, n, a->E)
+                         : attn_policy_grad_finite(a->dtype, dk, start, n, a->E) &&
+                               attn_policy_grad_finite(a->dtype, dv, start, n, a->Ev);
         if (!finite) atomic_store(&((attn_backward_job *)job)->nonfinite, 1);
         return;
     }
@@ -396,13 +351,15 @@ int attn_sdpa_backward(const attn_sdpa_grad_args *g)
         zero_width.fwd.scale = 0.0;
         return attn_sdpa_backward(&zero_width);
     }
-    int64_t nproblems = a->num_heads;
-    for (int d = 0; d < a->nbatch; d++) nproblems *= a->batch_shape[d];
+    int64_t nproblems = attn_problems(a);
     if (nproblems == 0 || attn_grads_empty(g)) return ATTN_OK;
 
+    attn_plan plan;
+    attn_workspace ws;
+    attn_plan_backward(g, nproblems, &plan);
     /* a second description whose out / weights / scores / logits views are
        dO, the given weights and the trace, so attn_locate finds them too */
-    attn_backward_job job = {.g = g, .locate_grad = *a, .kernel = attn_get_kernel()};
+    attn_backward_job job = {.g = g, .locate_grad = *a, .plan = &plan};
     job.locate_grad.out = g->grad_out;
     job.locate_grad.weights = g->weights;
     job.locate_grad.scores = g->grad_weights;
@@ -411,62 +368,32 @@ int attn_sdpa_backward(const attn_sdpa_grad_args *g)
     job.locate_dst.q = g->grad_q;
     job.locate_dst.k = g->grad_k;
     job.locate_dst.v = g->grad_v;
-    /* the fast kernels recompute the weights and know no dropout; the given
-       weights, the trace and dropout take the reference kernel */
-    if (job.kernel != ATTN_KERNEL_REFERENCE &&
-        (g->weights.data || g->grad_weights.data || g->grad_scores.data ||
-         a->dropout_p > 0.0 || a->L == 0 || a->S == 0 || !isfinite(a->scale)))
-        job.kernel = ATTN_KERNEL_REFERENCE;
-    size_t es = a->dtype == ATTN_FLOAT32 ? sizeof(float) : sizeof(double);
-    double flops = 8.0 * (double)nproblems * (double)a->L * (double)a->S * (double)(a->E + a->Ev);
-    int threads = attn_threads_for(flops);
-    int status = ATTN_OK;
 
-    if (job.kernel != ATTN_KERNEL_REFERENCE) {
-        job.work_size = (attn_fast_backward_workspace(a) + 63) / 64 * 64;
-        job.work = attn_malloc(job.work_size * (size_t)threads);
-        /* the binding caps every dimension at 2**31 - 1, but nproblems can
-           be large through broadcasting: no product may wrap */
-        job.stats = (double)nproblems * 3.0 * (double)a->L * (double)es < 1e18
-                        ? attn_malloc((size_t)nproblems * (size_t)(3 * a->L) * es) : NULL;
-        if (job.work && job.stats) {
-            job.phase = 0;
-            job.blocks = (a->L + ATTN_FAST_BR - 1) / ATTN_FAST_BR;
-            attn_parallel_for(nproblems * job.blocks, threads, attn_backward_item, &job);
-            job.phase = 1;
-            job.blocks = (a->S + ATTN_FAST_BR - 1) / ATTN_FAST_BR;
-            attn_parallel_for(nproblems * job.blocks, threads, attn_backward_item, &job);
-        } else {
-            status = ATTN_ENOMEM;
-        }
-        attn_free(job.work);
-        attn_free(job.stats);
-        /*
-         * A NaN or inf in a gradient: the tiles multiplied whole blocks, where
-         * a blocked pair's zero weight times a NaN or inf in q, k, v or dO is
-         * NaN; the reference kernel skips keys with no weight. Such a call is
-         * done again by the reference kernel, which overwrites every gradient.
-         * Finite gradients mean no such product happened: the tiles' answer
-         * stands. (Checking the inputs first instead cost a whole extra pass
-         * over them on every call.)
-         */
-        if (status != ATTN_OK || !atomic_load(&job.nonfinite)) return status;
-        job.kernel = ATTN_KERNEL_REFERENCE;
+    if (attn_plan_alloc(&plan, &ws) != ATTN_OK) return ATTN_ENOMEM;
+    job.work = ws.work;
+    if (plan.kernel != ATTN_KERNEL_REFERENCE) {
+        job.stats = ws.shared;
+        for (job.phase = 0; job.phase < 2; job.phase++)
+            attn_parallel_for(nproblems * plan.blocks[job.phase], plan.threads,
+                              attn_backward_item, &job);
+        attn_plan_free(&ws);
+        /* NaN policy rule 5 (attn_core.h): a NaN or inf in a gradient sends
+           the call to the reference kernel, which overwrites every gradient */
+        if (!atomic_load(&job.nonfinite)) return ATTN_OK;
+        attn_plan_use_reference(&plan, ATTN_REASON_GRAD_NOT_FINITE);
+        job.phase = 0;
+        if (attn_plan_alloc(&plan, &ws) != ATTN_OK) return ATTN_ENOMEM;
+        job.work = ws.work;
     }
-    job.work_size = ((size_t)(2 * (a->S > 0 ? a->S : 1)) * sizeof(double) + 63) / 64 * 64;
-    if (threads > nproblems) threads = (int)nproblems;
-    job.work = attn_malloc(job.work_size * (size_t)threads);
-    if (!job.work) return ATTN_ENOMEM;
-    attn_parallel_for(nproblems, threads, attn_backward_item, &job);
-    attn_free(job.work);
+    attn_parallel_for(plan.items, plan.threads, attn_backward_item, &job);
+    attn_plan_free(&ws);
     return ATTN_OK;
 }
 
 int attn_sdpa_reduce_grads(const attn_sdpa_grad_args *g, const attn_sdpa_args *r)
 {
     const attn_sdpa_args *a = &g->fwd;
-    int64_t nproblems = a->num_heads;
-    for (int d = 0; d < a->nbatch; d++) nproblems *= a->batch_shape[d];
+    int64_t nproblems = attn_problems(a);
     if (attn_grads_empty(g)) return ATTN_OK;
     size_t es = a->dtype == ATTN_FLOAT32 ? sizeof(float) : sizeof(double);
     void (*add)(char *, int64_t, int64_t, const char *, int64_t, int64_t) =
@@ -494,27 +421,14 @@ int attn_linear(const attn_linear_args *p)
     if (p->N < 0 || p->M < 0 || p->K < 0 || p->O < 0 || !p->x.data || !p->w.data ||
         !p->y.data || (p->dtype != ATTN_FLOAT32 && p->dtype != ATTN_FLOAT64))
         return ATTN_EINVAL;
-    attn_linear_job job = {.p = p, .kernel = attn_get_kernel()};
-    job.row_blocks = (p->M + ATTN_LINEAR_BR - 1) / ATTN_LINEAR_BR;
-    int64_t row_items = p->N * job.row_blocks;
-    if (row_items == 0 || p->O == 0) return ATTN_OK;
-
-    double flops = 2.0 * (double)p->N * (double)p->M * (double)p->K * (double)p->O;
-    int threads = attn_threads_for(flops);
-    /* enough column groups for 2 items per thread, each a multiple of 64 wide */
-    int64_t groups = (2 * threads + row_items - 1) / row_items;
-    int64_t max_groups = (p->O + 63) / 64;
-    job.col_groups = groups < 1 ? 1 : groups > max_groups ? max_groups : groups;
-    job.group_width = attn_round_up((p->O + job.col_groups - 1) / job.col_groups, 64);
-    int64_t items = row_items * job.col_groups;
-    if (threads > items) threads = (int)items;
-    if (job.kernel != ATTN_KERNEL_REFERENCE) {
-        job.work_size = (attn_fast_linear_workspace(p) + 63) / 64 * 64;
-        job.work = attn_malloc(job.work_size * (size_t)threads);
-        if (!job.work) job.kernel = ATTN_KERNEL_REFERENCE; /* needs no workspace */
-    }
-    attn_parallel_for(items, threads, attn_linear_item, &job);
-    attn_free(job.work);
+    if (p->N == 0 || p->M == 0 || p->O == 0) return ATTN_OK;
+    attn_plan plan;
+    attn_workspace ws;
+    attn_plan_linear(p, &plan);
+    if (attn_plan_alloc(&plan, &ws) != ATTN_OK) return ATTN_ENOMEM;
+    attn_linear_job job = {.p = p, .plan = &plan, .work = ws.work};
+    attn_parallel_for(plan.items, plan.threads, attn_linear_item, &job);
+    attn_plan_free(&ws);
     return ATTN_OK;
 }
 

@@ -96,4 +96,71 @@ void attn_fast_backward_rows(attn_kernel kernel, const attn_sdpa_grad_args *g,
                              int64_t n, void *stats, attn_mat grad0, attn_mat grad1,
                              void *workspace);
 
+/* ------------------------------------------------------------------------ */
+/* The planner (attn_plan.c): every decision about how a call runs.          */
+
+/* Why a plan runs the kernel it runs. use_tiled: a tiled kernel of
+   attn_fast.inc; every other reason names what sends the call to the
+   reference kernel. Names: attn_reason_names. */
+typedef enum {
+    ATTN_REASON_TILED = 0,        /* use_tiled */
+    ATTN_REASON_SELECTED,         /* attn_set_kernel(ATTN_KERNEL_REFERENCE) */
+    ATTN_REASON_TRACE,            /* a trace view asked for (scores, logits, dP, dS, ...) */
+    ATTN_REASON_DROPOUT,          /* dropout_p > 0 */
+    ATTN_REASON_WEIGHTS_STRIDE,   /* the weights buffer's column stride is not one element */
+    ATTN_REASON_SCALE_NOT_FINITE, /* NaN policy rule 4 */
+    ATTN_REASON_GIVEN_WEIGHTS,    /* backward: the forward's weights given to read */
+    ATTN_REASON_NO_ROWS,          /* backward: L == 0 or S == 0 */
+    ATTN_REASON_QK_OVERFLOW,      /* NaN policy rule 6: reserved for a fix, never chosen */
+    ATTN_REASON_NO_WORKSPACE,     /* the tiles' workspace could not be allocated */
+    ATTN_REASON_GRAD_NOT_FINITE,  /* NaN policy rule 5: the tiled backward's result rejected */
+    ATTN_REASON_COUNT
+} attn_reason;
+
+extern const char *const attn_reason_names[ATTN_REASON_COUNT];
+
+/* How one call runs. Items are numbered 0 .. items-1 and handed to
+   attn_parallel_for; each thread gets work_size bytes of workspace, and
+   shared_size bytes are shared by all (the backward's stats). */
+typedef struct {
+    attn_kernel kernel;        /* ATTN_KERNEL_REFERENCE or a tiled ISA */
+    attn_reason reason;        /* why this kernel */
+    int64_t nproblems;         /* attention: (batch, head) problems */
+    int64_t block_rows;        /* rows per item (tiled: ATTN_FAST_BR / ATTN_LINEAR_BR;
+                                  reference attention: a whole problem's L) */
+    int64_t blocks[2];         /* row blocks per problem: [0] the forward's (and the
+                                  backward's query-major loop), [1] the backward's
+                                  key-major loop; 1 for the reference */
+    int64_t col_groups, group_width; /* linear: output columns per item */
+    int64_t items;             /* items of the (first) parallel loop */
+    int threads;               /* threads to run them on */
+    size_t work_size;          /* workspace bytes per thread, a multiple of 64 */
+    size_t shared_size;        /* workspace bytes shared by all threads */
+    /* the reference kernel's numbers, for a fallback to it */
+    int64_t ref_block_rows, ref_blocks, ref_items;
+    size_t ref_work_size;
+} attn_plan;
+
+void attn_plan_sdpa(const attn_sdpa_args *a, int64_t nproblems, attn_plan *plan);
+void attn_plan_backward(const attn_sdpa_grad_args *g, int64_t nproblems, attn_plan *plan);
+void attn_plan_linear(const attn_linear_args *p, attn_plan *plan);
+
+/* Switch a plan to the reference kernel, for the reason given. */
+void attn_plan_use_reference(attn_plan *plan, attn_reason why);
+
+/* A plan's workspace. attn_plan_alloc allocates it; when the tiles' does not
+   fit, it switches the plan to the reference kernel (use_ref:no_workspace)
+   and tries again. ATTN_OK or ATTN_ENOMEM (nothing allocated). */
+typedef struct {
+    char *work;   /* threads x work_size bytes */
+    char *shared; /* shared_size bytes */
+} attn_workspace;
+int attn_plan_alloc(attn_plan *plan, attn_workspace *ws);
+void attn_plan_free(attn_workspace *ws);
+
+/* NaN policy rule 5 (attn_core.h): is every element of rows r0 .. r0+rows-1
+   (cols wide) of a gradient finite? */
+int attn_policy_grad_finite(attn_dtype dtype, attn_mat m, int64_t r0, int64_t rows,
+                            int64_t cols);
+
 #endif /* ATTN_INTERNAL_H */
