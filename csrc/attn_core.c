@@ -81,17 +81,29 @@ void attn_free(void *p)
     free(p);
 }
 
+/* The reference kernels, for each element type (the names they define are
+   listed at the top of each file): attn_kernels.inc has the helpers, the
+   backward and the linear layer, attn_reference.inc the forward. */
+#define FN(name) ATTN_CAT(name, SFX)
+/* Element (i, j) of a strided matrix at base with byte strides rs, cs. */
+#define AT(base, i, j, rs, cs) (*(T *)((base) + (i) * (rs) + (j) * (cs)))
+
 #define T float
 #define SFX f32
 #include "attn_kernels.inc"
+#include "attn_reference.inc"
 #undef T
 #undef SFX
 
 #define T double
 #define SFX f64
 #include "attn_kernels.inc"
+#include "attn_reference.inc"
 #undef T
 #undef SFX
+
+#undef AT
+#undef FN
 
 /* base + offset, or NULL when the tensor is absent. */
 static inline char *attn_at(char *base, int64_t offset)
@@ -180,11 +192,11 @@ static void attn_sdpa_item(void *ctx, int64_t item, int thread)
     if (plan->kernel == ATTN_KERNEL_REFERENCE) {
         attn_locate(a, item, &hd);
         if (a->dtype == ATTN_FLOAT32) {
-            if (hd.weights) attn_head_reference_f32(a, &hd, work);
-            else attn_head_streaming_f32(a, &hd, work);
+            if (hd.weights) attn_reference_f32(a, &hd, work);
+            else attn_reference_streaming_f32(a, &hd, work);
         } else {
-            if (hd.weights) attn_head_reference_f64(a, &hd, work);
-            else attn_head_streaming_f64(a, &hd, work);
+            if (hd.weights) attn_reference_f64(a, &hd, work);
+            else attn_reference_streaming_f64(a, &hd, work);
         }
         return;
     }
@@ -317,10 +329,10 @@ static void attn_backward_item(void *ctx, int64_t item, int thread)
     }
     /* hg.out is dO, hg.weights the given weights, hg.scores / hg.logits the trace */
     if (a->dtype == ATTN_FLOAT32)
-        attn_head_backward_f32(g, &hd, hg.weights, hg.out, dq, dk, dv, hg.scores, hg.logits,
+        attn_reference_backward_f32(g, &hd, hg.weights, hg.out, dq, dk, dv, hg.scores, hg.logits,
                                (double *)work);
     else
-        attn_head_backward_f64(g, &hd, hg.weights, hg.out, dq, dk, dv, hg.scores, hg.logits,
+        attn_reference_backward_f64(g, &hd, hg.weights, hg.out, dq, dk, dv, hg.scores, hg.logits,
                                (double *)work);
 }
 

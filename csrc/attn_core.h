@@ -137,6 +137,45 @@ int attn_sdpa_backward(const attn_sdpa_grad_args *g);
    gradient's own C-contiguous layout and the caller points g->dq (...) there. */
 int attn_sdpa_reduce_grads(const attn_sdpa_grad_args *g, const attn_sdpa_args *r);
 
+/* ------------------------------------------------------------------------ */
+/* NaN and inf: THE POLICY                                                   */
+
+/*
+ * The core never makes a pass over its inputs to look for NaN or inf; every
+ * kernel, reference or tiled, gives the same answer under these rules. They
+ * are implemented once: rules 1-3 by the reference kernel's helpers
+ * (attn_blocked in attn_internal.h, logit in attn_kernels.inc) that the
+ * tiles follow (their -inf select in qk_tile, pv_tile_careful), rules 4-6
+ * by the planner (attn_plan.c: attn_policy_tiles, attn_policy_grad_finite).
+ *
+ *  1. A masked pair never counts, whatever its score: a bool mask, the
+ *     causal mask, or a float mask of -inf give it weight exactly 0, even
+ *     when q . k is NaN or inf. (extra_keys are never masked.)
+ *  2. A key whose weight is exactly 0 does not read its value row (a NaN in
+ *     v there does not reach the output), and gets no gradient.
+ *  3. A row whose every key is masked gets zero weights and a zero output
+ *     (as torch's SDPA); a NaN score of an open pair makes its row NaN.
+ *  4. A non-finite scale runs the reference kernel
+ *     (use_ref:scale_not_finite): a tile multiplies scale into every pair of
+ *     a block, and inf * 0 is NaN where the reference scores nothing.
+ *  5. The tiled backward multiplies whole blocks, so a zero weight times an
+ *     inf or NaN in q, k, v or dO can give NaN where rule 2 gives 0. It
+ *     checks the gradient rows it writes (attn_policy_grad_finite) and, when
+ *     one is not finite, the whole call is done again by the reference
+ *     kernel (use_ref:grad_not_finite), which overwrites every gradient.
+ *     Finite gradients mean no such product happened: the tiles' answer
+ *     stands. (Checking the inputs first instead cost a pass over them on
+ *     every call.)
+ *  6. KNOWN BUG, not fixed: the tiles compute q . k in the element type and
+ *     scale it afterwards, so when q . k overflows float32 but scale q . k
+ *     does not, they give inf / NaN where the reference (in double) is
+ *     finite. The place for the fix is the reserved reason
+ *     use_ref:qk_overflow in attn_policy_tiles (attn_plan.c).
+ *
+ * The E == 0 rule (attn_sdpa): with no columns, q . k is an empty sum, 0,
+ * and the scores are 0 whatever the scale (inf and NaN included), as torch's.
+ */
+
 /* Number of key rows the streaming kernel scores at a time. */
 #define ATTN_KEY_BLOCK 64
 
@@ -148,8 +187,8 @@ int attn_dropout_keep(uint64_t seed, uint64_t index, double p);
 
 /*
  * Which kernel computes attention and linear layers. AUTO: the fastest this
- * CPU runs. REFERENCE: the readable kernel of attn_kernels.inc (the trace and
- * dropout always use it). BASELINE, AVX2, AVX512: the tiled kernels of
+ * CPU runs. REFERENCE: the readable kernel of attn_reference.inc (the trace
+ * and dropout always use it; attn_plan.c says when else). BASELINE, AVX2, AVX512: the tiled kernels of
  * attn_fast.inc built for x86-64's baseline SSE2, AVX2+FMA and AVX-512F,
  * float32 and float64. Setting one the CPU lacks returns ATTN_EINVAL.
  */
