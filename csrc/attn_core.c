@@ -4,6 +4,7 @@
  */
 #include "attn_internal.h"
 
+#include <assert.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
@@ -153,6 +154,25 @@ static int64_t attn_problems(const attn_sdpa_args *a)
     return n;
 }
 
+#ifndef NDEBUG
+/*
+ * What the binding has validated about a problem (the boundary rule,
+ * csrc/README.md): the core trusts it and checks it in debug builds only.
+ * Sizes are not negative, query heads are a multiple of key/value heads,
+ * every tensor the call reads is there, dropout_p is a probability.
+ */
+static int attn_problem_valid(const attn_sdpa_args *a)
+{
+    return a->nbatch >= 0 && a->nbatch <= ATTN_MAX_DIMS && a->num_heads >= 0 &&
+           a->num_kv_heads > 0 && a->num_heads % a->num_kv_heads == 0 && a->L >= 0 &&
+           a->S >= 0 && a->E >= 0 && a->Ev >= 0 && a->extra_keys >= 0 &&
+           a->extra_keys <= a->S && a->q.data && a->k.data && a->v.data &&
+           (a->mask_kind == ATTN_MASK_NONE || a->mask.data) &&
+           (a->mask2_kind == ATTN_MASK_NONE || a->mask2.data) && a->dropout_p >= 0.0 &&
+           a->dropout_p <= 1.0 && (a->dtype == ATTN_FLOAT32 || a->dtype == ATTN_FLOAT64);
+}
+#endif
+
 /* ------------------------------------------------------------------------ */
 /* Choosing a kernel, and the parallel loop                                   */
 
@@ -210,17 +230,9 @@ static void attn_sdpa_item(void *ctx, int64_t item, int thread)
 
 int attn_sdpa(const attn_sdpa_args *a)
 {
-    if (a->nbatch < 0 || a->nbatch > ATTN_MAX_DIMS || a->num_heads < 0 ||
-        a->num_kv_heads <= 0 || a->num_heads % a->num_kv_heads != 0 || a->L < 0 ||
-        a->S < 0 || a->E < 0 || a->Ev < 0 || a->extra_keys < 0 || a->extra_keys > a->S ||
-        !a->q.data || !a->k.data || !a->v.data || !a->out.data ||
-        (a->mask_kind != ATTN_MASK_NONE && !a->mask.data) ||
-        (a->mask2_kind != ATTN_MASK_NONE && !a->mask2.data) ||
-        (!a->weights.data && (a->scores.data || a->logits.data || a->dropout_mask.data ||
-                              a->dropped.data)) ||
-        !(a->dropout_p >= 0.0 && a->dropout_p <= 1.0) ||
-        (a->dtype != ATTN_FLOAT32 && a->dtype != ATTN_FLOAT64))
-        return ATTN_EINVAL;
+    assert(attn_problem_valid(a) && a->out.data);
+    assert(a->weights.data || (!a->scores.data && !a->logits.data && !a->dropout_mask.data &&
+                               !a->dropped.data)); /* the trace needs the weights */
 
     if (a->E == 0 && a->scale != 0.0) {
         /* q k^T is an empty sum, 0, whatever the scale (torch scales q and k
@@ -348,16 +360,8 @@ static int attn_grads_empty(const attn_sdpa_grad_args *g)
 int attn_sdpa_backward(const attn_sdpa_grad_args *g)
 {
     const attn_sdpa_args *a = &g->fwd;
-    if (a->nbatch < 0 || a->nbatch > ATTN_MAX_DIMS || a->num_heads < 0 || a->num_kv_heads <= 0 ||
-        a->num_heads % a->num_kv_heads != 0 || a->L < 0 || a->S < 0 || a->E < 0 || a->Ev < 0 ||
-        a->extra_keys < 0 || a->extra_keys > a->S || !a->q.data || !a->k.data || !a->v.data ||
-        !g->grad_out.data || (!g->dq && !g->grad_q.data) || (!g->dk && !g->grad_k.data) ||
-        (!g->dv && !g->grad_v.data) ||
-        (a->mask_kind != ATTN_MASK_NONE && !a->mask.data) ||
-        (a->mask2_kind != ATTN_MASK_NONE && !a->mask2.data) ||
-        !(a->dropout_p >= 0.0 && a->dropout_p <= 1.0) ||
-        (a->dtype != ATTN_FLOAT32 && a->dtype != ATTN_FLOAT64))
-        return ATTN_EINVAL;
+    assert(attn_problem_valid(a) && g->grad_out.data);
+    assert((g->dq || g->grad_q.data) && (g->dk || g->grad_k.data) && (g->dv || g->grad_v.data));
     if (a->E == 0 && a->scale != 0.0) { /* the scores are 0: see attn_sdpa */
         attn_sdpa_grad_args zero_width = *g;
         zero_width.fwd.scale = 0.0;
@@ -430,9 +434,8 @@ int attn_sdpa_reduce_grads(const attn_sdpa_grad_args *g, const attn_sdpa_args *r
 
 int attn_linear(const attn_linear_args *p)
 {
-    if (p->N < 0 || p->M < 0 || p->K < 0 || p->O < 0 || !p->x.data || !p->w.data ||
-        !p->y.data || (p->dtype != ATTN_FLOAT32 && p->dtype != ATTN_FLOAT64))
-        return ATTN_EINVAL;
+    assert(p->N >= 0 && p->M >= 0 && p->K >= 0 && p->O >= 0 && p->x.data && p->w.data &&
+           p->y.data && (p->dtype == ATTN_FLOAT32 || p->dtype == ATTN_FLOAT64));
     if (p->N == 0 || p->M == 0 || p->O == 0) return ATTN_OK;
     attn_plan plan;
     attn_workspace ws;

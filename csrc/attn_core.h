@@ -34,7 +34,10 @@ typedef enum {
                                  (torch.nn.MultiheadAttention's polarity) */
 } attn_mask_kind;
 
-/* Status codes returned by the core. */
+/* Status codes returned by the core. The core trusts its arguments (the
+   binding validated them; debug builds assert it, see csrc/README.md): its
+   calls fail only with ATTN_ENOMEM, and attn_set_kernel with ATTN_EINVAL
+   for a kernel this CPU cannot run. */
 enum { ATTN_OK = 0, ATTN_ENOMEM = 1, ATTN_EINVAL = 2 };
 
 /*
@@ -93,7 +96,7 @@ typedef struct {
  * kernel: scores, softmax, weighted sum). Without, keys are streamed with an
  * online softmax and no L x S buffer exists; extra memory is O(S_block + Ev).
  * A query row whose keys are all masked gets zero weights and a zero output.
- * Returns ATTN_OK, ATTN_ENOMEM or ATTN_EINVAL.
+ * Returns ATTN_OK or ATTN_ENOMEM.
  */
 int attn_sdpa(const attn_sdpa_args *args);
 
@@ -209,8 +212,8 @@ attn_kernel attn_get_kernel(void); /* what AUTO resolves to on this CPU */
    compares against. */
 double attn_fma_peak_gflops(int threads, int64_t iters);
 
-/* Threads used by the core: n >= 1, or 0 for the default (OMP_NUM_THREADS
-   if set, else the CPUs online). */
+/* Threads used by the core: 1 <= n <= 256, or 0 for the default
+   (OMP_NUM_THREADS if set, else the CPUs online). */
 int attn_set_num_threads(int n);
 int attn_get_num_threads(void);
 

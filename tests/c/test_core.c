@@ -1,5 +1,6 @@
 /*
- * test_core.c -- the C core tested on its own, without Python.
+ * tests/c/test_core.c -- the C core tested on its own, without Python
+ * (built with -Icsrc: see dev.sh).
  *
  * Each case builds q, k, v (and a mask) in double, lays them out in float32
  * or float64 with the case's strides (contiguous, transposed key, broadcast
@@ -9,7 +10,7 @@
  *
  * Prints one line per failure and closes with "N passed, M failed".
  */
-#include "attn_core.h"
+#include "attn_internal.h" /* the planner's tests; -Icsrc */
 
 #include <math.h>
 #include <stdio.h>
@@ -317,19 +318,190 @@ static void test_mha(void)
     }
 }
 
-/* The core refuses what it cannot compute instead of reading out of bounds. */
-static void test_rejects_bad_args(void)
+/*
+ * attn_linear against the formula, y = x W^T + b (+ y with accumulate), on
+ * strided views: x with padded rows, W given as the transpose of a stored
+ * (K, O) matrix (row and column strides swapped), y with padded rows; both
+ * dtypes, with and without bias and accumulate, on every kernel the caller
+ * selected. Shapes cover a partial row block and a partial column group.
+ */
+static void test_linear(const char *kernel_name)
 {
-    attn_sdpa_args a;
-    memset(&a, 0, sizeof a);
-    a.num_heads = 3;
-    a.num_kv_heads = 2; /* 3 % 2 != 0 */
-    int status = attn_sdpa(&a);
-    if (status == ATTN_EINVAL) n_passed++;
+    enum { N = 2, M = 131, K = 7, O = 70, XP = K + 3, YP = O + 5 };
+    static double x[N][M][XP], wt[K][O], b[O], y0[N][M][YP];
+    unsigned seed = 4242u;
+    for (int n = 0; n < N; n++)
+        for (int l = 0; l < M; l++)
+            for (int i = 0; i < XP; i++) x[n][l][i] = uniform(&seed);
+    for (int i = 0; i < K; i++)
+        for (int o = 0; o < O; o++) wt[i][o] = uniform(&seed);
+    for (int o = 0; o < O; o++) b[o] = uniform(&seed);
+    for (int n = 0; n < N; n++)
+        for (int l = 0; l < M; l++)
+            for (int o = 0; o < YP; o++) y0[n][l][o] = uniform(&seed);
+    for (int f32 = 0; f32 < 2; f32++)
+        for (int variant = 0; variant < 4; variant++) {
+            int bias = variant & 1, acc = variant >> 1;
+            size_t es = f32 ? sizeof(float) : sizeof(double);
+            char *bx = malloc(sizeof x), *bw = malloc(sizeof wt), *bb = malloc(sizeof b);
+            char *by = malloc(sizeof y0);
+            for (size_t t = 0; t < sizeof x / sizeof(double); t++) store(bx, t, (&x[0][0][0])[t], f32);
+            for (size_t t = 0; t < sizeof wt / sizeof(double); t++) store(bw, t, (&wt[0][0])[t], f32);
+            for (size_t t = 0; t < O; t++) store(bb, t, b[t], f32);
+            for (size_t t = 0; t < sizeof y0 / sizeof(double); t++) store(by, t, (&y0[0][0][0])[t], f32);
+            attn_linear_args p;
+            memset(&p, 0, sizeof p);
+            p.dtype = f32 ? ATTN_FLOAT32 : ATTN_FLOAT64;
+            p.N = N; p.M = M; p.K = K; p.O = O;
+            p.x = (attn_view3){bx, (int64_t)(M * XP * es), (int64_t)(XP * es), (int64_t)es};
+            p.w = (attn_view3){bw, 0, (int64_t)es, (int64_t)(O * es)}; /* W = wt^T */
+            p.y = (attn_view3){by, (int64_t)(M * YP * es), (int64_t)(YP * es), (int64_t)es};
+            if (bias) p.b = (attn_vec){bb, (int64_t)es};
+            p.accumulate = acc;
+            int status = attn_linear(&p);
+            double err = 0;
+            for (int n = 0; n < N; n++)
+                for (int l = 0; l < M; l++)
+                    for (int o = 0; o < YP; o++) {
+                        double want = y0[n][l][o];
+                        if (o < O) {
+                            double sum = (bias ? b[o] : 0) + (acc ? y0[n][l][o] : 0);
+                            for (int i = 0; i < K; i++) sum += x[n][l][i] * wt[i][o];
+                            want = f32 ? (double)(float)sum : sum;
+                        } else if (f32) {
+                            want = (double)(float)want; /* the padding: untouched */
+                        }
+                        double e = fabs(load(by, ((size_t)n * M + l) * YP + o, f32) - want) /
+                                   (1.0 + fabs(want));
+                        if (!(e <= err)) err = e;
+                    }
+            double tol = f32 ? 2e-6 : 1e-13;
+            if (status == ATTN_OK && err <= tol) n_passed++;
+            else {
+                n_failed++;
+                printf("FAIL linear [%s, %s, bias %d, accumulate %d]: status %d, error %.3g\n",
+                       kernel_name, f32 ? "float32" : "float64", bias, acc, status, err);
+            }
+            free(bx); free(bw); free(bb); free(by);
+        }
+}
+
+/* ------------------------------------------------------------------------ */
+/* The planner (attn_plan.c): which kernel, and the named reason why.        */
+
+static void check(int ok, const char *what)
+{
+    if (ok) n_passed++;
     else {
         n_failed++;
-        printf("FAIL rejects_bad_args: status %d, expected ATTN_EINVAL\n", status);
+        printf("FAIL planner: %s\n", what);
     }
+}
+
+static void test_planner(void)
+{
+    static float buf[64];
+    attn_sdpa_args a;
+    memset(&a, 0, sizeof a);
+    a.dtype = ATTN_FLOAT32;
+    a.nbatch = 1;
+    a.batch_shape[0] = 2;
+    a.num_heads = a.num_kv_heads = 3;
+    a.L = 300; a.S = 7; a.E = 4; a.Ev = 5;
+    a.scale = 0.5;
+    a.q.data = a.k.data = a.v.data = a.out.data = (char *)buf;
+    attn_plan plan;
+
+    /* every reason has a distinct name */
+    int names_ok = 1;
+    for (int r = 0; r < ATTN_REASON_COUNT; r++) {
+        names_ok &= attn_reason_names[r] != NULL;
+        for (int s = 0; s < r && names_ok; s++)
+            names_ok &= strcmp(attn_reason_names[r], attn_reason_names[s]) != 0;
+    }
+    check(names_ok, "every reason has a distinct name");
+    check(strcmp(attn_reason_names[ATTN_REASON_TILED], "use_tiled") == 0, "use_tiled's name");
+
+    attn_set_kernel(ATTN_KERNEL_REFERENCE);
+    attn_plan_sdpa(&a, 6, &plan);
+    check(plan.kernel == ATTN_KERNEL_REFERENCE && plan.reason == ATTN_REASON_SELECTED &&
+              plan.items == 6 && plan.blocks[0] == 1 && plan.work_size % 64 == 0,
+          "the reference kernel selected: one item per problem");
+    attn_linear_args lin;
+    memset(&lin, 0, sizeof lin);
+    lin.dtype = ATTN_FLOAT32;
+    lin.N = 2; lin.M = 200; lin.K = 3; lin.O = 100;
+    attn_plan_linear(&lin, &plan);
+    check(plan.reason == ATTN_REASON_SELECTED && plan.work_size == 0 && plan.blocks[0] == 2 &&
+              plan.items == 4 * plan.col_groups,
+          "the reference linear layer needs no workspace");
+
+    attn_set_kernel(ATTN_KERNEL_BASELINE);
+    attn_plan_sdpa(&a, 6, &plan);
+    check(plan.kernel == ATTN_KERNEL_BASELINE && plan.reason == ATTN_REASON_TILED &&
+              plan.block_rows == ATTN_FAST_BR && plan.blocks[0] == 3 && plan.items == 18 &&
+              plan.threads >= 1 && plan.threads <= 18,
+          "use_tiled: (problem, block of ATTN_FAST_BR rows) items");
+    attn_plan_use_reference(&plan, ATTN_REASON_NO_WORKSPACE);
+    check(plan.kernel == ATTN_KERNEL_REFERENCE && plan.reason == ATTN_REASON_NO_WORKSPACE &&
+              plan.items == 6 && plan.threads <= 6 &&
+              plan.work_size == (ATTN_KEY_BLOCK + 5) * sizeof(double) / 64 * 64 + 64,
+          "the fallback to the reference kernel: its items and workspace");
+    attn_plan_linear(&lin, &plan);
+    check(plan.reason == ATTN_REASON_TILED && plan.items == 4 * plan.col_groups &&
+              plan.group_width % 64 == 0 && plan.work_size > 0,
+          "the linear layer: (batch, row block, column group) items");
+
+    struct { const char *what; attn_reason want; } cases[] = {
+        {"dropout", ATTN_REASON_DROPOUT}, {"trace", ATTN_REASON_TRACE},
+        {"weights col stride", ATTN_REASON_WEIGHTS_STRIDE},
+        {"non-finite scale", ATTN_REASON_SCALE_NOT_FINITE},
+        {"weights, unit stride", ATTN_REASON_TILED}};
+    for (int c = 0; c < 5; c++) {
+        attn_sdpa_args b = a;
+        if (c == 0) b.dropout_p = 0.1;
+        if (c == 1) b.weights.data = b.logits.data = (char *)buf;
+        if (c == 2) b.weights = (attn_view){.data = (char *)buf, .row = 64, .col = 8};
+        if (c == 3) b.scale = INFINITY;
+        if (c == 4) b.weights = (attn_view){.data = (char *)buf, .row = 64, .col = 4};
+        attn_plan_sdpa(&b, 6, &plan);
+        check(plan.reason == cases[c].want &&
+                  (plan.kernel == ATTN_KERNEL_REFERENCE) == (cases[c].want != ATTN_REASON_TILED),
+              cases[c].what);
+    }
+
+    attn_sdpa_grad_args g;
+    memset(&g, 0, sizeof g);
+    g.fwd = a;
+    attn_plan_backward(&g, 6, &plan);
+    check(plan.reason == ATTN_REASON_TILED && plan.blocks[0] == 3 && plan.blocks[1] == 1 &&
+              plan.shared_size == 6 * 3 * 300 * sizeof(float),
+          "the tiled backward: two loops, and the stats");
+    g.weights.data = (char *)buf;
+    attn_plan_backward(&g, 6, &plan);
+    check(plan.reason == ATTN_REASON_GIVEN_WEIGHTS && plan.shared_size == 0 &&
+              plan.work_size == 2 * 7 * sizeof(double) / 64 * 64 + 64,
+          "the backward with the forward's weights given: the reference");
+    g.weights.data = NULL;
+    g.fwd.S = 0;
+    attn_plan_backward(&g, 6, &plan);
+    check(plan.reason == ATTN_REASON_NO_ROWS, "the backward without keys: the reference");
+    attn_set_kernel(ATTN_KERNEL_AUTO);
+
+    /* NaN policy rule 5: the check of a gradient block */
+    float m[3][4] = {{1, -2, 3, 4}, {5, 6, -7, 8}, {9, 10, 11, 12}};
+    attn_mat mat = {(char *)m, 4 * sizeof(float), sizeof(float)};
+    attn_mat cols = {(char *)m, 4 * sizeof(float), 2 * sizeof(float)};
+    int finite = attn_policy_grad_finite(ATTN_FLOAT32, mat, 0, 3, 4);
+    m[2][3] = -INFINITY;
+    int inf_seen = !attn_policy_grad_finite(ATTN_FLOAT32, mat, 0, 3, 4);
+    int rows_only = attn_policy_grad_finite(ATTN_FLOAT32, mat, 0, 2, 4);
+    m[1][2] = NAN;
+    int nan_seen = !attn_policy_grad_finite(ATTN_FLOAT32, mat, 1, 1, 4);
+    int strided = attn_policy_grad_finite(ATTN_FLOAT32, cols, 0, 3, 1) &&
+                  !attn_policy_grad_finite(ATTN_FLOAT32, cols, 0, 3, 2);
+    check(finite && inf_seen && rows_only && nan_seen && strided,
+          "the gradient check finds inf and NaN, and reads only its block");
 }
 
 int main(void)
@@ -370,6 +542,7 @@ int main(void)
                 for (int f32 = 0; f32 < 2; f32++)
                     for (int streaming = 0; streaming < 2; streaming++)
                         run_case(&cases[c], f32, streaming);
+            test_linear(kernel_names[kk]);
             if (n_failed > failed_before)
                 printf("  (the failures above: kernel %s, %d threads)\n", kernel_names[kk], threads);
         }
@@ -377,7 +550,7 @@ int main(void)
     attn_set_kernel(ATTN_KERNEL_AUTO);
     attn_set_num_threads(0);
     test_mha();
-    test_rejects_bad_args();
+    test_planner();
     printf("%d passed, %d failed\n", n_passed, n_failed);
     return n_failed ? 1 : 0;
 }
