@@ -119,10 +119,14 @@ typedef enum {
 
 extern const char *const attn_reason_names[ATTN_REASON_COUNT];
 
+/* The operation a plan is for. */
+typedef enum { ATTN_OP_SDPA, ATTN_OP_SDPA_BACKWARD, ATTN_OP_LINEAR } attn_op;
+
 /* How one call runs. Items are numbered 0 .. items-1 and handed to
    attn_parallel_for; each thread gets work_size bytes of workspace, and
    shared_size bytes are shared by all (the backward's stats). */
 typedef struct {
+    attn_op op;                /* what for */
     attn_kernel kernel;        /* ATTN_KERNEL_REFERENCE or a tiled ISA */
     attn_reason reason;        /* why this kernel */
     int64_t nproblems;         /* attention: (batch, head) problems */

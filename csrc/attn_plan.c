@@ -42,14 +42,20 @@ static size_t attn_cache_lines(size_t bytes) { return (bytes + 63) / 64 * 64; }
 /*
  * ======================== TUNER HOOK ========================
  * Every plan passes through here after the default heuristics and before
- * any memory is allocated. A tuner (a table measured per CPU and shape, an
- * environment override, ...) may change plan->threads, or switch a tiled
+ * any memory is allocated, with the call's arguments: args is the
+ * attn_sdpa_args, attn_sdpa_grad_args or attn_linear_args of plan->op. A
+ * tuner (a table measured per CPU and shape, an environment override, ...)
+ * may change plan->threads (1 .. attn_get_num_threads()), or switch a tiled
  * plan to the reference kernel with attn_plan_use_reference(). It must not
  * change block_rows or the workspace sizes of a tiled plan: the kernels are
  * compiled for ATTN_FAST_BR / ATTN_LINEAR_BR rows. Today: the defaults stand.
  * ============================================================
  */
-static void attn_plan_tune(attn_plan *plan) { (void)plan; }
+static void attn_plan_tune(attn_plan *plan, const void *args)
+{
+    (void)plan;
+    (void)args;
+}
 
 void attn_plan_use_reference(attn_plan *plan, attn_reason why)
 {
@@ -66,19 +72,20 @@ void attn_plan_use_reference(attn_plan *plan, attn_reason why)
 
 /* The kernel the user selected (attn_set_kernel), or the reason it is not
    a tiled one. */
-static attn_reason attn_plan_start(attn_plan *plan)
+static attn_reason attn_plan_start(attn_plan *plan, attn_op op)
 {
     memset(plan, 0, sizeof *plan);
+    plan->op = op;
     plan->kernel = attn_get_kernel();
     return plan->kernel == ATTN_KERNEL_REFERENCE ? ATTN_REASON_SELECTED : ATTN_REASON_TILED;
 }
 
 /* The tiled plan when why is ATTN_REASON_TILED, else the reference one. */
-static void attn_plan_finish(attn_plan *plan, attn_reason why)
+static void attn_plan_finish(attn_plan *plan, attn_reason why, const void *args)
 {
     if (why != ATTN_REASON_TILED) attn_plan_use_reference(plan, why);
     else plan->reason = ATTN_REASON_TILED;
-    attn_plan_tune(plan);
+    attn_plan_tune(plan, args);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -135,7 +142,7 @@ int attn_policy_grad_finite(attn_dtype dtype, attn_mat m, int64_t r0, int64_t ro
 
 void attn_plan_sdpa(const attn_sdpa_args *a, int64_t nproblems, attn_plan *plan)
 {
-    attn_reason why = attn_plan_start(plan);
+    attn_reason why = attn_plan_start(plan, ATTN_OP_SDPA);
     const size_t elem = attn_elem_size(a->dtype);
     if (why == ATTN_REASON_TILED) {
         /* the tiles know no trace and no dropout, and write the weights
@@ -163,13 +170,13 @@ void attn_plan_sdpa(const attn_sdpa_args *a, int64_t nproblems, attn_plan *plan)
     double flops = 2.0 * (double)nproblems * (double)a->L * (double)a->S * (double)(a->E + a->Ev);
     plan->threads = attn_threads_for(flops);
     if (plan->threads > plan->items) plan->threads = (int)plan->items;
-    attn_plan_finish(plan, why);
+    attn_plan_finish(plan, why, a);
 }
 
 void attn_plan_backward(const attn_sdpa_grad_args *g, int64_t nproblems, attn_plan *plan)
 {
     const attn_sdpa_args *a = &g->fwd;
-    attn_reason why = attn_plan_start(plan);
+    attn_reason why = attn_plan_start(plan, ATTN_OP_SDPA_BACKWARD);
     const size_t elem = attn_elem_size(a->dtype);
     if (why == ATTN_REASON_TILED) {
         /* the tiles recompute the weights, know no dropout and no trace, and
@@ -202,12 +209,12 @@ void attn_plan_backward(const attn_sdpa_grad_args *g, int64_t nproblems, attn_pl
     plan->ref_work_size = attn_cache_lines((size_t)(2 * (a->S > 0 ? a->S : 1)) * sizeof(double));
     double flops = 8.0 * (double)nproblems * (double)a->L * (double)a->S * (double)(a->E + a->Ev);
     plan->threads = attn_threads_for(flops);
-    attn_plan_finish(plan, why);
+    attn_plan_finish(plan, why, g);
 }
 
 void attn_plan_linear(const attn_linear_args *p, attn_plan *plan)
 {
-    attn_reason why = attn_plan_start(plan);
+    attn_reason why = attn_plan_start(plan, ATTN_OP_LINEAR);
     /* items: (batch, block of ATTN_LINEAR_BR rows, group of output columns),
        for both kernels. Columns are split into as few groups as keep every
        thread busy: each item packs its rows once, so fewer groups is less
@@ -228,7 +235,7 @@ void attn_plan_linear(const attn_linear_args *p, attn_plan *plan)
     if (plan->threads > plan->items) plan->threads = (int)plan->items;
     plan->work_size = attn_cache_lines(attn_fast_linear_workspace(p));
     plan->ref_work_size = 0; /* the reference kernel needs no workspace */
-    attn_plan_finish(plan, why);
+    attn_plan_finish(plan, why, p);
 }
 
 /* ------------------------------------------------------------------------ */

@@ -438,7 +438,8 @@ static void test_planner(void)
 
     attn_set_kernel(ATTN_KERNEL_BASELINE);
     attn_plan_sdpa(&a, 6, &plan);
-    check(plan.kernel == ATTN_KERNEL_BASELINE && plan.reason == ATTN_REASON_TILED &&
+    check(plan.op == ATTN_OP_SDPA && plan.kernel == ATTN_KERNEL_BASELINE &&
+              plan.reason == ATTN_REASON_TILED &&
               plan.block_rows == ATTN_FAST_BR && plan.blocks[0] == 3 && plan.items == 18 &&
               plan.threads >= 1 && plan.threads <= 18,
           "use_tiled: (problem, block of ATTN_FAST_BR rows) items");
