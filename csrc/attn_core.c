@@ -1,6 +1,6 @@
 /*
- * attn_core.c -- scaled dot-product attention and the multi-head layer over
- * strided views. See attn_core.h for the problem and the conventions.
+ * attn_core.c -- scaled dot-product attention and linear layers over strided
+ * views. See attn_core.h for the problem and the conventions.
  */
 #include "attn_internal.h"
 
@@ -257,34 +257,6 @@ int attn_sdpa(const attn_sdpa_args *a)
     return ATTN_OK;
 }
 
-/* A linear layer's work: items are (batch, block of rows, group of output
-   columns), as the plan says. */
-typedef struct {
-    const attn_linear_args *p;
-    const attn_plan *plan;
-    char *work;
-} attn_linear_job;
-
-static void attn_linear_item(void *ctx, int64_t item, int thread)
-{
-    const attn_linear_job *job = ctx;
-    const attn_linear_args *p = job->p;
-    const attn_plan *plan = job->plan;
-    int64_t cg = item % plan->col_groups, rest = item / plan->col_groups;
-    int64_t rb = rest % plan->blocks[0], n = rest / plan->blocks[0];
-    int64_t br = plan->block_rows, l0 = rb * br, o0 = cg * plan->group_width;
-    int64_t nr = p->M - l0 < br ? p->M - l0 : br;
-    int64_t no = p->O - o0 < plan->group_width ? p->O - o0 : plan->group_width;
-    if (no <= 0) return;
-    if (plan->kernel != ATTN_KERNEL_REFERENCE)
-        attn_fast_linear_block(plan->kernel, p, n, l0, nr, o0, no,
-                               job->work + (size_t)thread * plan->work_size);
-    else if (p->dtype == ATTN_FLOAT32)
-        attn_linear_block_f32(p, n, l0, nr, o0, no);
-    else
-        attn_linear_block_f64(p, n, l0, nr, o0, no);
-}
-
 /* ------------------------------------------------------------------------ */
 /* The backward pass                                                          */
 
@@ -432,6 +404,37 @@ int attn_sdpa_reduce_grads(const attn_sdpa_grad_args *g, const attn_sdpa_args *r
     return ATTN_OK;
 }
 
+/* ------------------------------------------------------------------------ */
+/* Linear layers                                                              */
+
+/* A linear layer's work: items are (batch, block of rows, group of output
+   columns), as the plan says. */
+typedef struct {
+    const attn_linear_args *p;
+    const attn_plan *plan;
+    char *work;
+} attn_linear_job;
+
+static void attn_linear_item(void *ctx, int64_t item, int thread)
+{
+    const attn_linear_job *job = ctx;
+    const attn_linear_args *p = job->p;
+    const attn_plan *plan = job->plan;
+    int64_t cg = item % plan->col_groups, rest = item / plan->col_groups;
+    int64_t rb = rest % plan->blocks[0], n = rest / plan->blocks[0];
+    int64_t br = plan->block_rows, l0 = rb * br, o0 = cg * plan->group_width;
+    int64_t nr = p->M - l0 < br ? p->M - l0 : br;
+    int64_t no = p->O - o0 < plan->group_width ? p->O - o0 : plan->group_width;
+    if (no <= 0) return;
+    if (plan->kernel != ATTN_KERNEL_REFERENCE)
+        attn_fast_linear_block(plan->kernel, p, n, l0, nr, o0, no,
+                               job->work + (size_t)thread * plan->work_size);
+    else if (p->dtype == ATTN_FLOAT32)
+        attn_linear_block_f32(p, n, l0, nr, o0, no);
+    else
+        attn_linear_block_f64(p, n, l0, nr, o0, no);
+}
+
 int attn_linear(const attn_linear_args *p)
 {
     assert(p->N >= 0 && p->M >= 0 && p->K >= 0 && p->O >= 0 && p->x.data && p->w.data &&
@@ -444,304 +447,5 @@ int attn_linear(const attn_linear_args *p)
     attn_linear_job job = {.p = p, .plan = &plan, .work = ws.work};
     attn_parallel_for(plan.items, plan.threads, attn_linear_item, &job);
     attn_plan_free(&ws);
-    return ATTN_OK;
-}
-
-/*
- * Self-attention's three projections read the same x: when the fast kernels
- * run and the row blocks alone keep every thread busy, one parallel loop
- * packs each row block of x^T once and produces q, k and v from it.
- * Returns -1 when the separate linear layers should be used instead.
- */
-typedef struct {
-    const attn_linear_args *ps;
-    int count;
-    attn_kernel kernel;
-    int64_t row_blocks;
-    char *work;
-    size_t work_size;
-} attn_linear_many_job;
-
-static void attn_linear_many_item(void *ctx, int64_t item, int thread)
-{
-    const attn_linear_many_job *job = ctx;
-    int64_t rb = item % job->row_blocks, n = item / job->row_blocks;
-    int64_t l0 = rb * ATTN_LINEAR_BR;
-    int64_t nr = job->ps[0].M - l0 < ATTN_LINEAR_BR ? job->ps[0].M - l0 : ATTN_LINEAR_BR;
-    attn_fast_linear_many(job->kernel, job->ps, job->count, n, l0, nr,
-                          job->work + (size_t)thread * job->work_size);
-}
-
-static int attn_linear_shared_x(const attn_linear_args *ps, int count)
-{
-    attn_linear_many_job job = {.ps = ps, .count = count, .kernel = attn_get_kernel()};
-    const attn_linear_args *p = &ps[0];
-    if (job.kernel == ATTN_KERNEL_REFERENCE) return -1;
-    job.row_blocks = (p->M + ATTN_LINEAR_BR - 1) / ATTN_LINEAR_BR;
-    int64_t items = p->N * job.row_blocks;
-    double flops = 0;
-    for (int c = 0; c < count; c++) flops += 2.0 * (double)p->N * (double)p->M * (double)p->K * (double)ps[c].O;
-    int threads = attn_threads_for(flops);
-    if (items < 2 * threads) return -1; /* too few row blocks: split columns instead */
-    job.work_size = (attn_fast_linear_workspace(p) + 63) / 64 * 64;
-    job.work = attn_malloc(job.work_size * (size_t)threads);
-    if (!job.work) return -1;
-    attn_parallel_for(items, threads, attn_linear_many_item, &job);
-    attn_free(job.work);
-    return ATTN_OK;
-}
-
-static int attn_same_view3(attn_view3 a, attn_view3 b)
-{
-    return a.data == b.data && a.batch == b.batch && a.row == b.row && a.col == b.col;
-}
-
-/* Rows S.. of k and v (per batch n): bias_k / bias_v, then zeros. */
-static void attn_append_kv(const attn_mha_args *m)
-{
-    const int64_t kw = m->num_kv_heads * m->head_dim, vw = m->num_kv_heads * m->head_dim_v;
-    void (*copy)(char *, int64_t, const char *, int64_t, int64_t) =
-        m->dtype == ATTN_FLOAT32 ? attn_copy_row_f32 : attn_copy_row_f64;
-    int64_t row = m->S;
-    if ((!m->bias_k.data && !m->add_zero_attn) || (kw == 0 && vw == 0)) return; /* nothing */
-    for (int64_t n = 0; n < m->N; n++) {
-        char *k = m->k.data + n * m->k.batch, *v = m->v.data + n * m->v.batch;
-        if (m->bias_k.data) {
-            copy(k + row * m->k.row, m->k.col, m->bias_k.data, m->bias_k.stride, kw);
-            copy(v + row * m->v.row, m->v.col, m->bias_v.data, m->bias_v.stride, vw);
-        }
-        if (m->add_zero_attn) {
-            int64_t z = row + (m->bias_k.data ? 1 : 0);
-            copy(k + z * m->k.row, m->k.col, NULL, 0, kw);
-            copy(v + z * m->v.row, m->v.col, NULL, 0, vw);
-        }
-    }
-}
-
-/* A projection of the layer: y = x W^T + b. */
-static int attn_project(const attn_mha_args *m, int64_t M, int64_t K, int64_t O,
-                        attn_view3 x, attn_view3 w, attn_vec b, attn_view3 y)
-{
-    attn_linear_args p = {.dtype = m->dtype, .N = m->N, .M = M, .K = K, .O = O,
-                          .x = x, .w = w, .y = y, .b = b};
-    return attn_linear(&p);
-}
-
-/* The head split: (N, rows, H*D) seen as (N, H, rows, D), a view. */
-static attn_view attn_heads_of(attn_view3 x, int64_t head_dim)
-{
-    attn_view view;
-    memset(&view, 0, sizeof view);
-    view.data = x.data;
-    view.batch[0] = x.batch;
-    view.head = head_dim * x.col;
-    view.row = x.row;
-    view.col = x.col;
-    return view;
-}
-
-int attn_mha(attn_mha_args *m)
-{
-    if (m->num_heads <= 0 || m->num_kv_heads <= 0 || m->num_heads % m->num_kv_heads != 0 ||
-        m->N < 0 || m->L < 0 || m->S < 0 || m->head_dim < 0 || m->head_dim_v < 0 ||
-        (m->bias_k.data == NULL) != (m->bias_v.data == NULL))
-        return ATTN_EINVAL;
-    const int64_t H = m->num_heads, Hkv = m->num_kv_heads, D = m->head_dim, Dv = m->head_dim_v;
-    const int64_t extra = (m->bias_k.data ? 1 : 0) + (m->add_zero_attn ? 1 : 0);
-    int status;
-
-    /* 1. projections (self-attention: the three at once, x^T packed once) */
-    attn_linear_args proj[3] = {
-        {.dtype = m->dtype, .N = m->N, .M = m->L, .K = m->qdim, .O = H * D,
-         .x = m->query, .w = m->w_q, .y = m->q, .b = m->b_q},
-        {.dtype = m->dtype, .N = m->N, .M = m->S, .K = m->kdim, .O = Hkv * D,
-         .x = m->key, .w = m->w_k, .y = m->k, .b = m->b_k},
-        {.dtype = m->dtype, .N = m->N, .M = m->S, .K = m->vdim, .O = Hkv * Dv,
-         .x = m->value, .w = m->w_v, .y = m->v, .b = m->b_v}};
-    int shared = attn_same_view3(m->query, m->key) && attn_same_view3(m->key, m->value) &&
-                 m->L == m->S && m->qdim == m->kdim && m->kdim == m->vdim;
-    if (!shared || attn_linear_shared_x(proj, 3) != ATTN_OK)
-        for (int i = 0; i < 3; i++)
-            if ((status = attn_linear(&proj[i]))) return status;
-
-    /* 2. bias_k / bias_v and the zero key, as extra key positions */
-    attn_append_kv(m);
-
-    /* 3. attention per head, on views: heads in, heads out into concat */
-    attn_sdpa_args *a = &m->attn;
-    a->dtype = m->dtype;
-    a->nbatch = 1;
-    a->batch_shape[0] = m->N;
-    a->num_heads = H;
-    a->num_kv_heads = Hkv;
-    a->L = m->L;
-    a->S = m->S + extra;
-    a->E = D;
-    a->Ev = Dv;
-    a->extra_keys = extra;
-    a->q = attn_heads_of(m->q, D);
-    a->k = attn_heads_of(m->k, D);
-    a->v = attn_heads_of(m->v, Dv);
-    a->out = attn_heads_of(m->concat, Dv);
-    if ((status = attn_sdpa(a))) return status;
-
-    /* 4. output projection */
-    if (m->w_out.data)
-        return attn_project(m, m->L, H * Dv, m->out_dim, m->concat, m->w_out, m->b_out, m->out);
-    return ATTN_OK;
-}
-
-/* ------------------------------------------------------------------------ */
-/* The multi-head layer's backward pass                                       */
-
-/* x[n][r][c] = 0 for n < N, r < rows, c < cols. */
-static void attn_zero3(attn_dtype dt, attn_view3 x, int64_t N, int64_t rows, int64_t cols)
-{
-    size_t es = dt == ATTN_FLOAT32 ? sizeof(float) : sizeof(double);
-    if (rows == 0 || cols == 0) return; /* not N empty loops */
-    for (int64_t n = 0; n < N; n++)
-        for (int64_t r = 0; r < rows; r++)
-            for (int64_t c = 0; c < cols; c++)
-                memset(x.data + n * x.batch + r * x.row + c * x.col, 0, es);
-}
-
-/* x^T as a view: (batch, rows, cols) -> (batch, cols, rows). */
-static attn_view3 attn_transposed(attn_view3 x)
-{
-    attn_view3 t = {x.data, x.batch, x.col, x.row};
-    return t;
-}
-
-/*
- * A linear layer's gradients from dy (N, M, O) and its input x (N, M, K):
- *   dx = dy W               (skipped when dx.data == NULL)
- *   dW = sum_n dy[n]^T x[n] (skipped when dW.data == NULL)
- *   db = sum_{n,l} dy       (skipped when db.data == NULL)
- */
-static int attn_linear_backward(attn_dtype dtype, int64_t N, int64_t M, int64_t K, int64_t O,
-                                attn_view3 x, attn_view3 w, attn_view3 dy, attn_view3 dx,
-                                attn_view3 dw, attn_vec db)
-{
-    int status;
-    if (N == 0 || M == 0) {
-        /* no rows: dx is empty, dW and db are zero (not N empty loops) */
-        size_t es = dtype == ATTN_FLOAT32 ? sizeof(float) : sizeof(double);
-        if (dw.data) attn_zero3(dtype, dw, 1, O, K);
-        for (int64_t o = 0; db.data && o < O; o++) memset(db.data + o * db.stride, 0, es);
-        return ATTN_OK;
-    }
-    if (dx.data) {
-        attn_linear_args p = {.dtype = dtype, .N = N, .M = M, .K = O, .O = K,
-                              .x = dy, .w = attn_transposed(w), .y = dx};
-        if ((status = attn_linear(&p))) return status;
-    }
-    if (dw.data && N > 0 && dy.batch == M * dy.row && x.batch == M * x.row) {
-        /* the batch continues the rows (contiguous over n, l): one product
-           whose inner dimension runs over all N * M rows */
-        attn_view3 dyf = {dy.data, 0, dy.row, dy.col}, xf = {x.data, 0, x.row, x.col};
-        attn_linear_args p = {.dtype = dtype, .N = 1, .M = O, .K = N * M, .O = K,
-                              .x = attn_transposed(dyf), .w = attn_transposed(xf), .y = dw};
-        if ((status = attn_linear(&p))) return status;
-    } else if (dw.data) {
-        for (int64_t n = 0; n < N; n++) {
-            attn_view3 dyn = {dy.data + n * dy.batch, 0, dy.row, dy.col};
-            attn_view3 xn = {x.data + n * x.batch, 0, x.row, x.col};
-            attn_linear_args p = {.dtype = dtype, .N = 1, .M = O, .K = M, .O = K,
-                                  .x = attn_transposed(dyn), .w = attn_transposed(xn), .y = dw,
-                                  .accumulate = n > 0};
-            if ((status = attn_linear(&p))) return status;
-        }
-    }
-    if (db.data) {
-        if (dtype == ATTN_FLOAT32) attn_bias_grad_f32(&dy, N, M, O, db);
-        else attn_bias_grad_f64(&dy, N, M, O, db);
-    }
-    return ATTN_OK;
-}
-
-int attn_mha_backward(attn_mha_grad_args *g)
-{
-    attn_mha_args *m = &g->fwd;
-    if (m->num_heads <= 0 || m->num_kv_heads <= 0 || m->num_heads % m->num_kv_heads != 0 ||
-        m->N < 0 || m->L < 0 || m->S < 0 || !g->dq.data || !g->dk.data || !g->dv.data ||
-        !g->dconcat.data ||
-        (m->num_kv_heads != m->num_heads && (!g->dk_heads || !g->dv_heads)))
-        return ATTN_EINVAL;
-    const int64_t H = m->num_heads, Hkv = m->num_kv_heads, D = m->head_dim, Dv = m->head_dim_v;
-    const int64_t extra = (m->bias_k.data ? 1 : 0) + (m->add_zero_attn ? 1 : 0);
-    const attn_dtype dt = m->dtype;
-    int status;
-
-    /* 1. output projection */
-    if (m->w_out.data) {
-        if ((status = attn_linear_backward(dt, m->N, m->L, H * Dv, m->out_dim, m->concat,
-                                           m->w_out, g->grad_out, g->dconcat, g->grad_w_out,
-                                           g->grad_b_out)))
-            return status;
-    } else {
-        g->dconcat = g->grad_out; /* no output projection: dconcat is dout */
-    }
-
-    /* 2. attention, per head, on views of the forward's buffers */
-    attn_sdpa_grad_args sg;
-    memset(&sg, 0, sizeof sg);
-    sg.fwd = m->attn;
-    sg.fwd.dtype = dt;
-    sg.fwd.nbatch = 1;
-    sg.fwd.batch_shape[0] = m->N;
-    sg.fwd.num_heads = H;
-    sg.fwd.num_kv_heads = Hkv;
-    sg.fwd.L = m->L;
-    sg.fwd.S = m->S + extra;
-    sg.fwd.E = D;
-    sg.fwd.Ev = Dv;
-    sg.fwd.extra_keys = extra;
-    sg.fwd.q = attn_heads_of(m->q, D);
-    sg.fwd.k = attn_heads_of(m->k, D);
-    sg.fwd.v = attn_heads_of(m->v, Dv);
-    sg.grad_out = attn_heads_of(g->dconcat, Dv);
-    /* with dropout, the reference kernel reads the forward's weights; without,
-       the fast kernels recompute them (the same to rounding, and faster than
-       reading an L x S map back) */
-    if (m->attn.dropout_p > 0.0) sg.weights = m->attn.weights;
-    /* each head writes its own columns of dq in place; dk, dv too unless
-       several query heads share a key/value head (then slabs, summed) */
-    sg.grad_q = attn_heads_of(g->dq, D);
-    if (Hkv == H) {
-        sg.grad_k = attn_heads_of(g->dk, D);
-        sg.grad_v = attn_heads_of(g->dv, Dv);
-    } else {
-        sg.dk = g->dk_heads;
-        sg.dv = g->dv_heads;
-    }
-    if ((status = attn_sdpa_backward(&sg))) return status;
-    if (Hkv != H) {
-        attn_sdpa_args r = sg.fwd;
-        r.q.data = NULL; /* written in place */
-        r.k = attn_heads_of(g->dk, D);
-        r.v = attn_heads_of(g->dv, Dv);
-        attn_zero3(dt, g->dk, m->N, m->S + extra, Hkv * D);
-        attn_zero3(dt, g->dv, m->N, m->S + extra, Hkv * Dv);
-        if ((status = attn_sdpa_reduce_grads(&sg, &r))) return status;
-    }
-
-    /* 3. bias_k, bias_v: the sums of the key / value gradients at row S */
-    if (m->bias_k.data) {
-        attn_view3 krow = {g->dk.data + m->S * g->dk.row, g->dk.batch, g->dk.row, g->dk.col};
-        attn_view3 vrow = {g->dv.data + m->S * g->dv.row, g->dv.batch, g->dv.row, g->dv.col};
-        void (*bias_grad)(const attn_view3 *, int64_t, int64_t, int64_t, attn_vec) =
-            dt == ATTN_FLOAT32 ? attn_bias_grad_f32 : attn_bias_grad_f64;
-        if (g->grad_bias_k.data) bias_grad(&krow, m->N, 1, Hkv * D, g->grad_bias_k);
-        if (g->grad_bias_v.data) bias_grad(&vrow, m->N, 1, Hkv * Dv, g->grad_bias_v);
-    }
-
-    /* 4. input projections (the first S rows of dk, dv: the appended ones have no input) */
-    if ((status = attn_linear_backward(dt, m->N, m->L, m->qdim, H * D, m->query, m->w_q, g->dq,
-                                       g->grad_query, g->grad_w_q, g->grad_b_q)) ||
-        (status = attn_linear_backward(dt, m->N, m->S, m->kdim, Hkv * D, m->key, m->w_k, g->dk,
-                                       g->grad_key, g->grad_w_k, g->grad_b_k)) ||
-        (status = attn_linear_backward(dt, m->N, m->S, m->vdim, Hkv * Dv, m->value, m->w_v,
-                                       g->dv, g->grad_value, g->grad_w_v, g->grad_b_v)))
-        return status;
     return ATTN_OK;
 }

@@ -218,7 +218,7 @@ int attn_set_num_threads(int n);
 int attn_get_num_threads(void);
 
 /* ------------------------------------------------------------------------ */
-/* Linear layers and the multi-head attention layer.                         */
+/* Linear layers                                                            */
 
 /* A batch of matrices (batch, row, col); byte strides. */
 typedef struct {
@@ -236,6 +236,9 @@ typedef struct {
  * y = x W^T + b, as torch.nn.Linear: for every batch n and row l,
  *     y[n][l][o] = b[o] + sum_i x[n][l][i] W[o][i]
  * x (N, M, K), W (O, K) as a view3 with batch stride unused, y (N, M, O).
+ * Any byte strides: x, W and y may be transposed views (W = V^T is V with
+ * its row and column strides swapped), as the backward's dx = dy W and
+ * dW = dy^T x need.
  */
 typedef struct {
     attn_dtype dtype;
@@ -246,75 +249,6 @@ typedef struct {
 } attn_linear_args;
 
 int attn_linear(const attn_linear_args *args);
-
-/*
- * Multi-head attention, as torch.nn.MultiheadAttention computes it:
- *
- *   q = query W_q^T + b_q          (N, L, H*D)
- *   k = key   W_k^T + b_k          (N, S, Hkv*D)
- *   v = value W_v^T + b_v          (N, S, Hkv*Dv)
- *   k, v += one row bias_k, bias_v          (add_bias_kv)
- *   k, v += one row of zeros                (add_zero_attn)
- *   per head h: o_h = attention(q_h, k_h', v_h')   h' = h / (H / Hkv)
- *   concat = [o_1 ... o_H]         (N, L, H*Dv)
- *   out = concat W_o^T + b_o       (N, L, out_dim)  (skipped when w_out.data == NULL)
- *
- * torch's layer has D = Dv = E / H and qdim = out_dim = E; the textbook
- * single head (attnpy.self_attention) has H = 1, D = d_k, Dv = d_v, no W_o.
- * The heads are strided views of q, k, v and concat: splitting and merging
- * them copies nothing. q, k, v, concat and out are buffers the caller
- * allocated, S' = S + add_bias_kv + add_zero_attn rows for k and v. The
- * attention itself is attn_sdpa with `attn`'s masks (as (N, H, L, S) views),
- * scale, dropout, weights and trace views; attn_mha fills in the rest.
- */
-typedef struct {
-    attn_dtype dtype;
-    int64_t N, L, S;                    /* batch, query length, key length */
-    int64_t qdim, kdim, vdim;           /* widths of the inputs */
-    int64_t num_heads, num_kv_heads;    /* H, Hkv (Hkv divides H) */
-    int64_t head_dim, head_dim_v;       /* D, Dv */
-    int64_t out_dim;                    /* rows of W_o */
-    attn_view3 query, key, value;       /* inputs */
-    attn_view3 w_q, w_k, w_v, w_out;    /* (out, in) as in torch; batch stride unused */
-    attn_vec b_q, b_k, b_v, b_out;
-    attn_vec bias_k, bias_v;            /* data != NULL: add_bias_kv */
-    int add_zero_attn;
-    attn_view3 q, k, v, concat, out;    /* written */
-    attn_sdpa_args attn;                /* masks, scale, dropout, weights, trace */
-} attn_mha_args;
-
-int attn_mha(attn_mha_args *args);
-
-/*
- * The multi-head layer's backward pass, from the forward's buffers:
- *
- *   dconcat = dout W_o,  dW_o = sum_n dout^T concat,  db_o = sum dout
- *   per head: dq, dk, dv from attn_sdpa_backward (the forward's weights given)
- *   dbias_k, dbias_v = sum_n (row S of dk, dv)     (add_bias_kv)
- *   dquery = dq W_q, dW_q = sum_n dq^T query, db_q = sum dq   (likewise k, v,
- *   over the first S rows of dk, dv: the zero key has no parameters)
- *
- * fwd is the forward's description with its q, k, v, concat buffers as the
- * forward left them and fwd.attn.weights the forward's softmax. dq, dk, dv,
- * dconcat are caller-allocated (N, L, H*D), (N, S', Hkv*D), (N, S', Hkv*Dv),
- * (N, L, H*Dv) buffers; with grouped-query heads (Hkv < H), dk_heads and
- * dv_heads are the per-problem slabs attn_sdpa_backward sums from
- * (N*H*S'*D, N*H*S'*Dv elements); otherwise every head writes its own
- * columns of dq, dk, dv in place and they may be NULL. Every
- * gradient output is overwritten; a parameter's is skipped when its data is
- * NULL.
- */
-typedef struct {
-    attn_mha_args fwd;
-    attn_view3 grad_out;
-    attn_view3 grad_query, grad_key, grad_value;
-    attn_view3 grad_w_q, grad_w_k, grad_w_v, grad_w_out;
-    attn_vec grad_b_q, grad_b_k, grad_b_v, grad_b_out, grad_bias_k, grad_bias_v;
-    attn_view3 dq, dk, dv, dconcat;
-    char *dk_heads, *dv_heads;
-} attn_mha_grad_args;
-
-int attn_mha_backward(attn_mha_grad_args *g);
 
 /* ------------------------------------------------------------------------ */
 /* Fault injection (debug builds compiled with -DATTN_FAULT_INJECTION only)  */

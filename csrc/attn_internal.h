@@ -63,14 +63,6 @@ void attn_parallel_for(int64_t n, int max_threads,
    up to ~0.5 ms: small jobs are better done on the calling thread then. */
 int attn_parallel_awake(void);
 
-/* How many threads a job of `flops` floating-point operations should use. */
-static inline int attn_threads_for(double flops)
-{
-    if (flops < 2e5) return 1;                            /* ~ a few microseconds */
-    if (flops < 2e7 && !attn_parallel_awake()) return 1;  /* less than a wake-up */
-    return attn_get_num_threads();
-}
-
 /* Fast kernels (attn_fast.c), float32 and float64. */
 #define ATTN_FAST_BR 128  /* query rows per work item */
 size_t attn_fast_workspace(const attn_sdpa_args *a); /* bytes per thread */
@@ -81,11 +73,6 @@ void attn_fast_rows(attn_kernel kernel, const attn_sdpa_args *a, const attn_head
 size_t attn_fast_linear_workspace(const attn_linear_args *p); /* bytes per thread */
 void attn_fast_linear_block(attn_kernel kernel, const attn_linear_args *p, int64_t n,
                             int64_t l0, int64_t nr, int64_t o0, int64_t no, void *workspace);
-
-/* Several linear layers of one x (same data, strides and sizes but O):
-   x^T of the row block is packed once for all of them. */
-void attn_fast_linear_many(attn_kernel kernel, const attn_linear_args *ps, int count,
-                           int64_t n, int64_t l0, int64_t nr, void *workspace);
 
 /* The backward pass's fast kernels: phase 0 (query-major) writes dq rows
    start .. start+n-1 and this problem's stats (m, 1/l, D: 3 x L values);

@@ -36,6 +36,14 @@ static size_t attn_elem_size(attn_dtype dtype)
     return dtype == ATTN_FLOAT64 ? sizeof(double) : sizeof(float);
 }
 
+/* How many threads a job of `flops` floating-point operations should use. */
+static int attn_threads_for(double flops)
+{
+    if (flops < 2e5) return 1;                            /* ~ a few microseconds */
+    if (flops < 2e7 && !attn_parallel_awake()) return 1;  /* less than a wake-up */
+    return attn_get_num_threads();
+}
+
 /* Per-thread workspaces are a cache line apart. */
 static size_t attn_cache_lines(size_t bytes) { return (bytes + 63) / 64 * 64; }
 
