@@ -47,8 +47,8 @@ setup() {
 # (build/asan; libasan preloaded since python itself is not instrumented,
 # leak detection off since CPython does not free everything at exit).
 sanitizer_tests() {
-    local c_sources="csrc/attn_core.c csrc/attn_fast.c csrc/attn_parallel.c csrc/test_core.c"
-    ${CC:-cc} -std=c11 -O1 -g -pthread -ffp-contract=fast -Wall -Wextra -Werror \
+    local c_sources="csrc/attn_core.c csrc/attn_fast.c csrc/attn_parallel.c csrc/attn_plan.c tests/c/test_core.c"
+    ${CC:-cc} -std=c11 -O1 -g -pthread -ffp-contract=fast -Wall -Wextra -Werror -Icsrc \
         -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer \
         $c_sources -lm -o build/test_core_asan
     ./build/test_core_asan
@@ -97,8 +97,8 @@ quick_setup() {
 
 c_tests() {
     mkdir -p build
-    ${CC:-cc} -std=c11 -O2 -g -pthread -ffp-contract=fast -Wall -Wextra -Werror \
-        csrc/attn_core.c csrc/attn_fast.c csrc/attn_parallel.c csrc/test_core.c \
+    ${CC:-cc} -std=c11 -O2 -g -pthread -ffp-contract=fast -Wall -Wextra -Werror -Icsrc \
+        csrc/attn_core.c csrc/attn_fast.c csrc/attn_parallel.c csrc/attn_plan.c tests/c/test_core.c \
         -lm -o build/test_core
     ./build/test_core
 }

@@ -51,9 +51,10 @@ if os.environ.get("ATTNPY_FAULT_INJECTION") == "1" or os.environ.get("ATTNPY_SAN
 core = Extension(
     "attnpy._core",
     sources=["csrc/attnpy_module.c", "csrc/attn_core.c", "csrc/attn_fast.c",
-             "csrc/attn_parallel.c"],
+             "csrc/attn_parallel.c", "csrc/attn_plan.c"],
     depends=["csrc/attn_core.h", "csrc/attn_internal.h", "csrc/attn_kernels.inc",
-             "csrc/attn_fast.inc", "csrc/attn_fast_instance.h"],
+             "csrc/attn_reference.inc", "csrc/attn_fast.inc", "csrc/attn_fast_instance.h",
+             "csrc/attn_max_abs.inc"],
     include_dirs=[np.get_include(), "csrc"],
     define_macros=define_macros,
     extra_compile_args=extra_compile_args,

@@ -1,9 +1,10 @@
 /*
- * attn_core.c -- scaled dot-product attention and the multi-head layer over
- * strided views. See attn_core.h for the problem and the conventions.
+ * attn_core.c -- scaled dot-product attention and linear layers over strided
+ * views. See attn_core.h for the problem and the conventions.
  */
 #include "attn_internal.h"
 
+#include <assert.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
@@ -81,22 +82,29 @@ void attn_free(void *p)
     free(p);
 }
 
-/* TBITS: a signed integer as wide as T, for reading a float's bits */
+/* The reference kernels, for each element type (the names they define are
+   listed at the top of each file): attn_kernels.inc has the helpers, the
+   backward and the linear layer, attn_reference.inc the forward. */
+#define FN(name) ATTN_CAT(name, SFX)
+/* Element (i, j) of a strided matrix at base with byte strides rs, cs. */
+#define AT(base, i, j, rs, cs) (*(T *)((base) + (i) * (rs) + (j) * (cs)))
+
 #define T float
 #define SFX f32
-#define TBITS int32_t
 #include "attn_kernels.inc"
+#include "attn_reference.inc"
 #undef T
 #undef SFX
-#undef TBITS
 
 #define T double
 #define SFX f64
-#define TBITS int64_t
 #include "attn_kernels.inc"
+#include "attn_reference.inc"
 #undef T
 #undef SFX
-#undef TBITS
+
+#undef AT
+#undef FN
 
 /* base + offset, or NULL when the tensor is absent. */
 static inline char *attn_at(char *base, int64_t offset)
@@ -138,6 +146,33 @@ static void attn_locate(const attn_sdpa_args *a, int64_t p, attn_head *hd)
     hd->dropped = attn_at(a->dropped.data, off[DR]);
 }
 
+/* The number of (batch, head) problems. */
+static int64_t attn_problems(const attn_sdpa_args *a)
+{
+    int64_t n = a->num_heads;
+    for (int d = 0; d < a->nbatch; d++) n *= a->batch_shape[d];
+    return n;
+}
+
+#ifndef NDEBUG
+/*
+ * What the binding has validated about a problem (the boundary rule,
+ * csrc/README.md): the core trusts it and checks it in debug builds only.
+ * Sizes are not negative, query heads are a multiple of key/value heads,
+ * every tensor the call reads is there, dropout_p is a probability.
+ */
+static int attn_problem_valid(const attn_sdpa_args *a)
+{
+    return a->nbatch >= 0 && a->nbatch <= ATTN_MAX_DIMS && a->num_heads >= 0 &&
+           a->num_kv_heads > 0 && a->num_heads % a->num_kv_heads == 0 && a->L >= 0 &&
+           a->S >= 0 && a->E >= 0 && a->Ev >= 0 && a->extra_keys >= 0 &&
+           a->extra_keys <= a->S && a->q.data && a->k.data && a->v.data &&
+           (a->mask_kind == ATTN_MASK_NONE || a->mask.data) &&
+           (a->mask2_kind == ATTN_MASK_NONE || a->mask2.data) && a->dropout_p >= 0.0 &&
+           a->dropout_p <= 1.0 && (a->dtype == ATTN_FLOAT32 || a->dtype == ATTN_FLOAT64);
+}
+#endif
+
 /* ------------------------------------------------------------------------ */
 /* Choosing a kernel, and the parallel loop                                   */
 
@@ -159,63 +194,45 @@ attn_kernel attn_get_kernel(void)
     return ATTN_KERNEL_BASELINE;
 }
 
-/* One call's work: items are (problem, block of query rows) for the fast
-   kernels, whole problems for the reference kernel. */
+/* One call's work: the plan, and its workspace. Items are (problem, block of
+   query rows) for the tiled kernels, whole problems for the reference. */
 typedef struct {
     const attn_sdpa_args *a;
-    attn_kernel kernel;
-    int64_t blocks;    /* query blocks per problem */
-    char *work;        /* per-thread workspaces, work_size bytes each */
-    size_t work_size;
+    const attn_plan *plan;
+    char *work; /* per-thread workspaces, plan->work_size bytes each */
 } attn_sdpa_job;
 
 static void attn_sdpa_item(void *ctx, int64_t item, int thread)
 {
     const attn_sdpa_job *job = ctx;
     const attn_sdpa_args *a = job->a;
-    void *work = job->work + (size_t)thread * job->work_size;
+    const attn_plan *plan = job->plan;
+    void *work = job->work + (size_t)thread * plan->work_size;
     attn_head hd;
-    if (job->kernel == ATTN_KERNEL_REFERENCE) {
+    if (plan->kernel == ATTN_KERNEL_REFERENCE) {
         attn_locate(a, item, &hd);
         if (a->dtype == ATTN_FLOAT32) {
-            if (hd.weights) attn_head_reference_f32(a, &hd, work);
-            else attn_head_streaming_f32(a, &hd, work);
+            if (hd.weights) attn_reference_f32(a, &hd, work);
+            else attn_reference_streaming_f32(a, &hd, work);
         } else {
-            if (hd.weights) attn_head_reference_f64(a, &hd, work);
-            else attn_head_streaming_f64(a, &hd, work);
+            if (hd.weights) attn_reference_f64(a, &hd, work);
+            else attn_reference_streaming_f64(a, &hd, work);
         }
         return;
     }
     /* the last query blocks first: under a causal mask they cost the most */
-    int64_t block = job->blocks - 1 - item % job->blocks;
-    int64_t i0 = block * ATTN_FAST_BR;
-    attn_locate(a, item / job->blocks, &hd);
-    attn_fast_rows(job->kernel, a, &hd, i0, a->L - i0 < ATTN_FAST_BR ? a->L - i0 : ATTN_FAST_BR,
-                   work);
-}
-
-/* Can the fast kernels do this call? No trace, no dropout, and a weights
-   buffer (if any) with unit column stride. */
-static int attn_fast_applies(const attn_sdpa_args *a)
-{
-    int64_t elem = a->dtype == ATTN_FLOAT64 ? (int64_t)sizeof(double) : (int64_t)sizeof(float);
-    return a->dropout_p == 0.0 && !a->scores.data && !a->logits.data && !a->dropout_mask.data &&
-           !a->dropped.data && (!a->weights.data || a->weights.col == elem);
+    int64_t blocks = plan->blocks[0], br = plan->block_rows;
+    int64_t block = blocks - 1 - item % blocks;
+    int64_t i0 = block * br;
+    attn_locate(a, item / blocks, &hd);
+    attn_fast_rows(plan->kernel, a, &hd, i0, a->L - i0 < br ? a->L - i0 : br, work);
 }
 
 int attn_sdpa(const attn_sdpa_args *a)
 {
-    if (a->nbatch < 0 || a->nbatch > ATTN_MAX_DIMS || a->num_heads < 0 ||
-        a->num_kv_heads <= 0 || a->num_heads % a->num_kv_heads != 0 || a->L < 0 ||
-        a->S < 0 || a->E < 0 || a->Ev < 0 || a->extra_keys < 0 || a->extra_keys > a->S ||
-        !a->q.data || !a->k.data || !a->v.data || !a->out.data ||
-        (a->mask_kind != ATTN_MASK_NONE && !a->mask.data) ||
-        (a->mask2_kind != ATTN_MASK_NONE && !a->mask2.data) ||
-        (!a->weights.data && (a->scores.data || a->logits.data || a->dropout_mask.data ||
-                              a->dropped.data)) ||
-        !(a->dropout_p >= 0.0 && a->dropout_p <= 1.0) ||
-        (a->dtype != ATTN_FLOAT32 && a->dtype != ATTN_FLOAT64))
-        return ATTN_EINVAL;
+    assert(attn_problem_valid(a) && a->out.data);
+    assert(a->weights.data || (!a->scores.data && !a->logits.data && !a->dropout_mask.data &&
+                               !a->dropped.data)); /* the trace needs the weights */
 
     if (a->E == 0 && a->scale != 0.0) {
         /* q k^T is an empty sum, 0, whatever the scale (torch scales q and k
@@ -225,76 +242,19 @@ int attn_sdpa(const attn_sdpa_args *a)
         zero_width.scale = 0.0;
         return attn_sdpa(&zero_width);
     }
-    int64_t nproblems = a->num_heads;
-    for (int d = 0; d < a->nbatch; d++) nproblems *= a->batch_shape[d];
+    int64_t nproblems = attn_problems(a);
     /* nothing to write: return before walking (maybe billions of) empty problems */
     if (nproblems == 0 || a->L == 0 || (a->Ev == 0 && (!a->weights.data || a->S == 0)))
         return ATTN_OK;
 
-    attn_sdpa_job job = {.a = a, .kernel = attn_get_kernel(), .blocks = 1};
-    /* an infinite or NaN scale times a zero product is NaN in a tile, where
-       the reference kernel scores a blocked pair not at all */
-    if (job.kernel != ATTN_KERNEL_REFERENCE && (!attn_fast_applies(a) || !isfinite(a->scale)))
-        job.kernel = ATTN_KERNEL_REFERENCE;
-    int64_t items = nproblems;
-    if (job.kernel != ATTN_KERNEL_REFERENCE) {
-        job.blocks = (a->L + ATTN_FAST_BR - 1) / ATTN_FAST_BR;
-        items = nproblems * job.blocks;
-        job.work_size = attn_fast_workspace(a);
-    } else {
-        /* a key block of scores and one output row, in double */
-        job.work_size = (size_t)(ATTN_KEY_BLOCK + a->Ev) * sizeof(double);
-    }
-    job.work_size = (job.work_size + 63) / 64 * 64; /* threads apart by a cache line */
-
-    /* small problems stay on the calling thread: waking others costs more */
-    double flops = 2.0 * (double)nproblems * (double)a->L * (double)a->S * (double)(a->E + a->Ev);
-    int threads = attn_threads_for(flops);
-    if (threads > items) threads = (int)items;
-
-    job.work = attn_malloc(job.work_size * (size_t)threads);
-    if (!job.work && job.kernel != ATTN_KERNEL_REFERENCE) {
-        /* the fast kernels' tiles did not fit: the reference needs far less */
-        job.kernel = ATTN_KERNEL_REFERENCE;
-        job.blocks = 1;
-        items = nproblems;
-        job.work_size = (size_t)(ATTN_KEY_BLOCK + a->Ev) * sizeof(double);
-        job.work = attn_malloc(job.work_size * (size_t)threads);
-    }
-    if (!job.work) return ATTN_ENOMEM;
-    attn_parallel_for(items, threads, attn_sdpa_item, &job);
-    attn_free(job.work);
+    attn_plan plan;
+    attn_workspace ws;
+    attn_plan_sdpa(a, nproblems, &plan);
+    if (attn_plan_alloc(&plan, &ws) != ATTN_OK) return ATTN_ENOMEM;
+    attn_sdpa_job job = {.a = a, .plan = &plan, .work = ws.work};
+    attn_parallel_for(plan.items, plan.threads, attn_sdpa_item, &job);
+    attn_plan_free(&ws);
     return ATTN_OK;
-}
-
-/* A linear layer's work: items are (batch, block of rows, group of output
-   columns). Columns are split into as few groups as keep every thread busy:
-   each item packs its rows once, so fewer groups is less packing. */
-typedef struct {
-    const attn_linear_args *p;
-    attn_kernel kernel;
-    int64_t row_blocks, col_groups, group_width;
-    char *work;
-    size_t work_size;
-} attn_linear_job;
-
-static void attn_linear_item(void *ctx, int64_t item, int thread)
-{
-    const attn_linear_job *job = ctx;
-    const attn_linear_args *p = job->p;
-    int64_t cg = item % job->col_groups, rest = item / job->col_groups;
-    int64_t rb = rest % job->row_blocks, n = rest / job->row_blocks;
-    int64_t l0 = rb * ATTN_LINEAR_BR, o0 = cg * job->group_width;
-    int64_t nr = p->M - l0 < ATTN_LINEAR_BR ? p->M - l0 : ATTN_LINEAR_BR;
-    int64_t no = p->O - o0 < job->group_width ? p->O - o0 : job->group_width;
-    if (no <= 0) return;
-    if (job->kernel != ATTN_KERNEL_REFERENCE)
-        attn_fast_linear_block(job->kernel, p, n, l0, nr, o0, no,
-                               job->work + (size_t)thread * job->work_size);
-    else if (p->dtype == ATTN_FLOAT32)
-        attn_linear_block_f32(p, n, l0, nr, o0, no);
-    else
-        attn_linear_block_f64(p, n, l0, nr, o0, no);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -304,31 +264,21 @@ typedef struct {
     const attn_sdpa_grad_args *g;
     attn_sdpa_args locate_grad;  /* fwd, with grad_out / weights / trace as views */
     attn_sdpa_args locate_dst;   /* fwd, with q / k / v as the destination views */
-    attn_kernel kernel;          /* REFERENCE: one item per problem */
-    int phase;                   /* fast kernels: 0 query-major, 1 key-major */
-    int64_t blocks;              /* fast kernels: row blocks per problem in this phase */
-    char *stats;                 /* fast kernels: 3 x L values per problem */
-    atomic_int nonfinite;        /* fast kernels: a gradient came out NaN or inf */
+    const attn_plan *plan;       /* REFERENCE: one item per problem */
+    int phase;                   /* tiled kernels: 0 query-major, 1 key-major */
+    char *stats;                 /* tiled kernels: 3 x L values per problem */
+    atomic_int nonfinite;        /* tiled kernels: a gradient came out NaN or inf */
     char *work;
-    size_t work_size;
 } attn_backward_job;
-
-/* Is every element of a (rows x cols) block of a gradient finite? */
-static int attn_block_finite(const attn_sdpa_args *a, attn_mat m, int64_t r0, int64_t rows,
-                             int64_t cols)
-{
-    const char *p = m.data + r0 * m.row;
-    double largest = a->dtype == ATTN_FLOAT32 ? attn_max_abs_f32(p, m.row, m.col, rows, cols)
-                                              : attn_max_abs_f64(p, m.row, m.col, rows, cols);
-    return !isinf(largest);
-}
 
 static void attn_backward_item(void *ctx, int64_t item, int thread)
 {
     const attn_backward_job *job = ctx;
     const attn_sdpa_grad_args *g = job->g;
     const attn_sdpa_args *a = &g->fwd;
-    int64_t p = job->kernel == ATTN_KERNEL_REFERENCE ? item : item / job->blocks;
+    const attn_plan *plan = job->plan;
+    const int64_t blocks = plan->blocks[job->phase];
+    int64_t p = plan->kernel == ATTN_KERNEL_REFERENCE ? item : item / blocks;
     attn_head hd, hg; /* the problem in the inputs; in dO, weights and the trace */
     attn_locate(a, p, &hd);
     attn_locate(&job->locate_grad, p, &hg);
@@ -345,27 +295,28 @@ static void attn_backward_item(void *ctx, int64_t item, int thread)
     attn_mat dv = g->grad_v.data ? (attn_mat){(char *)hdst.v, g->grad_v.row, g->grad_v.col}
                                  : (attn_mat){g->dv + (size_t)p * (size_t)(a->S * a->Ev) * es,
                                               a->Ev * (int64_t)es, (int64_t)es};
-    char *work = job->work + (size_t)thread * job->work_size;
-    if (job->kernel != ATTN_KERNEL_REFERENCE) {
-        int64_t block = item % job->blocks, start = block * ATTN_FAST_BR;
+    char *work = job->work + (size_t)thread * plan->work_size;
+    if (plan->kernel != ATTN_KERNEL_REFERENCE) {
+        int64_t br = plan->block_rows, start = item % blocks * br;
         int64_t rows = job->phase == 0 ? a->L : a->S;
-        int64_t n = rows - start < ATTN_FAST_BR ? rows - start : ATTN_FAST_BR;
+        int64_t n = rows - start < br ? rows - start : br;
         char *stats = job->stats + (size_t)p * (size_t)(3 * a->L) * es;
-        attn_fast_backward_rows(job->kernel, g, &hd, hg.out, job->phase, start, n, stats,
+        attn_fast_backward_rows(plan->kernel, g, &hd, hg.out, job->phase, start, n, stats,
                                 job->phase == 0 ? dq : dk, dv, work);
-        /* the rows just written, while they are in cache: see attn_sdpa_backward */
-        int finite = job->phase == 0 ? attn_block_finite(a, dq, start, n, a->E)
-                                     : attn_block_finite(a, dk, start, n, a->E) &&
-                                           attn_block_finite(a, dv, start, n, a->Ev);
+        /* NaN policy rule 5, on the rows just written, while they are in cache */
+        int finite = job->phase == 0
+                         ? attn_policy_grad_finite(a->dtype, dq, start, n, a->E)
+                         : attn_policy_grad_finite(a->dtype, dk, start, n, a->E) &&
+                               attn_policy_grad_finite(a->dtype, dv, start, n, a->Ev);
         if (!finite) atomic_store(&((attn_backward_job *)job)->nonfinite, 1);
         return;
     }
     /* hg.out is dO, hg.weights the given weights, hg.scores / hg.logits the trace */
     if (a->dtype == ATTN_FLOAT32)
-        attn_head_backward_f32(g, &hd, hg.weights, hg.out, dq, dk, dv, hg.scores, hg.logits,
+        attn_reference_backward_f32(g, &hd, hg.weights, hg.out, dq, dk, dv, hg.scores, hg.logits,
                                (double *)work);
     else
-        attn_head_backward_f64(g, &hd, hg.weights, hg.out, dq, dk, dv, hg.scores, hg.logits,
+        attn_reference_backward_f64(g, &hd, hg.weights, hg.out, dq, dk, dv, hg.scores, hg.logits,
                                (double *)work);
 }
 
@@ -381,28 +332,22 @@ static int attn_grads_empty(const attn_sdpa_grad_args *g)
 int attn_sdpa_backward(const attn_sdpa_grad_args *g)
 {
     const attn_sdpa_args *a = &g->fwd;
-    if (a->nbatch < 0 || a->nbatch > ATTN_MAX_DIMS || a->num_heads < 0 || a->num_kv_heads <= 0 ||
-        a->num_heads % a->num_kv_heads != 0 || a->L < 0 || a->S < 0 || a->E < 0 || a->Ev < 0 ||
-        a->extra_keys < 0 || a->extra_keys > a->S || !a->q.data || !a->k.data || !a->v.data ||
-        !g->grad_out.data || (!g->dq && !g->grad_q.data) || (!g->dk && !g->grad_k.data) ||
-        (!g->dv && !g->grad_v.data) ||
-        (a->mask_kind != ATTN_MASK_NONE && !a->mask.data) ||
-        (a->mask2_kind != ATTN_MASK_NONE && !a->mask2.data) ||
-        !(a->dropout_p >= 0.0 && a->dropout_p <= 1.0) ||
-        (a->dtype != ATTN_FLOAT32 && a->dtype != ATTN_FLOAT64))
-        return ATTN_EINVAL;
+    assert(attn_problem_valid(a) && g->grad_out.data);
+    assert((g->dq || g->grad_q.data) && (g->dk || g->grad_k.data) && (g->dv || g->grad_v.data));
     if (a->E == 0 && a->scale != 0.0) { /* the scores are 0: see attn_sdpa */
         attn_sdpa_grad_args zero_width = *g;
         zero_width.fwd.scale = 0.0;
         return attn_sdpa_backward(&zero_width);
     }
-    int64_t nproblems = a->num_heads;
-    for (int d = 0; d < a->nbatch; d++) nproblems *= a->batch_shape[d];
+    int64_t nproblems = attn_problems(a);
     if (nproblems == 0 || attn_grads_empty(g)) return ATTN_OK;
 
+    attn_plan plan;
+    attn_workspace ws;
+    attn_plan_backward(g, nproblems, &plan);
     /* a second description whose out / weights / scores / logits views are
        dO, the given weights and the trace, so attn_locate finds them too */
-    attn_backward_job job = {.g = g, .locate_grad = *a, .kernel = attn_get_kernel()};
+    attn_backward_job job = {.g = g, .locate_grad = *a, .plan = &plan};
     job.locate_grad.out = g->grad_out;
     job.locate_grad.weights = g->weights;
     job.locate_grad.scores = g->grad_weights;
@@ -411,62 +356,32 @@ int attn_sdpa_backward(const attn_sdpa_grad_args *g)
     job.locate_dst.q = g->grad_q;
     job.locate_dst.k = g->grad_k;
     job.locate_dst.v = g->grad_v;
-    /* the fast kernels recompute the weights and know no dropout; the given
-       weights, the trace and dropout take the reference kernel */
-    if (job.kernel != ATTN_KERNEL_REFERENCE &&
-        (g->weights.data || g->grad_weights.data || g->grad_scores.data ||
-         a->dropout_p > 0.0 || a->L == 0 || a->S == 0 || !isfinite(a->scale)))
-        job.kernel = ATTN_KERNEL_REFERENCE;
-    size_t es = a->dtype == ATTN_FLOAT32 ? sizeof(float) : sizeof(double);
-    double flops = 8.0 * (double)nproblems * (double)a->L * (double)a->S * (double)(a->E + a->Ev);
-    int threads = attn_threads_for(flops);
-    int status = ATTN_OK;
 
-    if (job.kernel != ATTN_KERNEL_REFERENCE) {
-        job.work_size = (attn_fast_backward_workspace(a) + 63) / 64 * 64;
-        job.work = attn_malloc(job.work_size * (size_t)threads);
-        /* the binding caps every dimension at 2**31 - 1, but nproblems can
-           be large through broadcasting: no product may wrap */
-        job.stats = (double)nproblems * 3.0 * (double)a->L * (double)es < 1e18
-                        ? attn_malloc((size_t)nproblems * (size_t)(3 * a->L) * es) : NULL;
-        if (job.work && job.stats) {
-            job.phase = 0;
-            job.blocks = (a->L + ATTN_FAST_BR - 1) / ATTN_FAST_BR;
-            attn_parallel_for(nproblems * job.blocks, threads, attn_backward_item, &job);
-            job.phase = 1;
-            job.blocks = (a->S + ATTN_FAST_BR - 1) / ATTN_FAST_BR;
-            attn_parallel_for(nproblems * job.blocks, threads, attn_backward_item, &job);
-        } else {
-            status = ATTN_ENOMEM;
-        }
-        attn_free(job.work);
-        attn_free(job.stats);
-        /*
-         * A NaN or inf in a gradient: the tiles multiplied whole blocks, where
-         * a blocked pair's zero weight times a NaN or inf in q, k, v or dO is
-         * NaN; the reference kernel skips keys with no weight. Such a call is
-         * done again by the reference kernel, which overwrites every gradient.
-         * Finite gradients mean no such product happened: the tiles' answer
-         * stands. (Checking the inputs first instead cost a whole extra pass
-         * over them on every call.)
-         */
-        if (status != ATTN_OK || !atomic_load(&job.nonfinite)) return status;
-        job.kernel = ATTN_KERNEL_REFERENCE;
+    if (attn_plan_alloc(&plan, &ws) != ATTN_OK) return ATTN_ENOMEM;
+    job.work = ws.work;
+    if (plan.kernel != ATTN_KERNEL_REFERENCE) {
+        job.stats = ws.shared;
+        for (job.phase = 0; job.phase < 2; job.phase++)
+            attn_parallel_for(nproblems * plan.blocks[job.phase], plan.threads,
+                              attn_backward_item, &job);
+        attn_plan_free(&ws);
+        /* NaN policy rule 5 (attn_core.h): a NaN or inf in a gradient sends
+           the call to the reference kernel, which overwrites every gradient */
+        if (!atomic_load(&job.nonfinite)) return ATTN_OK;
+        attn_plan_use_reference(&plan, ATTN_REASON_GRAD_NOT_FINITE);
+        job.phase = 0;
+        if (attn_plan_alloc(&plan, &ws) != ATTN_OK) return ATTN_ENOMEM;
+        job.work = ws.work;
     }
-    job.work_size = ((size_t)(2 * (a->S > 0 ? a->S : 1)) * sizeof(double) + 63) / 64 * 64;
-    if (threads > nproblems) threads = (int)nproblems;
-    job.work = attn_malloc(job.work_size * (size_t)threads);
-    if (!job.work) return ATTN_ENOMEM;
-    attn_parallel_for(nproblems, threads, attn_backward_item, &job);
-    attn_free(job.work);
+    attn_parallel_for(plan.items, plan.threads, attn_backward_item, &job);
+    attn_plan_free(&ws);
     return ATTN_OK;
 }
 
 int attn_sdpa_reduce_grads(const attn_sdpa_grad_args *g, const attn_sdpa_args *r)
 {
     const attn_sdpa_args *a = &g->fwd;
-    int64_t nproblems = a->num_heads;
-    for (int d = 0; d < a->nbatch; d++) nproblems *= a->batch_shape[d];
+    int64_t nproblems = attn_problems(a);
     if (attn_grads_empty(g)) return ATTN_OK;
     size_t es = a->dtype == ATTN_FLOAT32 ? sizeof(float) : sizeof(double);
     void (*add)(char *, int64_t, int64_t, const char *, int64_t, int64_t) =
@@ -489,330 +404,48 @@ int attn_sdpa_reduce_grads(const attn_sdpa_grad_args *g, const attn_sdpa_args *r
     return ATTN_OK;
 }
 
+/* ------------------------------------------------------------------------ */
+/* Linear layers                                                              */
+
+/* A linear layer's work: items are (batch, block of rows, group of output
+   columns), as the plan says. */
+typedef struct {
+    const attn_linear_args *p;
+    const attn_plan *plan;
+    char *work;
+} attn_linear_job;
+
+static void attn_linear_item(void *ctx, int64_t item, int thread)
+{
+    const attn_linear_job *job = ctx;
+    const attn_linear_args *p = job->p;
+    const attn_plan *plan = job->plan;
+    int64_t cg = item % plan->col_groups, rest = item / plan->col_groups;
+    int64_t rb = rest % plan->blocks[0], n = rest / plan->blocks[0];
+    int64_t br = plan->block_rows, l0 = rb * br, o0 = cg * plan->group_width;
+    int64_t nr = p->M - l0 < br ? p->M - l0 : br;
+    int64_t no = p->O - o0 < plan->group_width ? p->O - o0 : plan->group_width;
+    if (no <= 0) return;
+    if (plan->kernel != ATTN_KERNEL_REFERENCE)
+        attn_fast_linear_block(plan->kernel, p, n, l0, nr, o0, no,
+                               job->work + (size_t)thread * plan->work_size);
+    else if (p->dtype == ATTN_FLOAT32)
+        attn_linear_block_f32(p, n, l0, nr, o0, no);
+    else
+        attn_linear_block_f64(p, n, l0, nr, o0, no);
+}
+
 int attn_linear(const attn_linear_args *p)
 {
-    if (p->N < 0 || p->M < 0 || p->K < 0 || p->O < 0 || !p->x.data || !p->w.data ||
-        !p->y.data || (p->dtype != ATTN_FLOAT32 && p->dtype != ATTN_FLOAT64))
-        return ATTN_EINVAL;
-    attn_linear_job job = {.p = p, .kernel = attn_get_kernel()};
-    job.row_blocks = (p->M + ATTN_LINEAR_BR - 1) / ATTN_LINEAR_BR;
-    int64_t row_items = p->N * job.row_blocks;
-    if (row_items == 0 || p->O == 0) return ATTN_OK;
-
-    double flops = 2.0 * (double)p->N * (double)p->M * (double)p->K * (double)p->O;
-    int threads = attn_threads_for(flops);
-    /* enough column groups for 2 items per thread, each a multiple of 64 wide */
-    int64_t groups = (2 * threads + row_items - 1) / row_items;
-    int64_t max_groups = (p->O + 63) / 64;
-    job.col_groups = groups < 1 ? 1 : groups > max_groups ? max_groups : groups;
-    job.group_width = attn_round_up((p->O + job.col_groups - 1) / job.col_groups, 64);
-    int64_t items = row_items * job.col_groups;
-    if (threads > items) threads = (int)items;
-    if (job.kernel != ATTN_KERNEL_REFERENCE) {
-        job.work_size = (attn_fast_linear_workspace(p) + 63) / 64 * 64;
-        job.work = attn_malloc(job.work_size * (size_t)threads);
-        if (!job.work) job.kernel = ATTN_KERNEL_REFERENCE; /* needs no workspace */
-    }
-    attn_parallel_for(items, threads, attn_linear_item, &job);
-    attn_free(job.work);
-    return ATTN_OK;
-}
-
-/*
- * Self-attention's three projections read the same x: when the fast kernels
- * run and the row blocks alone keep every thread busy, one parallel loop
- * packs each row block of x^T once and produces q, k and v from it.
- * Returns -1 when the separate linear layers should be used instead.
- */
-typedef struct {
-    const attn_linear_args *ps;
-    int count;
-    attn_kernel kernel;
-    int64_t row_blocks;
-    char *work;
-    size_t work_size;
-} attn_linear_many_job;
-
-static void attn_linear_many_item(void *ctx, int64_t item, int thread)
-{
-    const attn_linear_many_job *job = ctx;
-    int64_t rb = item % job->row_blocks, n = item / job->row_blocks;
-    int64_t l0 = rb * ATTN_LINEAR_BR;
-    int64_t nr = job->ps[0].M - l0 < ATTN_LINEAR_BR ? job->ps[0].M - l0 : ATTN_LINEAR_BR;
-    attn_fast_linear_many(job->kernel, job->ps, job->count, n, l0, nr,
-                          job->work + (size_t)thread * job->work_size);
-}
-
-static int attn_linear_shared_x(const attn_linear_args *ps, int count)
-{
-    attn_linear_many_job job = {.ps = ps, .count = count, .kernel = attn_get_kernel()};
-    const attn_linear_args *p = &ps[0];
-    if (job.kernel == ATTN_KERNEL_REFERENCE) return -1;
-    job.row_blocks = (p->M + ATTN_LINEAR_BR - 1) / ATTN_LINEAR_BR;
-    int64_t items = p->N * job.row_blocks;
-    double flops = 0;
-    for (int c = 0; c < count; c++) flops += 2.0 * (double)p->N * (double)p->M * (double)p->K * (double)ps[c].O;
-    int threads = attn_threads_for(flops);
-    if (items < 2 * threads) return -1; /* too few row blocks: split columns instead */
-    job.work_size = (attn_fast_linear_workspace(p) + 63) / 64 * 64;
-    job.work = attn_malloc(job.work_size * (size_t)threads);
-    if (!job.work) return -1;
-    attn_parallel_for(items, threads, attn_linear_many_item, &job);
-    attn_free(job.work);
-    return ATTN_OK;
-}
-
-static int attn_same_view3(attn_view3 a, attn_view3 b)
-{
-    return a.data == b.data && a.batch == b.batch && a.row == b.row && a.col == b.col;
-}
-
-/* Rows S.. of k and v (per batch n): bias_k / bias_v, then zeros. */
-static void attn_append_kv(const attn_mha_args *m)
-{
-    const int64_t kw = m->num_kv_heads * m->head_dim, vw = m->num_kv_heads * m->head_dim_v;
-    void (*copy)(char *, int64_t, const char *, int64_t, int64_t) =
-        m->dtype == ATTN_FLOAT32 ? attn_copy_row_f32 : attn_copy_row_f64;
-    int64_t row = m->S;
-    if ((!m->bias_k.data && !m->add_zero_attn) || (kw == 0 && vw == 0)) return; /* nothing */
-    for (int64_t n = 0; n < m->N; n++) {
-        char *k = m->k.data + n * m->k.batch, *v = m->v.data + n * m->v.batch;
-        if (m->bias_k.data) {
-            copy(k + row * m->k.row, m->k.col, m->bias_k.data, m->bias_k.stride, kw);
-            copy(v + row * m->v.row, m->v.col, m->bias_v.data, m->bias_v.stride, vw);
-        }
-        if (m->add_zero_attn) {
-            int64_t z = row + (m->bias_k.data ? 1 : 0);
-            copy(k + z * m->k.row, m->k.col, NULL, 0, kw);
-            copy(v + z * m->v.row, m->v.col, NULL, 0, vw);
-        }
-    }
-}
-
-/* A projection of the layer: y = x W^T + b. */
-static int attn_project(const attn_mha_args *m, int64_t M, int64_t K, int64_t O,
-                        attn_view3 x, attn_view3 w, attn_vec b, attn_view3 y)
-{
-    attn_linear_args p = {.dtype = m->dtype, .N = m->N, .M = M, .K = K, .O = O,
-                          .x = x, .w = w, .y = y, .b = b};
-    return attn_linear(&p);
-}
-
-/* The head split: (N, rows, H*D) seen as (N, H, rows, D), a view. */
-static attn_view attn_heads_of(attn_view3 x, int64_t head_dim)
-{
-    attn_view view;
-    memset(&view, 0, sizeof view);
-    view.data = x.data;
-    view.batch[0] = x.batch;
-    view.head = head_dim * x.col;
-    view.row = x.row;
-    view.col = x.col;
-    return view;
-}
-
-int attn_mha(attn_mha_args *m)
-{
-    if (m->num_heads <= 0 || m->num_kv_heads <= 0 || m->num_heads % m->num_kv_heads != 0 ||
-        m->N < 0 || m->L < 0 || m->S < 0 || m->head_dim < 0 || m->head_dim_v < 0 ||
-        (m->bias_k.data == NULL) != (m->bias_v.data == NULL))
-        return ATTN_EINVAL;
-    const int64_t H = m->num_heads, Hkv = m->num_kv_heads, D = m->head_dim, Dv = m->head_dim_v;
-    const int64_t extra = (m->bias_k.data ? 1 : 0) + (m->add_zero_attn ? 1 : 0);
-    int status;
-
-    /* 1. projections (self-attention: the three at once, x^T packed once) */
-    attn_linear_args proj[3] = {
-        {.dtype = m->dtype, .N = m->N, .M = m->L, .K = m->qdim, .O = H * D,
-         .x = m->query, .w = m->w_q, .y = m->q, .b = m->b_q},
-        {.dtype = m->dtype, .N = m->N, .M = m->S, .K = m->kdim, .O = Hkv * D,
-         .x = m->key, .w = m->w_k, .y = m->k, .b = m->b_k},
-        {.dtype = m->dtype, .N = m->N, .M = m->S, .K = m->vdim, .O = Hkv * Dv,
-         .x = m->value, .w = m->w_v, .y = m->v, .b = m->b_v}};
-    int shared = attn_same_view3(m->query, m->key) && attn_same_view3(m->key, m->value) &&
-                 m->L == m->S && m->qdim == m->kdim && m->kdim == m->vdim;
-    if (!shared || attn_linear_shared_x(proj, 3) != ATTN_OK)
-        for (int i = 0; i < 3; i++)
-            if ((status = attn_linear(&proj[i]))) return status;
-
-    /* 2. bias_k / bias_v and the zero key, as extra key positions */
-    attn_append_kv(m);
-
-    /* 3. attention per head, on views: heads in, heads out into concat */
-    attn_sdpa_args *a = &m->attn;
-    a->dtype = m->dtype;
-    a->nbatch = 1;
-    a->batch_shape[0] = m->N;
-    a->num_heads = H;
-    a->num_kv_heads = Hkv;
-    a->L = m->L;
-    a->S = m->S + extra;
-    a->E = D;
-    a->Ev = Dv;
-    a->extra_keys = extra;
-    a->q = attn_heads_of(m->q, D);
-    a->k = attn_heads_of(m->k, D);
-    a->v = attn_heads_of(m->v, Dv);
-    a->out = attn_heads_of(m->concat, Dv);
-    if ((status = attn_sdpa(a))) return status;
-
-    /* 4. output projection */
-    if (m->w_out.data)
-        return attn_project(m, m->L, H * Dv, m->out_dim, m->concat, m->w_out, m->b_out, m->out);
-    return ATTN_OK;
-}
-
-/* ------------------------------------------------------------------------ */
-/* The multi-head layer's backward pass                                       */
-
-/* x[n][r][c] = 0 for n < N, r < rows, c < cols. */
-static void attn_zero3(attn_dtype dt, attn_view3 x, int64_t N, int64_t rows, int64_t cols)
-{
-    size_t es = dt == ATTN_FLOAT32 ? sizeof(float) : sizeof(double);
-    if (rows == 0 || cols == 0) return; /* not N empty loops */
-    for (int64_t n = 0; n < N; n++)
-        for (int64_t r = 0; r < rows; r++)
-            for (int64_t c = 0; c < cols; c++)
-                memset(x.data + n * x.batch + r * x.row + c * x.col, 0, es);
-}
-
-/* x^T as a view: (batch, rows, cols) -> (batch, cols, rows). */
-static attn_view3 attn_transposed(attn_view3 x)
-{
-    attn_view3 t = {x.data, x.batch, x.col, x.row};
-    return t;
-}
-
-/*
- * A linear layer's gradients from dy (N, M, O) and its input x (N, M, K):
- *   dx = dy W               (skipped when dx.data == NULL)
- *   dW = sum_n dy[n]^T x[n] (skipped when dW.data == NULL)
- *   db = sum_{n,l} dy       (skipped when db.data == NULL)
- */
-static int attn_linear_backward(attn_dtype dtype, int64_t N, int64_t M, int64_t K, int64_t O,
-                                attn_view3 x, attn_view3 w, attn_view3 dy, attn_view3 dx,
-                                attn_view3 dw, attn_vec db)
-{
-    int status;
-    if (N == 0 || M == 0) {
-        /* no rows: dx is empty, dW and db are zero (not N empty loops) */
-        size_t es = dtype == ATTN_FLOAT32 ? sizeof(float) : sizeof(double);
-        if (dw.data) attn_zero3(dtype, dw, 1, O, K);
-        for (int64_t o = 0; db.data && o < O; o++) memset(db.data + o * db.stride, 0, es);
-        return ATTN_OK;
-    }
-    if (dx.data) {
-        attn_linear_args p = {.dtype = dtype, .N = N, .M = M, .K = O, .O = K,
-                              .x = dy, .w = attn_transposed(w), .y = dx};
-        if ((status = attn_linear(&p))) return status;
-    }
-    if (dw.data && N > 0 && dy.batch == M * dy.row && x.batch == M * x.row) {
-        /* the batch continues the rows (contiguous over n, l): one product
-           whose inner dimension runs over all N * M rows */
-        attn_view3 dyf = {dy.data, 0, dy.row, dy.col}, xf = {x.data, 0, x.row, x.col};
-        attn_linear_args p = {.dtype = dtype, .N = 1, .M = O, .K = N * M, .O = K,
-                              .x = attn_transposed(dyf), .w = attn_transposed(xf), .y = dw};
-        if ((status = attn_linear(&p))) return status;
-    } else if (dw.data) {
-        for (int64_t n = 0; n < N; n++) {
-            attn_view3 dyn = {dy.data + n * dy.batch, 0, dy.row, dy.col};
-            attn_view3 xn = {x.data + n * x.batch, 0, x.row, x.col};
-            attn_linear_args p = {.dtype = dtype, .N = 1, .M = O, .K = M, .O = K,
-                                  .x = attn_transposed(dyn), .w = attn_transposed(xn), .y = dw,
-                                  .accumulate = n > 0};
-            if ((status = attn_linear(&p))) return status;
-        }
-    }
-    if (db.data) {
-        if (dtype == ATTN_FLOAT32) attn_bias_grad_f32(&dy, N, M, O, db);
-        else attn_bias_grad_f64(&dy, N, M, O, db);
-    }
-    return ATTN_OK;
-}
-
-int attn_mha_backward(attn_mha_grad_args *g)
-{
-    attn_mha_args *m = &g->fwd;
-    if (m->num_heads <= 0 || m->num_kv_heads <= 0 || m->num_heads % m->num_kv_heads != 0 ||
-        m->N < 0 || m->L < 0 || m->S < 0 || !g->dq.data || !g->dk.data || !g->dv.data ||
-        !g->dconcat.data ||
-        (m->num_kv_heads != m->num_heads && (!g->dk_heads || !g->dv_heads)))
-        return ATTN_EINVAL;
-    const int64_t H = m->num_heads, Hkv = m->num_kv_heads, D = m->head_dim, Dv = m->head_dim_v;
-    const int64_t extra = (m->bias_k.data ? 1 : 0) + (m->add_zero_attn ? 1 : 0);
-    const attn_dtype dt = m->dtype;
-    int status;
-
-    /* 1. output projection */
-    if (m->w_out.data) {
-        if ((status = attn_linear_backward(dt, m->N, m->L, H * Dv, m->out_dim, m->concat,
-                                           m->w_out, g->grad_out, g->dconcat, g->grad_w_out,
-                                           g->grad_b_out)))
-            return status;
-    } else {
-        g->dconcat = g->grad_out; /* no output projection: dconcat is dout */
-    }
-
-    /* 2. attention, per head, on views of the forward's buffers */
-    attn_sdpa_grad_args sg;
-    memset(&sg, 0, sizeof sg);
-    sg.fwd = m->attn;
-    sg.fwd.dtype = dt;
-    sg.fwd.nbatch = 1;
-    sg.fwd.batch_shape[0] = m->N;
-    sg.fwd.num_heads = H;
-    sg.fwd.num_kv_heads = Hkv;
-    sg.fwd.L = m->L;
-    sg.fwd.S = m->S + extra;
-    sg.fwd.E = D;
-    sg.fwd.Ev = Dv;
-    sg.fwd.extra_keys = extra;
-    sg.fwd.q = attn_heads_of(m->q, D);
-    sg.fwd.k = attn_heads_of(m->k, D);
-    sg.fwd.v = attn_heads_of(m->v, Dv);
-    sg.grad_out = attn_heads_of(g->dconcat, Dv);
-    /* with dropout, the reference kernel reads the forward's weights; without,
-       the fast kernels recompute them (the same to rounding, and faster than
-       reading an L x S map back) */
-    if (m->attn.dropout_p > 0.0) sg.weights = m->attn.weights;
-    /* each head writes its own columns of dq in place; dk, dv too unless
-       several query heads share a key/value head (then slabs, summed) */
-    sg.grad_q = attn_heads_of(g->dq, D);
-    if (Hkv == H) {
-        sg.grad_k = attn_heads_of(g->dk, D);
-        sg.grad_v = attn_heads_of(g->dv, Dv);
-    } else {
-        sg.dk = g->dk_heads;
-        sg.dv = g->dv_heads;
-    }
-    if ((status = attn_sdpa_backward(&sg))) return status;
-    if (Hkv != H) {
-        attn_sdpa_args r = sg.fwd;
-        r.q.data = NULL; /* written in place */
-        r.k = attn_heads_of(g->dk, D);
-        r.v = attn_heads_of(g->dv, Dv);
-        attn_zero3(dt, g->dk, m->N, m->S + extra, Hkv * D);
-        attn_zero3(dt, g->dv, m->N, m->S + extra, Hkv * Dv);
-        if ((status = attn_sdpa_reduce_grads(&sg, &r))) return status;
-    }
-
-    /* 3. bias_k, bias_v: the sums of the key / value gradients at row S */
-    if (m->bias_k.data) {
-        attn_view3 krow = {g->dk.data + m->S * g->dk.row, g->dk.batch, g->dk.row, g->dk.col};
-        attn_view3 vrow = {g->dv.data + m->S * g->dv.row, g->dv.batch, g->dv.row, g->dv.col};
-        void (*bias_grad)(const attn_view3 *, int64_t, int64_t, int64_t, attn_vec) =
-            dt == ATTN_FLOAT32 ? attn_bias_grad_f32 : attn_bias_grad_f64;
-        if (g->grad_bias_k.data) bias_grad(&krow, m->N, 1, Hkv * D, g->grad_bias_k);
-        if (g->grad_bias_v.data) bias_grad(&vrow, m->N, 1, Hkv * Dv, g->grad_bias_v);
-    }
-
-    /* 4. input projections (the first S rows of dk, dv: the appended ones have no input) */
-    if ((status = attn_linear_backward(dt, m->N, m->L, m->qdim, H * D, m->query, m->w_q, g->dq,
-                                       g->grad_query, g->grad_w_q, g->grad_b_q)) ||
-        (status = attn_linear_backward(dt, m->N, m->S, m->kdim, Hkv * D, m->key, m->w_k, g->dk,
-                                       g->grad_key, g->grad_w_k, g->grad_b_k)) ||
-        (status = attn_linear_backward(dt, m->N, m->S, m->vdim, Hkv * Dv, m->value, m->w_v,
-                                       g->dv, g->grad_value, g->grad_w_v, g->grad_b_v)))
-        return status;
+    assert(p->N >= 0 && p->M >= 0 && p->K >= 0 && p->O >= 0 && p->x.data && p->w.data &&
+           p->y.data && (p->dtype == ATTN_FLOAT32 || p->dtype == ATTN_FLOAT64));
+    if (p->N == 0 || p->M == 0 || p->O == 0) return ATTN_OK;
+    attn_plan plan;
+    attn_workspace ws;
+    attn_plan_linear(p, &plan);
+    if (attn_plan_alloc(&plan, &ws) != ATTN_OK) return ATTN_ENOMEM;
+    attn_linear_job job = {.p = p, .plan = &plan, .work = ws.work};
+    attn_parallel_for(plan.items, plan.threads, attn_linear_item, &job);
+    attn_plan_free(&ws);
     return ATTN_OK;
 }

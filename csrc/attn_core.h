@@ -41,7 +41,10 @@ typedef enum {
                                  (torch.nn.MultiheadAttention's polarity) */
 } attn_mask_kind;
 
-/* Status codes returned by the core. */
+/* Status codes returned by the core. The core trusts its arguments (the
+   binding validated them; debug builds assert it, see csrc/README.md): its
+   calls fail only with ATTN_ENOMEM, and attn_set_kernel with ATTN_EINVAL
+   for a kernel this CPU cannot run. */
 enum { ATTN_OK = 0, ATTN_ENOMEM = 1, ATTN_EINVAL = 2 };
 
 /*
@@ -100,7 +103,7 @@ typedef struct {
  * kernel: scores, softmax, weighted sum). Without, keys are streamed with an
  * online softmax and no L x S buffer exists; extra memory is O(S_block + Ev).
  * A query row whose keys are all masked gets zero weights and a zero output.
- * Returns ATTN_OK, ATTN_ENOMEM or ATTN_EINVAL.
+ * Returns ATTN_OK or ATTN_ENOMEM.
  */
 int attn_sdpa(const attn_sdpa_args *args);
 
@@ -144,6 +147,45 @@ int attn_sdpa_backward(const attn_sdpa_grad_args *g);
    gradient's own C-contiguous layout and the caller points g->dq (...) there. */
 int attn_sdpa_reduce_grads(const attn_sdpa_grad_args *g, const attn_sdpa_args *r);
 
+/* ------------------------------------------------------------------------ */
+/* NaN and inf: THE POLICY                                                   */
+
+/*
+ * The core never makes a pass over its inputs to look for NaN or inf; every
+ * kernel, reference or tiled, gives the same answer under these rules. They
+ * are implemented once: rules 1-3 by the reference kernel's helpers
+ * (attn_blocked in attn_internal.h, logit in attn_kernels.inc) that the
+ * tiles follow (their -inf select in qk_tile, pv_tile_careful), rules 4-6
+ * by the planner (attn_plan.c: attn_policy_tiles, attn_policy_grad_finite).
+ *
+ *  1. A masked pair never counts, whatever its score: a bool mask, the
+ *     causal mask, or a float mask of -inf give it weight exactly 0, even
+ *     when q . k is NaN or inf. (extra_keys are never masked.)
+ *  2. A key whose weight is exactly 0 does not read its value row (a NaN in
+ *     v there does not reach the output), and gets no gradient.
+ *  3. A row whose every key is masked gets zero weights and a zero output
+ *     (as torch's SDPA); a NaN score of an open pair makes its row NaN.
+ *  4. A non-finite scale runs the reference kernel
+ *     (use_ref:scale_not_finite): a tile multiplies scale into every pair of
+ *     a block, and inf * 0 is NaN where the reference scores nothing.
+ *  5. The tiled backward multiplies whole blocks, so a zero weight times an
+ *     inf or NaN in q, k, v or dO can give NaN where rule 2 gives 0. It
+ *     checks the gradient rows it writes (attn_policy_grad_finite) and, when
+ *     one is not finite, the whole call is done again by the reference
+ *     kernel (use_ref:grad_not_finite), which overwrites every gradient.
+ *     Finite gradients mean no such product happened: the tiles' answer
+ *     stands. (Checking the inputs first instead cost a pass over them on
+ *     every call.)
+ *  6. KNOWN BUG, not fixed: the tiles compute q . k in the element type and
+ *     scale it afterwards, so when q . k overflows float32 but scale q . k
+ *     does not, they give inf / NaN where the reference (in double) is
+ *     finite. The place for the fix is the reserved reason
+ *     use_ref:qk_overflow in attn_policy_tiles (attn_plan.c).
+ *
+ * The E == 0 rule (attn_sdpa): with no columns, q . k is an empty sum, 0,
+ * and the scores are 0 whatever the scale (inf and NaN included), as torch's.
+ */
+
 /* Number of key rows the streaming kernel scores at a time. */
 #define ATTN_KEY_BLOCK 64
 
@@ -155,8 +197,8 @@ int attn_dropout_keep(uint64_t seed, uint64_t index, double p);
 
 /*
  * Which kernel computes attention and linear layers. AUTO: the fastest this
- * CPU runs. REFERENCE: the readable kernel of attn_kernels.inc (the trace and
- * dropout always use it). BASELINE, AVX2, AVX512: the tiled kernels of
+ * CPU runs. REFERENCE: the readable kernel of attn_reference.inc (the trace
+ * and dropout always use it; attn_plan.c says when else). BASELINE, AVX2, AVX512: the tiled kernels of
  * attn_fast.inc built for x86-64's baseline SSE2, AVX2+FMA and AVX-512F,
  * float32 and float64. Setting one the CPU lacks returns ATTN_EINVAL.
  */
@@ -177,13 +219,13 @@ attn_kernel attn_get_kernel(void); /* what AUTO resolves to on this CPU */
    compares against. */
 double attn_fma_peak_gflops(int threads, int64_t iters);
 
-/* Threads used by the core: n >= 1, or 0 for the default (OMP_NUM_THREADS
-   if set, else the CPUs online). */
+/* Threads used by the core: 1 <= n <= 256, or 0 for the default
+   (OMP_NUM_THREADS if set, else the CPUs online). */
 int attn_set_num_threads(int n);
 int attn_get_num_threads(void);
 
 /* ------------------------------------------------------------------------ */
-/* Linear layers and the multi-head attention layer.                         */
+/* Linear layers                                                            */
 
 /* A batch of matrices (batch, row, col); byte strides. */
 typedef struct {
@@ -201,6 +243,9 @@ typedef struct {
  * y = x W^T + b, as torch.nn.Linear: for every batch n and row l,
  *     y[n][l][o] = b[o] + sum_i x[n][l][i] W[o][i]
  * x (N, M, K), W (O, K) as a view3 with batch stride unused, y (N, M, O).
+ * Any byte strides: x, W and y may be transposed views (W = V^T is V with
+ * its row and column strides swapped), as the backward's dx = dy W and
+ * dW = dy^T x need.
  */
 typedef struct {
     attn_dtype dtype;
@@ -211,75 +256,6 @@ typedef struct {
 } attn_linear_args;
 
 int attn_linear(const attn_linear_args *args);
-
-/*
- * Multi-head attention, as torch.nn.MultiheadAttention computes it:
- *
- *   q = query W_q^T + b_q          (N, L, H*D)
- *   k = key   W_k^T + b_k          (N, S, Hkv*D)
- *   v = value W_v^T + b_v          (N, S, Hkv*Dv)
- *   k, v += one row bias_k, bias_v          (add_bias_kv)
- *   k, v += one row of zeros                (add_zero_attn)
- *   per head h: o_h = attention(q_h, k_h', v_h')   h' = h / (H / Hkv)
- *   concat = [o_1 ... o_H]         (N, L, H*Dv)
- *   out = concat W_o^T + b_o       (N, L, out_dim)  (skipped when w_out.data == NULL)
- *
- * torch's layer has D = Dv = E / H and qdim = out_dim = E; the textbook
- * single head (attnpy.self_attention) has H = 1, D = d_k, Dv = d_v, no W_o.
- * The heads are strided views of q, k, v and concat: splitting and merging
- * them copies nothing. q, k, v, concat and out are buffers the caller
- * allocated, S' = S + add_bias_kv + add_zero_attn rows for k and v. The
- * attention itself is attn_sdpa with `attn`'s masks (as (N, H, L, S) views),
- * scale, dropout, weights and trace views; attn_mha fills in the rest.
- */
-typedef struct {
-    attn_dtype dtype;
-    int64_t N, L, S;                    /* batch, query length, key length */
-    int64_t qdim, kdim, vdim;           /* widths of the inputs */
-    int64_t num_heads, num_kv_heads;    /* H, Hkv (Hkv divides H) */
-    int64_t head_dim, head_dim_v;       /* D, Dv */
-    int64_t out_dim;                    /* rows of W_o */
-    attn_view3 query, key, value;       /* inputs */
-    attn_view3 w_q, w_k, w_v, w_out;    /* (out, in) as in torch; batch stride unused */
-    attn_vec b_q, b_k, b_v, b_out;
-    attn_vec bias_k, bias_v;            /* data != NULL: add_bias_kv */
-    int add_zero_attn;
-    attn_view3 q, k, v, concat, out;    /* written */
-    attn_sdpa_args attn;                /* masks, scale, dropout, weights, trace */
-} attn_mha_args;
-
-int attn_mha(attn_mha_args *args);
-
-/*
- * The multi-head layer's backward pass, from the forward's buffers:
- *
- *   dconcat = dout W_o,  dW_o = sum_n dout^T concat,  db_o = sum dout
- *   per head: dq, dk, dv from attn_sdpa_backward (the forward's weights given)
- *   dbias_k, dbias_v = sum_n (row S of dk, dv)     (add_bias_kv)
- *   dquery = dq W_q, dW_q = sum_n dq^T query, db_q = sum dq   (likewise k, v,
- *   over the first S rows of dk, dv: the zero key has no parameters)
- *
- * fwd is the forward's description with its q, k, v, concat buffers as the
- * forward left them and fwd.attn.weights the forward's softmax. dq, dk, dv,
- * dconcat are caller-allocated (N, L, H*D), (N, S', Hkv*D), (N, S', Hkv*Dv),
- * (N, L, H*Dv) buffers; with grouped-query heads (Hkv < H), dk_heads and
- * dv_heads are the per-problem slabs attn_sdpa_backward sums from
- * (N*H*S'*D, N*H*S'*Dv elements); otherwise every head writes its own
- * columns of dq, dk, dv in place and they may be NULL. Every
- * gradient output is overwritten; a parameter's is skipped when its data is
- * NULL.
- */
-typedef struct {
-    attn_mha_args fwd;
-    attn_view3 grad_out;
-    attn_view3 grad_query, grad_key, grad_value;
-    attn_view3 grad_w_q, grad_w_k, grad_w_v, grad_w_out;
-    attn_vec grad_b_q, grad_b_k, grad_b_v, grad_b_out, grad_bias_k, grad_bias_v;
-    attn_view3 dq, dk, dv, dconcat;
-    char *dk_heads, *dv_heads;
-} attn_mha_grad_args;
-
-int attn_mha_backward(attn_mha_grad_args *g);
 
 /* ------------------------------------------------------------------------ */
 /* Fault injection (debug builds compiled with -DATTN_FAULT_INJECTION only)  */

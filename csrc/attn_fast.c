@@ -104,20 +104,6 @@ void attn_fast_linear_block(attn_kernel kernel, const attn_linear_args *p, int64
     }
 }
 
-void attn_fast_linear_many(attn_kernel kernel, const attn_linear_args *ps, int count,
-                           int64_t n, int64_t l0, int64_t nr, void *ws)
-{
-    if (ps[0].dtype == ATTN_FLOAT64) {
-        void (*fn)(const attn_linear_args *, int, int64_t, int64_t, int64_t, double *) =
-            ATTN_PICK(linear_block_many, kernel, f64);
-        fn(ps, count, n, l0, nr, ws);
-    } else {
-        void (*fn)(const attn_linear_args *, int, int64_t, int64_t, int64_t, float *) =
-            ATTN_PICK(linear_block_many, kernel, f32);
-        fn(ps, count, n, l0, nr, ws);
-    }
-}
-
 size_t attn_fast_backward_workspace(const attn_sdpa_args *a)
 {
     size_t E = (size_t)a->E, Ep = (size_t)attn_round_up(a->E, 32);

@@ -63,14 +63,6 @@ void attn_parallel_for(int64_t n, int max_threads,
    up to ~0.5 ms: small jobs are better done on the calling thread then. */
 int attn_parallel_awake(void);
 
-/* How many threads a job of `flops` floating-point operations should use. */
-static inline int attn_threads_for(double flops)
-{
-    if (flops < 2e5) return 1;                            /* ~ a few microseconds */
-    if (flops < 2e7 && !attn_parallel_awake()) return 1;  /* less than a wake-up */
-    return attn_get_num_threads();
-}
-
 /* Fast kernels (attn_fast.c), float32 and float64. */
 #define ATTN_FAST_BR 128  /* query rows per work item */
 size_t attn_fast_workspace(const attn_sdpa_args *a); /* bytes per thread */
@@ -82,11 +74,6 @@ size_t attn_fast_linear_workspace(const attn_linear_args *p); /* bytes per threa
 void attn_fast_linear_block(attn_kernel kernel, const attn_linear_args *p, int64_t n,
                             int64_t l0, int64_t nr, int64_t o0, int64_t no, void *workspace);
 
-/* Several linear layers of one x (same data, strides and sizes but O):
-   x^T of the row block is packed once for all of them. */
-void attn_fast_linear_many(attn_kernel kernel, const attn_linear_args *ps, int count,
-                           int64_t n, int64_t l0, int64_t nr, void *workspace);
-
 /* The backward pass's fast kernels: phase 0 (query-major) writes dq rows
    start .. start+n-1 and this problem's stats (m, 1/l, D: 3 x L values);
    phase 1 (key-major) writes dk, dv rows start .. start+n-1 from them. */
@@ -95,5 +82,76 @@ void attn_fast_backward_rows(attn_kernel kernel, const attn_sdpa_grad_args *g,
                              const attn_head *hd, const char *dout, int phase, int64_t start,
                              int64_t n, void *stats, attn_mat grad0, attn_mat grad1,
                              void *workspace);
+
+/* ------------------------------------------------------------------------ */
+/* The planner (attn_plan.c): every decision about how a call runs.          */
+
+/* Why a plan runs the kernel it runs. use_tiled: a tiled kernel of
+   attn_fast.inc; every other reason names what sends the call to the
+   reference kernel. Names: attn_reason_names. */
+typedef enum {
+    ATTN_REASON_TILED = 0,        /* use_tiled */
+    ATTN_REASON_SELECTED,         /* attn_set_kernel(ATTN_KERNEL_REFERENCE) */
+    ATTN_REASON_TRACE,            /* a trace view asked for (scores, logits, dP, dS, ...) */
+    ATTN_REASON_DROPOUT,          /* dropout_p > 0 */
+    ATTN_REASON_WEIGHTS_STRIDE,   /* the weights buffer's column stride is not one element */
+    ATTN_REASON_SCALE_NOT_FINITE, /* NaN policy rule 4 */
+    ATTN_REASON_GIVEN_WEIGHTS,    /* backward: the forward's weights given to read */
+    ATTN_REASON_NO_ROWS,          /* backward: L == 0 or S == 0 */
+    ATTN_REASON_QK_OVERFLOW,      /* NaN policy rule 6: reserved for a fix, never chosen */
+    ATTN_REASON_NO_WORKSPACE,     /* the tiles' workspace could not be allocated */
+    ATTN_REASON_GRAD_NOT_FINITE,  /* NaN policy rule 5: the tiled backward's result rejected */
+    ATTN_REASON_COUNT
+} attn_reason;
+
+extern const char *const attn_reason_names[ATTN_REASON_COUNT];
+
+/* The operation a plan is for. */
+typedef enum { ATTN_OP_SDPA, ATTN_OP_SDPA_BACKWARD, ATTN_OP_LINEAR } attn_op;
+
+/* How one call runs. Items are numbered 0 .. items-1 and handed to
+   attn_parallel_for; each thread gets work_size bytes of workspace, and
+   shared_size bytes are shared by all (the backward's stats). */
+typedef struct {
+    attn_op op;                /* what for */
+    attn_kernel kernel;        /* ATTN_KERNEL_REFERENCE or a tiled ISA */
+    attn_reason reason;        /* why this kernel */
+    int64_t nproblems;         /* attention: (batch, head) problems */
+    int64_t block_rows;        /* rows per item (tiled: ATTN_FAST_BR / ATTN_LINEAR_BR;
+                                  reference attention: a whole problem's L) */
+    int64_t blocks[2];         /* row blocks per problem: [0] the forward's (and the
+                                  backward's query-major loop), [1] the backward's
+                                  key-major loop; 1 for the reference */
+    int64_t col_groups, group_width; /* linear: output columns per item */
+    int64_t items;             /* items of the (first) parallel loop */
+    int threads;               /* threads to run them on */
+    size_t work_size;          /* workspace bytes per thread, a multiple of 64 */
+    size_t shared_size;        /* workspace bytes shared by all threads */
+    /* the reference kernel's numbers, for a fallback to it */
+    int64_t ref_block_rows, ref_blocks, ref_items;
+    size_t ref_work_size;
+} attn_plan;
+
+void attn_plan_sdpa(const attn_sdpa_args *a, int64_t nproblems, attn_plan *plan);
+void attn_plan_backward(const attn_sdpa_grad_args *g, int64_t nproblems, attn_plan *plan);
+void attn_plan_linear(const attn_linear_args *p, attn_plan *plan);
+
+/* Switch a plan to the reference kernel, for the reason given. */
+void attn_plan_use_reference(attn_plan *plan, attn_reason why);
+
+/* A plan's workspace. attn_plan_alloc allocates it; when the tiles' does not
+   fit, it switches the plan to the reference kernel (use_ref:no_workspace)
+   and tries again. ATTN_OK or ATTN_ENOMEM (nothing allocated). */
+typedef struct {
+    char *work;   /* threads x work_size bytes */
+    char *shared; /* shared_size bytes */
+} attn_workspace;
+int attn_plan_alloc(attn_plan *plan, attn_workspace *ws);
+void attn_plan_free(attn_workspace *ws);
+
+/* NaN policy rule 5 (attn_core.h): is every element of rows r0 .. r0+rows-1
+   (cols wide) of a gradient finite? */
+int attn_policy_grad_finite(attn_dtype dtype, attn_mat m, int64_t r0, int64_t rows,
+                            int64_t cols);
 
 #endif /* ATTN_INTERNAL_H */

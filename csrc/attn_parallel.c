@@ -30,6 +30,7 @@
  */
 #include "attn_internal.h"
 
+#include <assert.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdlib.h>
@@ -177,7 +178,7 @@ int attn_parallel_awake(void)
 
 int attn_set_num_threads(int n)
 {
-    if (n < 0 || n > ATTN_MAX_THREADS) return ATTN_EINVAL;
+    assert(n >= 0 && n <= ATTN_MAX_THREADS); /* the binding checks */
     pthread_mutex_lock(&pool_lock);
     num_threads = n; /* 0: back to the default */
     pthread_mutex_unlock(&pool_lock);

@@ -1,5 +1,6 @@
 /*
- * test_core.c -- the C core tested on its own, without Python.
+ * tests/c/test_core.c -- the C core tested on its own, without Python
+ * (built with -Icsrc: see dev.sh).
  *
  * Each case builds q, k, v (and a mask) in double, lays them out in float32
  * or float64 with the case's strides (contiguous, transposed key, broadcast
@@ -9,7 +10,7 @@
  *
  * Prints one line per failure and closes with "N passed, M failed".
  */
-#include "attn_core.h"
+#include "attn_internal.h" /* the planner's tests; -Icsrc */
 
 #include <math.h>
 #include <stdio.h>
@@ -197,139 +198,190 @@ static void run_case(const test_case *c, int f32, int streaming)
 }
 
 /*
- * The multi-head layer against a naive version written here: N=2, L=3, S=4,
- * E=8, H=4 query heads over Hkv=2 key/value heads (grouped), bias_k/bias_v
- * and a zero key appended, a key padding mask (nonzero = ignore) hiding key
- * 2 of batch 1, all in double with contiguous buffers.
+ * attn_linear against the formula, y = x W^T + b (+ y with accumulate), on
+ * strided views: x with padded rows, W given as the transpose of a stored
+ * (K, O) matrix (row and column strides swapped), y with padded rows; both
+ * dtypes, with and without bias and accumulate, on every kernel the caller
+ * selected. Shapes cover a partial row block and a partial column group.
  */
-enum { MN = 2, ML = 3, MS = 4, ME = 8, MH = 4, MHKV = 2, MD = ME / MH, MKV = MHKV * MD,
-       MS2 = MS + 2 };
-
-static void test_mha(void)
+static void test_linear(const char *kernel_name)
 {
-    unsigned seed = 777u;
-    static double x[MN][ML][ME], kv[MN][MS][ME];
-    static double wq[ME][ME], wk[MKV][ME], wv[MKV][ME], wo[ME][ME];
-    static double bq[ME], bk[MKV], bv[MKV], bo[ME], biask[MKV], biasv[MKV];
-    static unsigned char pad[MN][MS];
-    static double q[MN][ML][ME], k[MN][MS2][MKV], v[MN][MS2][MKV], concat[MN][ML][ME],
-        out[MN][ML][ME], weights[MN][MH][ML][MS2];
-    double *all[] = {&x[0][0][0], &kv[0][0][0], &wq[0][0], &wk[0][0], &wv[0][0], &wo[0][0],
-                     bq, bk, bv, bo, biask, biasv};
-    size_t sizes[] = {sizeof x, sizeof kv, sizeof wq, sizeof wk, sizeof wv, sizeof wo,
-                      sizeof bq, sizeof bk, sizeof bv, sizeof bo, sizeof biask, sizeof biasv};
-    for (size_t t = 0; t < sizeof all / sizeof all[0]; t++)
-        for (size_t i = 0; i < sizes[t] / sizeof(double); i++) all[t][i] = 0.5 * uniform(&seed);
-    memset(pad, 0, sizeof pad);
-    pad[1][2] = 1;
-
-    /* naive: project, append, attend per head, merge, project */
-    double rq[MN][ML][ME], rk[MN][MS2][MKV], rv[MN][MS2][MKV], rc[MN][ML][ME], ro[MN][ML][ME];
-    for (int n = 0; n < MN; n++) {
-        for (int l = 0; l < ML; l++)
-            for (int o = 0; o < ME; o++) {
-                rq[n][l][o] = bq[o];
-                for (int i = 0; i < ME; i++) rq[n][l][o] += x[n][l][i] * wq[o][i];
+    enum { N = 2, M = 131, K = 7, O = 70, XP = K + 3, YP = O + 5 };
+    static double x[N][M][XP], wt[K][O], b[O], y0[N][M][YP];
+    unsigned seed = 4242u;
+    for (int n = 0; n < N; n++)
+        for (int l = 0; l < M; l++)
+            for (int i = 0; i < XP; i++) x[n][l][i] = uniform(&seed);
+    for (int i = 0; i < K; i++)
+        for (int o = 0; o < O; o++) wt[i][o] = uniform(&seed);
+    for (int o = 0; o < O; o++) b[o] = uniform(&seed);
+    for (int n = 0; n < N; n++)
+        for (int l = 0; l < M; l++)
+            for (int o = 0; o < YP; o++) y0[n][l][o] = uniform(&seed);
+    for (int f32 = 0; f32 < 2; f32++)
+        for (int variant = 0; variant < 4; variant++) {
+            int bias = variant & 1, acc = variant >> 1;
+            size_t es = f32 ? sizeof(float) : sizeof(double);
+            char *bx = malloc(sizeof x), *bw = malloc(sizeof wt), *bb = malloc(sizeof b);
+            char *by = malloc(sizeof y0);
+            for (size_t t = 0; t < sizeof x / sizeof(double); t++) store(bx, t, (&x[0][0][0])[t], f32);
+            for (size_t t = 0; t < sizeof wt / sizeof(double); t++) store(bw, t, (&wt[0][0])[t], f32);
+            for (size_t t = 0; t < O; t++) store(bb, t, b[t], f32);
+            for (size_t t = 0; t < sizeof y0 / sizeof(double); t++) store(by, t, (&y0[0][0][0])[t], f32);
+            attn_linear_args p;
+            memset(&p, 0, sizeof p);
+            p.dtype = f32 ? ATTN_FLOAT32 : ATTN_FLOAT64;
+            p.N = N; p.M = M; p.K = K; p.O = O;
+            p.x = (attn_view3){bx, (int64_t)(M * XP * es), (int64_t)(XP * es), (int64_t)es};
+            p.w = (attn_view3){bw, 0, (int64_t)es, (int64_t)(O * es)}; /* W = wt^T */
+            p.y = (attn_view3){by, (int64_t)(M * YP * es), (int64_t)(YP * es), (int64_t)es};
+            if (bias) p.b = (attn_vec){bb, (int64_t)es};
+            p.accumulate = acc;
+            int status = attn_linear(&p);
+            double err = 0;
+            for (int n = 0; n < N; n++)
+                for (int l = 0; l < M; l++)
+                    for (int o = 0; o < YP; o++) {
+                        double want = y0[n][l][o];
+                        if (o < O) {
+                            double sum = (bias ? b[o] : 0) + (acc ? y0[n][l][o] : 0);
+                            for (int i = 0; i < K; i++) sum += x[n][l][i] * wt[i][o];
+                            want = f32 ? (double)(float)sum : sum;
+                        } else if (f32) {
+                            want = (double)(float)want; /* the padding: untouched */
+                        }
+                        double e = fabs(load(by, ((size_t)n * M + l) * YP + o, f32) - want) /
+                                   (1.0 + fabs(want));
+                        if (!(e <= err)) err = e;
+                    }
+            double tol = f32 ? 2e-6 : 1e-13;
+            if (status == ATTN_OK && err <= tol) n_passed++;
+            else {
+                n_failed++;
+                printf("FAIL linear [%s, %s, bias %d, accumulate %d]: status %d, error %.3g\n",
+                       kernel_name, f32 ? "float32" : "float64", bias, acc, status, err);
             }
-        for (int s = 0; s < MS2; s++)
-            for (int o = 0; o < MKV; o++) {
-                rk[n][s][o] = s < MS ? bk[o] : s == MS ? biask[o] : 0;
-                rv[n][s][o] = s < MS ? bv[o] : s == MS ? biasv[o] : 0;
-                for (int i = 0; s < MS && i < ME; i++) {
-                    rk[n][s][o] += kv[n][s][i] * wk[o][i];
-                    rv[n][s][o] += kv[n][s][i] * wv[o][i];
-                }
-            }
-        for (int h = 0; h < MH; h++) {
-            int hk = h / (MH / MHKV);
-            for (int l = 0; l < ML; l++) {
-                double sc[MS2], m = -INFINITY, sum = 0;
-                for (int s = 0; s < MS2; s++) {
-                    double dot = 0;
-                    for (int d = 0; d < MD; d++) dot += rq[n][l][h * MD + d] * rk[n][s][hk * MD + d];
-                    sc[s] = s < MS && pad[n][s] ? -INFINITY : dot / sqrt((double)MD);
-                    if (sc[s] > m) m = sc[s];
-                }
-                for (int s = 0; s < MS2; s++) sum += exp(sc[s] - m);
-                for (int d = 0; d < MD; d++) {
-                    rc[n][l][h * MD + d] = 0;
-                    for (int s = 0; s < MS2; s++)
-                        rc[n][l][h * MD + d] += exp(sc[s] - m) / sum * rv[n][s][hk * MD + d];
-                }
-            }
+            free(bx); free(bw); free(bb); free(by);
         }
-        for (int l = 0; l < ML; l++)
-            for (int o = 0; o < ME; o++) {
-                ro[n][l][o] = bo[o];
-                for (int i = 0; i < ME; i++) ro[n][l][o] += rc[n][l][i] * wo[o][i];
-            }
-    }
+}
 
-    const int64_t d = sizeof(double);
-    attn_mha_args m;
-    memset(&m, 0, sizeof m);
-    m.dtype = ATTN_FLOAT64;
-    m.N = MN; m.L = ML; m.S = MS;
-    m.qdim = m.kdim = m.vdim = ME;
-    m.num_heads = MH; m.num_kv_heads = MHKV;
-    m.head_dim = m.head_dim_v = MD;
-    m.out_dim = ME;
-    m.query = (attn_view3){(char *)x, ML * ME * d, ME * d, d};
-    m.key = m.value = (attn_view3){(char *)kv, MS * ME * d, ME * d, d};
-    m.w_q = (attn_view3){(char *)wq, 0, ME * d, d};
-    m.w_k = (attn_view3){(char *)wk, 0, ME * d, d};
-    m.w_v = (attn_view3){(char *)wv, 0, ME * d, d};
-    m.w_out = (attn_view3){(char *)wo, 0, ME * d, d};
-    m.b_q = (attn_vec){(char *)bq, d};
-    m.b_k = (attn_vec){(char *)bk, d};
-    m.b_v = (attn_vec){(char *)bv, d};
-    m.b_out = (attn_vec){(char *)bo, d};
-    m.bias_k = (attn_vec){(char *)biask, d};
-    m.bias_v = (attn_vec){(char *)biasv, d};
-    m.add_zero_attn = 1;
-    m.q = (attn_view3){(char *)q, ML * ME * d, ME * d, d};
-    m.k = (attn_view3){(char *)k, MS2 * MKV * d, MKV * d, d};
-    m.v = (attn_view3){(char *)v, MS2 * MKV * d, MKV * d, d};
-    m.concat = (attn_view3){(char *)concat, ML * ME * d, ME * d, d};
-    m.out = (attn_view3){(char *)out, ML * ME * d, ME * d, d};
-    m.attn.scale = 1.0 / sqrt((double)MD);
-    m.attn.mask2_kind = ATTN_MASK_BOOL_BLOCK;
-    m.attn.mask2 = (attn_view){.data = (char *)pad, .batch = {MS}, .head = 0, .row = 0, .col = 1};
-    m.attn.weights = (attn_view){.data = (char *)weights, .batch = {MH * ML * MS2},
-                                 .head = ML * MS2 * d, .row = MS2 * d, .col = d};
-    m.attn.weights.batch[0] *= d;
+/* ------------------------------------------------------------------------ */
+/* The planner (attn_plan.c): which kernel, and the named reason why.        */
 
-    int status = attn_mha(&m);
-    double err = 0;
-    for (int n = 0; n < MN; n++)
-        for (int l = 0; l < ML; l++)
-            for (int o = 0; o < ME; o++) {
-                double e = fabs(out[n][l][o] - ro[n][l][o]);
-                if (!(e <= err)) err = e;
-            }
-    for (int l = 0; l < ML; l++) /* key 2 of batch 1 is padding: no weight from any head */
-        for (int h = 0; h < MH; h++)
-            if (weights[1][h][l][2] != 0.0) err = INFINITY;
-    if (status == ATTN_OK && err <= 1e-13) n_passed++;
+static void check(int ok, const char *what)
+{
+    if (ok) n_passed++;
     else {
         n_failed++;
-        printf("FAIL multi-head layer: status %d, max error %.3g\n", status, err);
+        printf("FAIL planner: %s\n", what);
     }
 }
 
-/* The core refuses what it cannot compute instead of reading out of bounds. */
-static void test_rejects_bad_args(void)
+static void test_planner(void)
 {
+    static float buf[64];
     attn_sdpa_args a;
     memset(&a, 0, sizeof a);
-    a.num_heads = 3;
-    a.num_kv_heads = 2; /* 3 % 2 != 0 */
-    int status = attn_sdpa(&a);
-    if (status == ATTN_EINVAL) n_passed++;
-    else {
-        n_failed++;
-        printf("FAIL rejects_bad_args: status %d, expected ATTN_EINVAL\n", status);
+    a.dtype = ATTN_FLOAT32;
+    a.nbatch = 1;
+    a.batch_shape[0] = 2;
+    a.num_heads = a.num_kv_heads = 3;
+    a.L = 300; a.S = 7; a.E = 4; a.Ev = 5;
+    a.scale = 0.5;
+    a.q.data = a.k.data = a.v.data = a.out.data = (char *)buf;
+    attn_plan plan;
+
+    /* every reason has a distinct name */
+    int names_ok = 1;
+    for (int r = 0; r < ATTN_REASON_COUNT; r++) {
+        names_ok &= attn_reason_names[r] != NULL;
+        for (int s = 0; s < r && names_ok; s++)
+            names_ok &= strcmp(attn_reason_names[r], attn_reason_names[s]) != 0;
     }
+    check(names_ok, "every reason has a distinct name");
+    check(strcmp(attn_reason_names[ATTN_REASON_TILED], "use_tiled") == 0, "use_tiled's name");
+
+    attn_set_kernel(ATTN_KERNEL_REFERENCE);
+    attn_plan_sdpa(&a, 6, &plan);
+    check(plan.kernel == ATTN_KERNEL_REFERENCE && plan.reason == ATTN_REASON_SELECTED &&
+              plan.items == 6 && plan.blocks[0] == 1 && plan.work_size % 64 == 0,
+          "the reference kernel selected: one item per problem");
+    attn_linear_args lin;
+    memset(&lin, 0, sizeof lin);
+    lin.dtype = ATTN_FLOAT32;
+    lin.N = 2; lin.M = 200; lin.K = 3; lin.O = 100;
+    attn_plan_linear(&lin, &plan);
+    check(plan.reason == ATTN_REASON_SELECTED && plan.work_size == 0 && plan.blocks[0] == 2 &&
+              plan.items == 4 * plan.col_groups,
+          "the reference linear layer needs no workspace");
+
+    attn_set_kernel(ATTN_KERNEL_BASELINE);
+    attn_plan_sdpa(&a, 6, &plan);
+    check(plan.op == ATTN_OP_SDPA && plan.kernel == ATTN_KERNEL_BASELINE &&
+              plan.reason == ATTN_REASON_TILED &&
+              plan.block_rows == ATTN_FAST_BR && plan.blocks[0] == 3 && plan.items == 18 &&
+              plan.threads >= 1 && plan.threads <= 18,
+          "use_tiled: (problem, block of ATTN_FAST_BR rows) items");
+    attn_plan_use_reference(&plan, ATTN_REASON_NO_WORKSPACE);
+    check(plan.kernel == ATTN_KERNEL_REFERENCE && plan.reason == ATTN_REASON_NO_WORKSPACE &&
+              plan.items == 6 && plan.threads <= 6 &&
+              plan.work_size == (ATTN_KEY_BLOCK + 5) * sizeof(double) / 64 * 64 + 64,
+          "the fallback to the reference kernel: its items and workspace");
+    attn_plan_linear(&lin, &plan);
+    check(plan.reason == ATTN_REASON_TILED && plan.items == 4 * plan.col_groups &&
+              plan.group_width % 64 == 0 && plan.work_size > 0,
+          "the linear layer: (batch, row block, column group) items");
+
+    struct { const char *what; attn_reason want; } cases[] = {
+        {"dropout", ATTN_REASON_DROPOUT}, {"trace", ATTN_REASON_TRACE},
+        {"weights col stride", ATTN_REASON_WEIGHTS_STRIDE},
+        {"non-finite scale", ATTN_REASON_SCALE_NOT_FINITE},
+        {"weights, unit stride", ATTN_REASON_TILED}};
+    for (int c = 0; c < 5; c++) {
+        attn_sdpa_args b = a;
+        if (c == 0) b.dropout_p = 0.1;
+        if (c == 1) b.weights.data = b.logits.data = (char *)buf;
+        if (c == 2) b.weights = (attn_view){.data = (char *)buf, .row = 64, .col = 8};
+        if (c == 3) b.scale = INFINITY;
+        if (c == 4) b.weights = (attn_view){.data = (char *)buf, .row = 64, .col = 4};
+        attn_plan_sdpa(&b, 6, &plan);
+        check(plan.reason == cases[c].want &&
+                  (plan.kernel == ATTN_KERNEL_REFERENCE) == (cases[c].want != ATTN_REASON_TILED),
+              cases[c].what);
+    }
+
+    attn_sdpa_grad_args g;
+    memset(&g, 0, sizeof g);
+    g.fwd = a;
+    attn_plan_backward(&g, 6, &plan);
+    check(plan.reason == ATTN_REASON_TILED && plan.blocks[0] == 3 && plan.blocks[1] == 1 &&
+              plan.shared_size == 6 * 3 * 300 * sizeof(float),
+          "the tiled backward: two loops, and the stats");
+    g.weights.data = (char *)buf;
+    attn_plan_backward(&g, 6, &plan);
+    check(plan.reason == ATTN_REASON_GIVEN_WEIGHTS && plan.shared_size == 0 &&
+              plan.work_size == 2 * 7 * sizeof(double) / 64 * 64 + 64,
+          "the backward with the forward's weights given: the reference");
+    g.weights.data = NULL;
+    g.fwd.S = 0;
+    attn_plan_backward(&g, 6, &plan);
+    check(plan.reason == ATTN_REASON_NO_ROWS, "the backward without keys: the reference");
+    attn_set_kernel(ATTN_KERNEL_AUTO);
+
+    /* NaN policy rule 5: the check of a gradient block */
+    float m[3][4] = {{1, -2, 3, 4}, {5, 6, -7, 8}, {9, 10, 11, 12}};
+    attn_mat mat = {(char *)m, 4 * sizeof(float), sizeof(float)};
+    attn_mat cols = {(char *)m, 4 * sizeof(float), 2 * sizeof(float)};
+    int finite = attn_policy_grad_finite(ATTN_FLOAT32, mat, 0, 3, 4);
+    m[2][3] = -INFINITY;
+    int inf_seen = !attn_policy_grad_finite(ATTN_FLOAT32, mat, 0, 3, 4);
+    int rows_only = attn_policy_grad_finite(ATTN_FLOAT32, mat, 0, 2, 4);
+    m[1][2] = NAN;
+    int nan_seen = !attn_policy_grad_finite(ATTN_FLOAT32, mat, 1, 1, 4);
+    int strided = attn_policy_grad_finite(ATTN_FLOAT32, cols, 0, 3, 1) &&
+                  !attn_policy_grad_finite(ATTN_FLOAT32, cols, 0, 3, 2);
+    check(finite && inf_seen && rows_only && nan_seen && strided,
+          "the gradient check finds inf and NaN, and reads only its block");
 }
 
 int main(void)
@@ -370,14 +422,14 @@ int main(void)
                 for (int f32 = 0; f32 < 2; f32++)
                     for (int streaming = 0; streaming < 2; streaming++)
                         run_case(&cases[c], f32, streaming);
+            test_linear(kernel_names[kk]);
             if (n_failed > failed_before)
                 printf("  (the failures above: kernel %s, %d threads)\n", kernel_names[kk], threads);
         }
     }
     attn_set_kernel(ATTN_KERNEL_AUTO);
     attn_set_num_threads(0);
-    test_mha();
-    test_rejects_bad_args();
+    test_planner();
     printf("%d passed, %d failed\n", n_passed, n_failed);
     return n_failed ? 1 : 0;
 }

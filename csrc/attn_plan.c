@@ -1,0 +1,278 @@
+/*
+ * attn_plan.c -- the planner: every decision about how an attention call or
+ * a linear layer runs is made here, and only here.
+ *
+ * For each operation (the forward, the backward, the linear layer) a plan
+ * names the kernel (the reference or a tiled ISA), WHY (an attn_reason, with
+ * a name in attn_reason_names), the rows per work item, the work items, the
+ * threads and the workspace. The entry points in attn_core.c execute the
+ * plan; they decide nothing. The NaN / inf policy of attn_core.h is
+ * implemented here too: which calls the tiles may not run, and the check of
+ * the backward's gradients that sends a call back to the reference kernel.
+ *
+ * Numbers (tile sizes, thread thresholds) are those the kernels were tuned
+ * with; the one place to change them per call is attn_plan_tune() below.
+ */
+#include "attn_internal.h"
+
+#include <string.h>
+
+const char *const attn_reason_names[ATTN_REASON_COUNT] = {
+    [ATTN_REASON_TILED] = "use_tiled",
+    [ATTN_REASON_SELECTED] = "use_ref:selected",
+    [ATTN_REASON_TRACE] = "use_ref:trace",
+    [ATTN_REASON_DROPOUT] = "use_ref:dropout",
+    [ATTN_REASON_WEIGHTS_STRIDE] = "use_ref:weights_col_stride",
+    [ATTN_REASON_SCALE_NOT_FINITE] = "use_ref:scale_not_finite",
+    [ATTN_REASON_GIVEN_WEIGHTS] = "use_ref:given_weights",
+    [ATTN_REASON_NO_ROWS] = "use_ref:no_rows",
+    [ATTN_REASON_QK_OVERFLOW] = "use_ref:qk_overflow",
+    [ATTN_REASON_NO_WORKSPACE] = "use_ref:no_workspace",
+    [ATTN_REASON_GRAD_NOT_FINITE] = "use_ref:grad_not_finite",
+};
+
+static size_t attn_elem_size(attn_dtype dtype)
+{
+    return dtype == ATTN_FLOAT64 ? sizeof(double) : sizeof(float);
+}
+
+/* How many threads a job of `flops` floating-point operations should use. */
+static int attn_threads_for(double flops)
+{
+    if (flops < 2e5) return 1;                            /* ~ a few microseconds */
+    if (flops < 2e7 && !attn_parallel_awake()) return 1;  /* less than a wake-up */
+    return attn_get_num_threads();
+}
+
+/* Per-thread workspaces are a cache line apart. */
+static size_t attn_cache_lines(size_t bytes) { return (bytes + 63) / 64 * 64; }
+
+/*
+ * ======================== TUNER HOOK ========================
+ * Every plan passes through here after the default heuristics and before
+ * any memory is allocated, with the call's arguments: args is the
+ * attn_sdpa_args, attn_sdpa_grad_args or attn_linear_args of plan->op. A
+ * tuner (a table measured per CPU and shape, an environment override, ...)
+ * may change plan->threads (1 .. attn_get_num_threads()), or switch a tiled
+ * plan to the reference kernel with attn_plan_use_reference(). It must not
+ * change block_rows or the workspace sizes of a tiled plan: the kernels are
+ * compiled for ATTN_FAST_BR / ATTN_LINEAR_BR rows. Today: the defaults stand.
+ * ============================================================
+ */
+static void attn_plan_tune(attn_plan *plan, const void *args)
+{
+    (void)plan;
+    (void)args;
+}
+
+void attn_plan_use_reference(attn_plan *plan, attn_reason why)
+{
+    plan->kernel = ATTN_KERNEL_REFERENCE;
+    plan->reason = why;
+    plan->block_rows = plan->ref_block_rows;
+    plan->blocks[0] = plan->blocks[1] = plan->ref_blocks;
+    plan->items = plan->ref_items;
+    plan->work_size = plan->ref_work_size;
+    plan->shared_size = 0;
+    if (plan->threads > plan->items) plan->threads = (int)plan->items;
+    if (plan->threads < 1) plan->threads = 1;
+}
+
+/* The kernel the user selected (attn_set_kernel), or the reason it is not
+   a tiled one. */
+static attn_reason attn_plan_start(attn_plan *plan, attn_op op)
+{
+    memset(plan, 0, sizeof *plan);
+    plan->op = op;
+    plan->kernel = attn_get_kernel();
+    return plan->kernel == ATTN_KERNEL_REFERENCE ? ATTN_REASON_SELECTED : ATTN_REASON_TILED;
+}
+
+/* The tiled plan when why is ATTN_REASON_TILED, else the reference one. */
+static void attn_plan_finish(attn_plan *plan, attn_reason why, const void *args)
+{
+    if (why != ATTN_REASON_TILED) attn_plan_use_reference(plan, why);
+    else plan->reason = ATTN_REASON_TILED;
+    attn_plan_tune(plan, args);
+}
+
+/* ------------------------------------------------------------------------ */
+/* The NaN / inf policy (stated in attn_core.h)                              */
+
+/*
+ * Rules 4 and 6 of the policy: calls the tiles must not compute. A tile
+ * computes scale * (q . k) for every pair of a block and masks afterwards;
+ * with a non-finite scale, scale * 0 is NaN where the reference kernel does
+ * not score a masked pair at all.
+ */
+static attn_reason attn_policy_tiles(const attn_sdpa_args *a)
+{
+    if (!isfinite(a->scale)) return ATTN_REASON_SCALE_NOT_FINITE;
+    /*
+     * KNOWN BUG, NOT FIXED (reason ATTN_REASON_QK_OVERFLOW, never chosen
+     * today): the tiles compute q . k in T and scale it afterwards, so when
+     * q . k overflows float32 but scale * q . k does not, they give inf or
+     * NaN where the reference kernel (double) is finite. A fix goes here: a
+     * bound on max|q| * max|k| * E (a pass over the inputs), or the scale
+     * folded into q when it is packed (a change of the microkernels).
+     */
+    return ATTN_REASON_TILED;
+}
+
+/* Rule 5: max |x| over a strided (rows x cols) block, inf when one is NaN or
+   inf (attn_max_abs.inc: attn_max_abs_f32, attn_max_abs_f64). */
+#define T float
+#define TBITS int32_t
+#define SFX f32
+#include "attn_max_abs.inc"
+#undef T
+#undef TBITS
+#undef SFX
+#define T double
+#define TBITS int64_t
+#define SFX f64
+#include "attn_max_abs.inc"
+#undef T
+#undef TBITS
+#undef SFX
+
+int attn_policy_grad_finite(attn_dtype dtype, attn_mat m, int64_t r0, int64_t rows,
+                            int64_t cols)
+{
+    const char *p = m.data + r0 * m.row;
+    double largest = dtype == ATTN_FLOAT32 ? attn_max_abs_f32(p, m.row, m.col, rows, cols)
+                                           : attn_max_abs_f64(p, m.row, m.col, rows, cols);
+    return !isinf(largest);
+}
+
+/* ------------------------------------------------------------------------ */
+/* The three plans                                                           */
+
+void attn_plan_sdpa(const attn_sdpa_args *a, int64_t nproblems, attn_plan *plan)
+{
+    attn_reason why = attn_plan_start(plan, ATTN_OP_SDPA);
+    const size_t elem = attn_elem_size(a->dtype);
+    if (why == ATTN_REASON_TILED) {
+        /* the tiles know no trace and no dropout, and write the weights
+           (if any) as contiguous rows */
+        if (a->scores.data || a->logits.data || a->dropout_mask.data || a->dropped.data)
+            why = ATTN_REASON_TRACE;
+        else if (a->dropout_p != 0.0) why = ATTN_REASON_DROPOUT;
+        else if (a->weights.data && a->weights.col != (int64_t)elem)
+            why = ATTN_REASON_WEIGHTS_STRIDE;
+        else why = attn_policy_tiles(a);
+    }
+    /* tiled: items are (problem, block of ATTN_FAST_BR query rows);
+       reference: whole problems, a key block of scores and one output row
+       of workspace (in double) */
+    plan->nproblems = nproblems;
+    plan->block_rows = ATTN_FAST_BR;
+    plan->blocks[0] = (a->L + ATTN_FAST_BR - 1) / ATTN_FAST_BR;
+    plan->items = nproblems * plan->blocks[0];
+    plan->work_size = attn_cache_lines(attn_fast_workspace(a));
+    plan->ref_block_rows = a->L;
+    plan->ref_blocks = 1;
+    plan->ref_items = nproblems;
+    plan->ref_work_size = attn_cache_lines((size_t)(ATTN_KEY_BLOCK + a->Ev) * sizeof(double));
+    /* small problems stay on the calling thread: waking others costs more */
+    double flops = 2.0 * (double)nproblems * (double)a->L * (double)a->S * (double)(a->E + a->Ev);
+    plan->threads = attn_threads_for(flops);
+    if (plan->threads > plan->items) plan->threads = (int)plan->items;
+    attn_plan_finish(plan, why, a);
+}
+
+void attn_plan_backward(const attn_sdpa_grad_args *g, int64_t nproblems, attn_plan *plan)
+{
+    const attn_sdpa_args *a = &g->fwd;
+    attn_reason why = attn_plan_start(plan, ATTN_OP_SDPA_BACKWARD);
+    const size_t elem = attn_elem_size(a->dtype);
+    if (why == ATTN_REASON_TILED) {
+        /* the tiles recompute the weights, know no dropout and no trace, and
+           need a row and a key */
+        if (g->grad_weights.data || g->grad_scores.data) why = ATTN_REASON_TRACE;
+        else if (a->dropout_p > 0.0) why = ATTN_REASON_DROPOUT;
+        else if (g->weights.data) why = ATTN_REASON_GIVEN_WEIGHTS;
+        else if (a->L == 0 || a->S == 0) why = ATTN_REASON_NO_ROWS;
+        else why = attn_policy_tiles(a);
+    }
+    /* tiled: two loops, (problem, block of query rows) writing dq and the
+       stats (m, 1/l, D: 3 x L values per problem, shared), then (problem,
+       block of key rows) writing dk, dv; reference: whole problems, P and dP
+       rows (2 x S doubles) of workspace */
+    plan->nproblems = nproblems;
+    plan->block_rows = ATTN_FAST_BR;
+    plan->blocks[0] = (a->L + ATTN_FAST_BR - 1) / ATTN_FAST_BR;
+    plan->blocks[1] = (a->S + ATTN_FAST_BR - 1) / ATTN_FAST_BR;
+    plan->items = nproblems * plan->blocks[0];
+    plan->work_size = attn_cache_lines(attn_fast_backward_workspace(a));
+    /* the binding caps every dimension at 2**31 - 1, but nproblems can be
+       large through broadcasting: no product may wrap */
+    if ((double)nproblems * 3.0 * (double)a->L * (double)elem < 1e18)
+        plan->shared_size = (size_t)nproblems * (size_t)(3 * a->L) * elem;
+    else if (why == ATTN_REASON_TILED)
+        why = ATTN_REASON_NO_WORKSPACE;
+    plan->ref_block_rows = a->L;
+    plan->ref_blocks = 1;
+    plan->ref_items = nproblems;
+    plan->ref_work_size = attn_cache_lines((size_t)(2 * (a->S > 0 ? a->S : 1)) * sizeof(double));
+    double flops = 8.0 * (double)nproblems * (double)a->L * (double)a->S * (double)(a->E + a->Ev);
+    plan->threads = attn_threads_for(flops);
+    attn_plan_finish(plan, why, g);
+}
+
+void attn_plan_linear(const attn_linear_args *p, attn_plan *plan)
+{
+    attn_reason why = attn_plan_start(plan, ATTN_OP_LINEAR);
+    /* items: (batch, block of ATTN_LINEAR_BR rows, group of output columns),
+       for both kernels. Columns are split into as few groups as keep every
+       thread busy: each item packs its rows once, so fewer groups is less
+       packing. */
+    int64_t row_blocks = (p->M + ATTN_LINEAR_BR - 1) / ATTN_LINEAR_BR;
+    int64_t row_items = p->N * row_blocks;
+    double flops = 2.0 * (double)p->N * (double)p->M * (double)p->K * (double)p->O;
+    plan->threads = attn_threads_for(flops);
+    /* enough column groups for 2 items per thread, each a multiple of 64 wide */
+    int64_t groups = row_items > 0 ? (2 * plan->threads + row_items - 1) / row_items : 1;
+    int64_t max_groups = (p->O + 63) / 64;
+    plan->col_groups = groups < 1 ? 1 : groups > max_groups ? max_groups : groups;
+    if (plan->col_groups < 1) plan->col_groups = 1;
+    plan->group_width = attn_round_up((p->O + plan->col_groups - 1) / plan->col_groups, 64);
+    plan->block_rows = plan->ref_block_rows = ATTN_LINEAR_BR;
+    plan->blocks[0] = plan->ref_blocks = row_blocks;
+    plan->items = plan->ref_items = row_items * plan->col_groups;
+    if (plan->threads > plan->items) plan->threads = (int)plan->items;
+    plan->work_size = attn_cache_lines(attn_fast_linear_workspace(p));
+    plan->ref_work_size = 0; /* the reference kernel needs no workspace */
+    attn_plan_finish(plan, why, p);
+}
+
+/* ------------------------------------------------------------------------ */
+/* The plan's memory                                                          */
+
+static int attn_plan_try_alloc(const attn_plan *plan, attn_workspace *ws)
+{
+    ws->work = ws->shared = NULL;
+    if (plan->work_size) ws->work = attn_malloc(plan->work_size * (size_t)plan->threads);
+    if (plan->shared_size) ws->shared = attn_malloc(plan->shared_size);
+    if ((plan->work_size && !ws->work) || (plan->shared_size && !ws->shared)) {
+        attn_plan_free(ws);
+        return ATTN_ENOMEM;
+    }
+    return ATTN_OK;
+}
+
+int attn_plan_alloc(attn_plan *plan, attn_workspace *ws)
+{
+    if (attn_plan_try_alloc(plan, ws) == ATTN_OK) return ATTN_OK;
+    if (plan->kernel == ATTN_KERNEL_REFERENCE) return ATTN_ENOMEM;
+    /* the tiles did not fit: the reference kernel needs far less */
+    attn_plan_use_reference(plan, ATTN_REASON_NO_WORKSPACE);
+    return attn_plan_try_alloc(plan, ws);
+}
+
+void attn_plan_free(attn_workspace *ws)
+{
+    attn_free(ws->work);
+    attn_free(ws->shared);
+    ws->work = ws->shared = NULL;
+}
