@@ -27,6 +27,11 @@ def convert(x, name, dtype):
                         f"{type(x).__name__}: {e}") from None
 
 
+def float_dtype(a):
+    """The dtype that array-likes given beside the ndarray a are converted to."""
+    return a.dtype if a.dtype in (np.float32, np.float64) else np.dtype(np.float64)
+
+
 def _array_like(x, name, what):
     """np.asarray(x), whatever dtype it gives; a failure is a TypeError naming x."""
     try:

@@ -120,8 +120,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     is_causal = bool(is_causal)
     output, weights, _ = _core.sdpa(
         query, key, value, scale=_args.scale_of(scale, query),
-        masks=_masks(query, attn_mask, is_causal), is_causal=is_causal,
-        enable_gqa=bool(enable_gqa), need_weights=bool(need_weights), out=out)
+        masks=() if attn_mask is None else _masks(query, attn_mask, is_causal),
+        is_causal=is_causal, enable_gqa=bool(enable_gqa), need_weights=bool(need_weights),
+        out=out)
     return AttentionResult(output, weights)
 
 
@@ -133,8 +134,7 @@ def _masks(query, attn_mask, is_causal):
         raise ValueError("attn_mask and is_causal=True cannot both be given (torch raises too); "
                          "pass the causal mask in attn_mask (see attnpy.causal_mask) or use "
                          "is_causal alone")
-    dtype = query.dtype if query.dtype in (np.float32, np.float64) else np.dtype(np.float64)
-    return (_args.mask(attn_mask, "attn_mask", dtype, "attend"),)
+    return (_args.mask(attn_mask, "attn_mask", _args.float_dtype(query), "attend"),)
 
 
 def causal_mask(L, S=None, *, align="top_left", dtype=np.float32):
@@ -270,14 +270,14 @@ def scaled_dot_product_attention_backward(grad_output, query, key, value, attn_m
     if not type(query) is type(key) is type(value) is np.ndarray:
         query, key, value = _args.float_inputs((query, key, value), ("query", "key", "value"))
     # array-likes given for what the forward returned take the query's dtype
-    dtype = query.dtype if query.dtype in (np.float32, np.float64) else np.dtype(np.float64)
-    if not isinstance(grad_output, np.ndarray):
-        grad_output = _args.convert(grad_output, "grad_output", dtype)
-    if weights is not None and not isinstance(weights, np.ndarray):
-        weights = _args.convert(weights, "weights", dtype)
+    if type(grad_output) is not np.ndarray:
+        grad_output = _args.convert(grad_output, "grad_output", _args.float_dtype(query))
+    if weights is not None and type(weights) is not np.ndarray:
+        weights = _args.convert(weights, "weights", _args.float_dtype(query))
     is_causal = bool(is_causal)
     gq, gk, gv, gw, gs = _core.sdpa_backward(
         grad_output, query, key, value, scale=_args.scale_of(scale, query),
-        masks=_masks(query, attn_mask, is_causal), is_causal=is_causal,
+        masks=() if attn_mask is None else _masks(query, attn_mask, is_causal),
+        is_causal=is_causal,
         enable_gqa=bool(enable_gqa), weights=weights, trace=bool(trace))
     return AttentionGradients(gq, gk, gv, BackwardTrace(gw, gs) if trace else None)

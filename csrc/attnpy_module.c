@@ -268,12 +268,16 @@ typedef struct {
  * kwnames (any spec, by name), whose values follow the positional ones in
  * args. An unknown keyword, a repeated one or a missing required argument is
  * a TypeError. Arguments not given keep the value their destination was
- * initialised with.
+ * initialised with. interned: the spec's names as str objects, filled on the
+ * first call and kept for the module's life.
  */
 static int parse_args(const char *fn, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
-                      const arg_spec *spec, int n, int npos)
+                      const arg_spec *spec, int n, int npos, PyObject **interned)
 {
     PyObject *given[MAX_ARGS] = {NULL};
+    for (int i = 0; i < n && !interned[n - 1]; i++) /* the first call: intern the names */
+        if (!interned[i] && !(interned[i] = PyUnicode_InternFromString(spec[i].name)))
+            return -1;
     if (nargs > npos) {
         PyErr_Format(PyExc_TypeError,
                      "%s() takes %d positional arguments but %zd were given; its options are "
@@ -284,9 +288,13 @@ static int parse_args(const char *fn, PyObject *const *args, Py_ssize_t nargs, P
     Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
     for (Py_ssize_t w = 0; w < nkw; w++) {
         PyObject *key = PyTuple_GET_ITEM(kwnames, w);
-        const char *name = PyUnicode_AsUTF8(key);
+        /* keywords at a call site are interned: compare pointers first */
         int i = 0;
-        while (name && i < n && strcmp(spec[i].name, name) != 0) i++;
+        while (i < n && interned[i] != key) i++;
+        const char *name = PyUnicode_AsUTF8(key);
+        if (i == n)
+            for (i = 0; name && i < n && strcmp(spec[i].name, name) != 0; i++) {
+            }
         if (!name || i == n) {
             if (!PyErr_Occurred())
                 PyErr_Format(PyExc_TypeError, "%s() got an unexpected keyword argument %R", fn,
@@ -663,6 +671,9 @@ static int sdpa_inputs(const sdpa_call *c, const sdpa_options *o, PyArrayObject 
 #define WEIGHTS_OF_QK \
     "the weights (..., Hq, L, S) of query and key (need_weights=False does without them)"
 
+/* The keywords of each entry point, interned at its first call. */
+static PyObject *sdpa_names[MAX_ARGS], *sdpa_backward_names[MAX_ARGS], *linear_names[MAX_ARGS];
+
 /* sdpa(query, key, value, *, scale, masks=(), extra_keys=0, is_causal=False,
         enable_gqa=False, dropout_p=0.0, seed=0, need_weights=True, trace=False,
         out=None) -> (output, weights or None, stages or None)
@@ -689,7 +700,8 @@ static PyObject *attnpy_sdpa(PyObject *Py_UNUSED(module), PyObject *const *args,
     PyObject *result = NULL, *stages = NULL;
     sdpa_call c;
 
-    if (parse_args("sdpa", args, PyVectorcall_NARGS(nargs), kwnames, spec, sizeof spec / sizeof spec[0], 3) < 0 ||
+    if (parse_args("sdpa", args, PyVectorcall_NARGS(nargs), kwnames, spec,
+                   sizeof spec / sizeof spec[0], 3, sdpa_names) < 0 ||
         sdpa_prepare(&c, q, k, v, &o) < 0)
         return NULL;
     const int nd = c.nd, typenum = c.typenum;
@@ -777,7 +789,8 @@ static PyObject *attnpy_sdpa_backward(PyObject *Py_UNUSED(module), PyObject *con
     sdpa_call c;
     memset(&g, 0, sizeof g);
 
-    if (parse_args("sdpa_backward", args, PyVectorcall_NARGS(nargs), kwnames, spec, sizeof spec / sizeof spec[0], 4) < 0 ||
+    if (parse_args("sdpa_backward", args, PyVectorcall_NARGS(nargs), kwnames, spec,
+                   sizeof spec / sizeof spec[0], 4, sdpa_backward_names) < 0 ||
         sdpa_prepare(&c, q, k, v, &o) < 0)
         return NULL;
     const int nd = c.nd, typenum = c.typenum;
@@ -882,7 +895,8 @@ static PyObject *attnpy_linear(PyObject *Py_UNUSED(module), PyObject *const *arg
         {"accumulate", to_bool, &accumulate, 0},
     };
     char s1[SHAPE_BUF], s2[SHAPE_BUF];
-    if (parse_args("linear", args, PyVectorcall_NARGS(nargs), kwnames, spec, sizeof spec / sizeof spec[0], 3) < 0 ||
+    if (parse_args("linear", args, PyVectorcall_NARGS(nargs), kwnames, spec,
+                   sizeof spec / sizeof spec[0], 3, linear_names) < 0 ||
         check_float(x, "x") || check_float(w, "weight") || (b && check_float(b, "bias")))
         return NULL;
     const int typenum = PyArray_TYPE(x);
