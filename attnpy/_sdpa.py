@@ -4,6 +4,7 @@ The computation is in the C core (csrc/); this module only names things.
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional
 
 import numpy as np
@@ -117,12 +118,15 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
             raise TypeError(f"out must have dtype {query.dtype} like query; got {out.dtype}")
         if not (out.flags.c_contiguous and out.flags.aligned):
             raise ValueError("out must be a C-contiguous, aligned array")
-    is_causal = bool(is_causal)
+    is_causal = True if is_causal else False
+    if scale is None:   # the default, 1/sqrt(E), written out: this path is every call's
+        E = query.shape[-1] if query.ndim else 0
+        scale = 1.0 / math.sqrt(E) if E else math.inf
     output, weights, _ = _core.sdpa(
-        query, key, value, scale=_args.scale_of(scale, query),
+        query, key, value, scale=scale if type(scale) is float else _args.scale_of(scale, query),
         masks=() if attn_mask is None else _masks(query, attn_mask, is_causal),
-        is_causal=is_causal, enable_gqa=bool(enable_gqa), need_weights=bool(need_weights),
-        out=out)
+        is_causal=is_causal, enable_gqa=True if enable_gqa else False,
+        need_weights=True if need_weights else False, out=out)
     return AttentionResult(output, weights)
 
 
@@ -270,11 +274,11 @@ def scaled_dot_product_attention_backward(grad_output, query, key, value, attn_m
     if not type(query) is type(key) is type(value) is np.ndarray:
         query, key, value = _args.float_inputs((query, key, value), ("query", "key", "value"))
     # array-likes given for what the forward returned take the query's dtype
-    if type(grad_output) is not np.ndarray:
+    if not isinstance(grad_output, np.ndarray):
         grad_output = _args.convert(grad_output, "grad_output", _args.float_dtype(query))
-    if weights is not None and type(weights) is not np.ndarray:
+    if weights is not None and not isinstance(weights, np.ndarray):
         weights = _args.convert(weights, "weights", _args.float_dtype(query))
-    is_causal = bool(is_causal)
+    is_causal = True if is_causal else False
     gq, gk, gv, gw, gs = _core.sdpa_backward(
         grad_output, query, key, value, scale=_args.scale_of(scale, query),
         masks=() if attn_mask is None else _masks(query, attn_mask, is_causal),
