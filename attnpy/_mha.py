@@ -140,10 +140,10 @@ def _readonly(a):
     return a
 
 
-def _heads(x, num_heads):
-    """(N, L, H*D) seen as (N, H, L, D): a view, no copy."""
-    N, L, HD = x.shape
-    return x.reshape(N, L, num_heads, HD // num_heads).transpose(0, 2, 1, 3)
+def _split(x, num_heads):
+    """(N, rows, H*D) seen as (N, H, rows, D): a view, no copy."""
+    N, rows, HD = x.shape
+    return x.reshape(N, rows, num_heads, HD // num_heads).transpose(0, 2, 1, 3)
 
 
 def _make_trace(raw, num_heads, num_kv_heads, unbatched):
@@ -151,12 +151,12 @@ def _make_trace(raw, num_heads, num_kv_heads, unbatched):
         return None
     pick = (lambda a: a[0]) if unbatched else (lambda a: a)
     fields = dict(
-        q=_heads(raw["q"], num_heads),
-        k=_heads(raw["k"], num_kv_heads),
-        v=_heads(raw["v"], num_kv_heads),
+        q=_split(raw["q"], num_heads),
+        k=_split(raw["k"], num_kv_heads),
+        v=_split(raw["v"], num_kv_heads),
         scores=raw["scores"], logits=raw["logits"], weights=raw["weights"],
         dropout_mask=raw["dropout_mask"], dropped_weights=raw["dropped_weights"],
-        head_outputs=_heads(raw["concat"], num_heads),
+        head_outputs=_split(raw["concat"], num_heads),
         concat=raw["concat"], output=raw["output"])
     return Trace(**{name: _readonly(pick(a)) if a is not None else None
                     for name, a in fields.items()})
@@ -658,12 +658,6 @@ def self_attention(x, w_q, w_k, w_v, *, attn_mask=None, is_causal=False, scale=N
 # head split and merge are strided views of those buffers (no copy), and the
 # attention is _core.sdpa on the views, writing each head's output straight
 # into its columns of `concat`.
-
-
-def _split(x, num_heads):
-    """(N, rows, H*D) seen as (N, H, rows, D): a view, no copy."""
-    N, rows, HD = x.shape
-    return x.reshape(N, rows, num_heads, HD // num_heads).transpose(0, 2, 1, 3)
 
 
 def _check_sizes(N, L, S2, H, dtype, want_maps, lengths):
