@@ -122,11 +122,23 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     if scale is None:   # the default, 1/sqrt(E), written out: this path is every call's
         E = query.shape[-1] if query.ndim else 0
         scale = 1.0 / math.sqrt(E) if E else math.inf
-    output, weights, _ = _core.sdpa(
-        query, key, value, scale=scale if type(scale) is float else _args.scale_of(scale, query),
-        masks=() if attn_mask is None else _masks(query, attn_mask, is_causal),
-        is_causal=is_causal, enable_gqa=True if enable_gqa else False,
-        need_weights=True if need_weights else False, out=out)
+    if type(scale) is not float:
+        scale = _args.scale_of(scale, query)
+    need_weights = True if need_weights else False
+    if attn_mask is None and out is None and not enable_gqa:
+        # options at their defaults are left out: each keyword passed costs time
+        if is_causal:
+            output, weights, _ = _core.sdpa(query, key, value, scale=scale, is_causal=True,
+                                            need_weights=need_weights)
+        else:
+            output, weights, _ = _core.sdpa(query, key, value, scale=scale,
+                                            need_weights=need_weights)
+    else:
+        output, weights, _ = _core.sdpa(
+            query, key, value, scale=scale,
+            masks=() if attn_mask is None else _masks(query, attn_mask, is_causal),
+            is_causal=is_causal, enable_gqa=True if enable_gqa else False,
+            need_weights=need_weights, out=out)
     return AttentionResult(output, weights)
 
 

@@ -16,6 +16,13 @@
 
 #define ATTN_LOG2E 1.4426950408889634
 
+/* keep a helper out of line (where inlining it costs its caller registers) */
+#if defined(_MSC_VER)
+#define ATTN_NOINLINE __declspec(noinline)
+#else
+#define ATTN_NOINLINE __attribute__((noinline))
+#endif
+
 /* Where one (batch, head) problem lives in each tensor. NULL = absent. */
 typedef struct {
     int64_t index; /* the problem's number: b * num_heads + h */
