@@ -195,37 +195,37 @@ attn_kernel attn_get_kernel(void)
 }
 
 /* One call's work: the plan, and its workspace. Items are (problem, block of
-   query rows) for the tiled kernels, whole problems for the reference. */
+   query rows), as many rows as the plan says. */
 typedef struct {
     const attn_sdpa_args *a;
     const attn_plan *plan;
-    char *work; /* per-thread workspaces, plan->work_size bytes each */
+    char *work;            /* per-thread workspaces, plan->work_size bytes each */
+    atomic_int overflow;   /* tiled kernels: a tile could overflow (rule 6) */
 } attn_sdpa_job;
 
 static void attn_sdpa_item(void *ctx, int64_t item, int thread)
 {
-    const attn_sdpa_job *job = ctx;
+    attn_sdpa_job *job = ctx;
     const attn_sdpa_args *a = job->a;
     const attn_plan *plan = job->plan;
     void *work = job->work + (size_t)thread * plan->work_size;
+    /* the last query blocks first: under a causal mask they cost the most */
+    int64_t blocks = plan->blocks[0], br = plan->block_rows;
+    int64_t i0 = (blocks - 1 - item % blocks) * br, nr = a->L - i0 < br ? a->L - i0 : br;
     attn_head hd;
+    attn_locate(a, item / blocks, &hd);
     if (plan->kernel == ATTN_KERNEL_REFERENCE) {
-        attn_locate(a, item, &hd);
         if (a->dtype == ATTN_FLOAT32) {
-            if (hd.weights) attn_reference_f32(a, &hd, work);
-            else attn_reference_streaming_f32(a, &hd, work);
+            if (hd.weights) attn_reference_f32(a, &hd, i0, nr, work);
+            else attn_reference_streaming_f32(a, &hd, i0, nr, work);
         } else {
-            if (hd.weights) attn_reference_f64(a, &hd, work);
-            else attn_reference_streaming_f64(a, &hd, work);
+            if (hd.weights) attn_reference_f64(a, &hd, i0, nr, work);
+            else attn_reference_streaming_f64(a, &hd, i0, nr, work);
         }
         return;
     }
-    /* the last query blocks first: under a causal mask they cost the most */
-    int64_t blocks = plan->blocks[0], br = plan->block_rows;
-    int64_t block = blocks - 1 - item % blocks;
-    int64_t i0 = block * br;
-    attn_locate(a, item / blocks, &hd);
-    attn_fast_rows(plan->kernel, a, &hd, i0, a->L - i0 < br ? a->L - i0 : br, work);
+    if (atomic_load_explicit(&job->overflow, memory_order_relaxed)) return; /* redone anyway */
+    if (attn_fast_rows(plan->kernel, a, &hd, i0, nr, work)) atomic_store(&job->overflow, 1);
 }
 
 int attn_sdpa(const attn_sdpa_args *a)
@@ -249,12 +249,24 @@ int attn_sdpa(const attn_sdpa_args *a)
 
     attn_plan plan;
     attn_workspace ws;
+    attn_cancel cancel;
+    attn_cancel_init(&cancel, a->interrupt);
     attn_plan_sdpa(a, nproblems, &plan);
     if (attn_plan_alloc(&plan, &ws) != ATTN_OK) return ATTN_ENOMEM;
     attn_sdpa_job job = {.a = a, .plan = &plan, .work = ws.work};
-    attn_parallel_for(plan.items, plan.threads, attn_sdpa_item, &job);
+    atomic_init(&job.overflow, 0);
+    attn_parallel_for(plan.items, plan.threads, attn_sdpa_item, &job, &cancel);
     attn_plan_free(&ws);
-    return ATTN_OK;
+    if (atomic_load(&cancel.stop)) return ATTN_EINTR;
+    if (!atomic_load(&job.overflow)) return ATTN_OK;
+    /* NaN policy rule 6 (attn_core.h): a tile's T could overflow; the
+       reference kernel (in double) does the whole call again */
+    attn_plan_use_reference(&plan, ATTN_REASON_QK_OVERFLOW);
+    if (attn_plan_alloc(&plan, &ws) != ATTN_OK) return ATTN_ENOMEM;
+    job.work = ws.work;
+    attn_parallel_for(plan.items, plan.threads, attn_sdpa_item, &job, &cancel);
+    attn_plan_free(&ws);
+    return atomic_load(&cancel.stop) ? ATTN_EINTR : ATTN_OK;
 }
 
 /* ------------------------------------------------------------------------ */
@@ -268,12 +280,14 @@ typedef struct {
     int phase;                   /* tiled kernels: 0 query-major, 1 key-major */
     char *stats;                 /* tiled kernels: 3 x L values per problem */
     atomic_int nonfinite;        /* tiled kernels: a gradient came out NaN or inf */
+    atomic_int overflow;         /* tiled kernels: a tile could overflow (rule 6) */
+    attn_cancel *cancel;
     char *work;
 } attn_backward_job;
 
 static void attn_backward_item(void *ctx, int64_t item, int thread)
 {
-    const attn_backward_job *job = ctx;
+    attn_backward_job *job = ctx;
     const attn_sdpa_grad_args *g = job->g;
     const attn_sdpa_args *a = &g->fwd;
     const attn_plan *plan = job->plan;
@@ -301,23 +315,27 @@ static void attn_backward_item(void *ctx, int64_t item, int thread)
         int64_t rows = job->phase == 0 ? a->L : a->S;
         int64_t n = rows - start < br ? rows - start : br;
         char *stats = job->stats + (size_t)p * (size_t)(3 * a->L) * es;
-        attn_fast_backward_rows(plan->kernel, g, &hd, hg.out, job->phase, start, n, stats,
-                                job->phase == 0 ? dq : dk, dv, work);
+        if (atomic_load_explicit(&job->overflow, memory_order_relaxed)) return; /* redone */
+        if (attn_fast_backward_rows(plan->kernel, g, &hd, hg.out, job->phase, start, n, stats,
+                                    job->phase == 0 ? dq : dk, dv, work)) {
+            atomic_store(&job->overflow, 1); /* NaN policy rule 6 */
+            return;
+        }
         /* NaN policy rule 5, on the rows just written, while they are in cache */
         int finite = job->phase == 0
                          ? attn_policy_grad_finite(a->dtype, dq, start, n, a->E)
                          : attn_policy_grad_finite(a->dtype, dk, start, n, a->E) &&
                                attn_policy_grad_finite(a->dtype, dv, start, n, a->Ev);
-        if (!finite) atomic_store(&((attn_backward_job *)job)->nonfinite, 1);
+        if (!finite) atomic_store(&job->nonfinite, 1);
         return;
     }
     /* hg.out is dO, hg.weights the given weights, hg.scores / hg.logits the trace */
     if (a->dtype == ATTN_FLOAT32)
-        attn_reference_backward_f32(g, &hd, hg.weights, hg.out, dq, dk, dv, hg.scores, hg.logits,
-                               (double *)work);
+        attn_reference_backward_f32(g, &hd, hg.weights, hg.out, dq, dk, dv, hg.scores,
+                                    hg.logits, (double *)work, job->cancel, thread);
     else
-        attn_reference_backward_f64(g, &hd, hg.weights, hg.out, dq, dk, dv, hg.scores, hg.logits,
-                               (double *)work);
+        attn_reference_backward_f64(g, &hd, hg.weights, hg.out, dq, dk, dv, hg.scores,
+                                    hg.logits, (double *)work, job->cancel, thread);
 }
 
 /* Do the gradients (and the trace) of one problem hold no element at all? */
@@ -344,10 +362,14 @@ int attn_sdpa_backward(const attn_sdpa_grad_args *g)
 
     attn_plan plan;
     attn_workspace ws;
+    attn_cancel cancel;
+    attn_cancel_init(&cancel, a->interrupt);
     attn_plan_backward(g, nproblems, &plan);
     /* a second description whose out / weights / scores / logits views are
        dO, the given weights and the trace, so attn_locate finds them too */
-    attn_backward_job job = {.g = g, .locate_grad = *a, .plan = &plan};
+    attn_backward_job job = {.g = g, .locate_grad = *a, .plan = &plan, .cancel = &cancel};
+    atomic_init(&job.nonfinite, 0);
+    atomic_init(&job.overflow, 0);
     job.locate_grad.out = g->grad_out;
     job.locate_grad.weights = g->weights;
     job.locate_grad.scores = g->grad_weights;
@@ -361,21 +383,24 @@ int attn_sdpa_backward(const attn_sdpa_grad_args *g)
     job.work = ws.work;
     if (plan.kernel != ATTN_KERNEL_REFERENCE) {
         job.stats = ws.shared;
-        for (job.phase = 0; job.phase < 2; job.phase++)
+        for (job.phase = 0; job.phase < 2 && !atomic_load(&job.overflow); job.phase++)
             attn_parallel_for(nproblems * plan.blocks[job.phase], plan.threads,
-                              attn_backward_item, &job);
+                              attn_backward_item, &job, &cancel);
         attn_plan_free(&ws);
-        /* NaN policy rule 5 (attn_core.h): a NaN or inf in a gradient sends
-           the call to the reference kernel, which overwrites every gradient */
-        if (!atomic_load(&job.nonfinite)) return ATTN_OK;
-        attn_plan_use_reference(&plan, ATTN_REASON_GRAD_NOT_FINITE);
+        if (atomic_load(&cancel.stop)) return ATTN_EINTR;
+        /* NaN policy rules 6 and 5 (attn_core.h): a tile that could overflow,
+           or a NaN or inf in a gradient, sends the call to the reference
+           kernel, which overwrites every gradient */
+        if (!atomic_load(&job.overflow) && !atomic_load(&job.nonfinite)) return ATTN_OK;
+        attn_plan_use_reference(&plan, atomic_load(&job.overflow) ? ATTN_REASON_QK_OVERFLOW
+                                                                  : ATTN_REASON_GRAD_NOT_FINITE);
         job.phase = 0;
         if (attn_plan_alloc(&plan, &ws) != ATTN_OK) return ATTN_ENOMEM;
         job.work = ws.work;
     }
-    attn_parallel_for(plan.items, plan.threads, attn_backward_item, &job);
+    attn_parallel_for(plan.items, plan.threads, attn_backward_item, &job, &cancel);
     attn_plan_free(&ws);
-    return ATTN_OK;
+    return atomic_load(&cancel.stop) ? ATTN_EINTR : ATTN_OK;
 }
 
 int attn_sdpa_reduce_grads(const attn_sdpa_grad_args *g, const attn_sdpa_args *r)
@@ -445,7 +470,9 @@ int attn_linear(const attn_linear_args *p)
     attn_plan_linear(p, &plan);
     if (attn_plan_alloc(&plan, &ws) != ATTN_OK) return ATTN_ENOMEM;
     attn_linear_job job = {.p = p, .plan = &plan, .work = ws.work};
-    attn_parallel_for(plan.items, plan.threads, attn_linear_item, &job);
+    attn_cancel cancel;
+    attn_cancel_init(&cancel, p->interrupt);
+    attn_parallel_for(plan.items, plan.threads, attn_linear_item, &job, &cancel);
     attn_plan_free(&ws);
-    return ATTN_OK;
+    return atomic_load(&cancel.stop) ? ATTN_EINTR : ATTN_OK;
 }

@@ -45,7 +45,23 @@ typedef enum {
    binding validated them; debug builds assert it, see csrc/README.md): its
    calls fail only with ATTN_ENOMEM, and attn_set_kernel with ATTN_EINVAL
    for a kernel this CPU cannot run. */
-enum { ATTN_OK = 0, ATTN_ENOMEM = 1, ATTN_EINVAL = 2 };
+enum { ATTN_OK = 0, ATTN_ENOMEM = 1, ATTN_EINVAL = 2, ATTN_EINTR = 3 };
+
+/*
+ * Stopping a long call early (the binding: Ctrl-C). A call whose args name
+ * an attn_interrupt calls poll(ctx) on the calling thread about every
+ * ATTN_POLL_MS milliseconds, between work items (a block of rows) and
+ * between the rows of the reference backward. When poll returns nonzero,
+ * every thread stops before its next item, the call returns ATTN_EINTR and
+ * its outputs are partly written. interrupt == NULL: the call runs to the
+ * end. poll may take locks (the binding takes the GIL back to run Python's
+ * signal handlers): it is never called from the core's worker threads.
+ */
+#define ATTN_POLL_MS 50
+typedef struct {
+    int (*poll)(void *ctx);
+    void *ctx;
+} attn_interrupt;
 
 /*
  * One tensor of the problem, seen as (batch..., head, row, col).
@@ -95,6 +111,8 @@ typedef struct {
     attn_view logits;                   /* scale * q k^T + masks: the softmax's input */
     attn_view dropout_mask;             /* one byte per element: 1 = kept */
     attn_view dropped;                  /* weights after dropout: what multiplies v */
+
+    const attn_interrupt *interrupt;    /* NULL: never stopped early (see above) */
 } attn_sdpa_args;
 
 /*
@@ -103,7 +121,7 @@ typedef struct {
  * kernel: scores, softmax, weighted sum). Without, keys are streamed with an
  * online softmax and no L x S buffer exists; extra memory is O(S_block + Ev).
  * A query row whose keys are all masked gets zero weights and a zero output.
- * Returns ATTN_OK or ATTN_ENOMEM.
+ * Returns ATTN_OK, ATTN_ENOMEM, or ATTN_EINTR (args->interrupt asked).
  */
 int attn_sdpa(const attn_sdpa_args *args);
 
@@ -151,12 +169,15 @@ int attn_sdpa_reduce_grads(const attn_sdpa_grad_args *g, const attn_sdpa_args *r
 /* NaN and inf: THE POLICY                                                   */
 
 /*
- * The core never makes a pass over its inputs to look for NaN or inf; every
+ * The core never makes a pass over its inputs of its own to look for NaN or
+ * inf (the tiles' bound of rule 6 reads the tiles they have packed); every
  * kernel, reference or tiled, gives the same answer under these rules. They
  * are implemented once: rules 1-3 by the reference kernel's helpers
  * (attn_blocked in attn_internal.h, logit in attn_kernels.inc) that the
- * tiles follow (their -inf select in qk_tile, pv_tile_careful), rules 4-6
- * by the planner (attn_plan.c: attn_policy_tiles, attn_policy_grad_finite).
+ * tiles follow (their -inf select in qk_tile, pv_tile_careful), rules 4-5
+ * by the planner (attn_plan.c: attn_policy_tiles, attn_policy_grad_finite),
+ * rule 6 by the tiles' bound (qk_may_overflow in attn_fast.inc), the rerun
+ * in attn_core.c and the reference's score (attn_kernels.inc).
  *
  *  1. A masked pair never counts, whatever its score: a bool mask, the
  *     causal mask, or a float mask of -inf give it weight exactly 0, even
@@ -176,11 +197,23 @@ int attn_sdpa_reduce_grads(const attn_sdpa_grad_args *g, const attn_sdpa_args *r
  *     Finite gradients mean no such product happened: the tiles' answer
  *     stands. (Checking the inputs first instead cost a pass over them on
  *     every call.)
- *  6. KNOWN BUG, not fixed: the tiles compute q . k in the element type and
- *     scale it afterwards, so when q . k overflows float32 but scale q . k
- *     does not, they give inf / NaN where the reference (in double) is
- *     finite. The place for the fix is the reserved reason
- *     use_ref:qk_overflow in attn_policy_tiles (attn_plan.c).
+ *  6. Scores are computed as the reference computes them, in double, so
+ *     that a float32 q . k that overflows (or a weight row whose scores do)
+ *     still gives the softmax the reference gives: every kernel and both
+ *     paths (with and without weights) agree wherever the weights and the
+ *     output are representable in the element type. The tiles compute in
+ *     the element type T and look for an overflow in each tile: a tile no
+ *     mask touches, after the fact (with finite inputs an overflow leaves
+ *     an inf or NaN score, and nothing else does), a masked tile, whose
+ *     -inf may be the mask's, by a bound first,
+ *         E max|q| max|k| max(1, |scale|) <= T_MAX / 2;
+ *     the flash kernel also checks its unnormalised output sum. When a tile
+ *     finds one (an inf or NaN input looks like one too), the whole call is
+ *     done again by the reference kernel (use_ref:qk_overflow). In float64 the reference's dot product can
+ *     overflow double itself: a score whose q . k is not finite is computed
+ *     again as sum_e (scale q_e) k_e. A score that is +inf even so (an
+ *     infinite input, or beyond 1.8e308) makes its row NaN, as torch's
+ *     softmax of +inf does.
  *
  * The E == 0 rule (attn_sdpa): with no columns, q . k is an empty sum, 0,
  * and the scores are 0 whatever the scale (inf and NaN included), as torch's.
@@ -253,6 +286,7 @@ typedef struct {
     attn_view3 x, w, y;
     attn_vec b;
     int accumulate; /* y += x W^T + b instead of y = ... */
+    const attn_interrupt *interrupt; /* NULL: never stopped early */
 } attn_linear_args;
 
 int attn_linear(const attn_linear_args *args);

@@ -6,7 +6,9 @@
  */
 #include "attn_internal.h"
 
+#include <float.h>
 #include <stdint.h>
+#include <string.h>
 #include <time.h>
 
 #define BR ATTN_FAST_BR /* query rows per tile */
@@ -116,35 +118,33 @@ size_t attn_fast_backward_workspace(const attn_sdpa_args *a)
     return (phase_a > phase_b ? phase_a : phase_b) * elem;
 }
 
-void attn_fast_backward_rows(attn_kernel kernel, const attn_sdpa_grad_args *g,
-                             const attn_head *hd, const char *dout, int phase, int64_t start,
-                             int64_t n, void *stats, attn_mat grad0, attn_mat grad1, void *ws)
+int attn_fast_backward_rows(attn_kernel kernel, const attn_sdpa_grad_args *g,
+                            const attn_head *hd, const char *dout, int phase, int64_t start,
+                            int64_t n, void *stats, attn_mat grad0, attn_mat grad1, void *ws)
 {
     if (g->fwd.dtype == ATTN_FLOAT64) {
         if (phase == 0)
-            ATTN_PICK(bwd_query_rows, kernel, f64)(g, hd, dout, start, n, stats, grad0, ws);
-        else
-            ATTN_PICK(bwd_key_rows, kernel, f64)(g, hd, dout, start, n, stats, grad0, grad1, ws);
+            return ATTN_PICK(bwd_query_rows, kernel, f64)(g, hd, dout, start, n, stats, grad0, ws);
+        ATTN_PICK(bwd_key_rows, kernel, f64)(g, hd, dout, start, n, stats, grad0, grad1, ws);
     } else {
         if (phase == 0)
-            ATTN_PICK(bwd_query_rows, kernel, f32)(g, hd, dout, start, n, stats, grad0, ws);
-        else
-            ATTN_PICK(bwd_key_rows, kernel, f32)(g, hd, dout, start, n, stats, grad0, grad1, ws);
+            return ATTN_PICK(bwd_query_rows, kernel, f32)(g, hd, dout, start, n, stats, grad0, ws);
+        ATTN_PICK(bwd_key_rows, kernel, f32)(g, hd, dout, start, n, stats, grad0, grad1, ws);
     }
+    return 0;
 }
 
-void attn_fast_rows(attn_kernel kernel, const attn_sdpa_args *a, const attn_head *hd,
-                    int64_t i0, int64_t nr, void *ws)
+int attn_fast_rows(attn_kernel kernel, const attn_sdpa_args *a, const attn_head *hd,
+                   int64_t i0, int64_t nr, void *ws)
 {
     if (a->dtype == ATTN_FLOAT64) {
-        void (*fn)(const attn_sdpa_args *, const attn_head *, int64_t, int64_t, double *) =
+        int (*fn)(const attn_sdpa_args *, const attn_head *, int64_t, int64_t, double *) =
             hd->weights ? ATTN_PICK(weights_rows, kernel, f64) : ATTN_PICK(flash_rows, kernel, f64);
-        fn(a, hd, i0, nr, ws);
-    } else {
-        void (*fn)(const attn_sdpa_args *, const attn_head *, int64_t, int64_t, float *) =
-            hd->weights ? ATTN_PICK(weights_rows, kernel, f32) : ATTN_PICK(flash_rows, kernel, f32);
-        fn(a, hd, i0, nr, ws);
+        return fn(a, hd, i0, nr, ws);
     }
+    int (*fn)(const attn_sdpa_args *, const attn_head *, int64_t, int64_t, float *) =
+        hd->weights ? ATTN_PICK(weights_rows, kernel, f32) : ATTN_PICK(flash_rows, kernel, f32);
+    return fn(a, hd, i0, nr, ws);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -177,7 +177,7 @@ double attn_fma_peak_gflops(int threads, int64_t iters)
     int vlen = job.kernel == ATTN_KERNEL_AVX512 ? 16 : job.kernel == ATTN_KERNEL_AVX2 ? 8 : 4;
     struct timespec t0, t1;
     clock_gettime(CLOCK_MONOTONIC, &t0);
-    attn_parallel_for(threads, threads, attn_fma_item, &job);
+    attn_parallel_for(threads, threads, attn_fma_item, &job, NULL);
     clock_gettime(CLOCK_MONOTONIC, &t1);
     double seconds = (double)(t1.tv_sec - t0.tv_sec) + 1e-9 * (double)(t1.tv_nsec - t0.tv_nsec);
     return (double)threads * (double)iters * 12.0 * vlen * 2.0 / seconds / 1e9;

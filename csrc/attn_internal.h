@@ -61,10 +61,27 @@ typedef struct {
     int64_t row, col;
 } attn_mat;
 
+/*
+ * One call's interrupt state (attn_parallel.c). attn_cancel_check returns 1
+ * once the call must stop: on thread 0 (the caller) it polls the caller's
+ * attn_interrupt when ATTN_POLL_MS have passed since the last poll; on any
+ * thread it reads the stop flag. cancel == NULL: never stops.
+ */
+typedef struct {
+    const attn_interrupt *interrupt; /* NULL: nothing to poll */
+    _Atomic int stop;
+    int64_t checks, next_poll_ns;    /* thread 0 only */
+} attn_cancel;
+void attn_cancel_init(attn_cancel *c, const attn_interrupt *interrupt);
+int attn_cancel_check(attn_cancel *c, int thread);
+
 /* Thread pool (attn_parallel.c): fn(ctx, item, thread) for every item, on at
-   most max_threads threads; thread is in [0, max_threads). */
+   most max_threads threads; thread is in [0, max_threads). With cancel, each
+   thread checks attn_cancel_check before each item and stops when it says
+   so (then some items never ran). */
 void attn_parallel_for(int64_t n, int max_threads,
-                       void (*fn)(void *ctx, int64_t item, int thread), void *ctx);
+                       void (*fn)(void *ctx, int64_t item, int thread), void *ctx,
+                       attn_cancel *cancel);
 
 /* Is a worker awake (spinning, or working)? Waking a sleeping one costs
    up to ~0.5 ms: small jobs are better done on the calling thread then. */
@@ -73,8 +90,11 @@ int attn_parallel_awake(void);
 /* Fast kernels (attn_fast.c), float32 and float64. */
 #define ATTN_FAST_BR 128  /* query rows per work item */
 size_t attn_fast_workspace(const attn_sdpa_args *a); /* bytes per thread */
-void attn_fast_rows(attn_kernel kernel, const attn_sdpa_args *a, const attn_head *hd,
-                    int64_t i0, int64_t nr, void *workspace);
+/* attn_fast_rows and the backward's phase 0 return 1 (and may have written
+   part of their rows) when the tile's arithmetic could overflow T: NaN
+   policy rule 6, the call is then the reference kernel's. */
+int attn_fast_rows(attn_kernel kernel, const attn_sdpa_args *a, const attn_head *hd,
+                   int64_t i0, int64_t nr, void *workspace);
 
 #define ATTN_LINEAR_BR 128 /* rows per linear work item (the fast kernels' BC) */
 size_t attn_fast_linear_workspace(const attn_linear_args *p); /* bytes per thread */
@@ -85,10 +105,10 @@ void attn_fast_linear_block(attn_kernel kernel, const attn_linear_args *p, int64
    start .. start+n-1 and this problem's stats (m, 1/l, D: 3 x L values);
    phase 1 (key-major) writes dk, dv rows start .. start+n-1 from them. */
 size_t attn_fast_backward_workspace(const attn_sdpa_args *a); /* bytes per thread */
-void attn_fast_backward_rows(attn_kernel kernel, const attn_sdpa_grad_args *g,
-                             const attn_head *hd, const char *dout, int phase, int64_t start,
-                             int64_t n, void *stats, attn_mat grad0, attn_mat grad1,
-                             void *workspace);
+int attn_fast_backward_rows(attn_kernel kernel, const attn_sdpa_grad_args *g,
+                            const attn_head *hd, const char *dout, int phase, int64_t start,
+                            int64_t n, void *stats, attn_mat grad0, attn_mat grad1,
+                            void *workspace);
 
 /* ------------------------------------------------------------------------ */
 /* The planner (attn_plan.c): every decision about how a call runs.          */
@@ -105,7 +125,7 @@ typedef enum {
     ATTN_REASON_SCALE_NOT_FINITE, /* NaN policy rule 4 */
     ATTN_REASON_GIVEN_WEIGHTS,    /* backward: the forward's weights given to read */
     ATTN_REASON_NO_ROWS,          /* backward: L == 0 or S == 0 */
-    ATTN_REASON_QK_OVERFLOW,      /* NaN policy rule 6: reserved for a fix, never chosen */
+    ATTN_REASON_QK_OVERFLOW,      /* NaN policy rule 6: the tiles' T could overflow */
     ATTN_REASON_NO_WORKSPACE,     /* the tiles' workspace could not be allocated */
     ATTN_REASON_GRAD_NOT_FINITE,  /* NaN policy rule 5: the tiled backward's result rejected */
     ATTN_REASON_COUNT

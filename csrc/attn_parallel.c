@@ -23,6 +23,10 @@
  * A worker spins for ATTN_SPIN_NS after a job, watching for the next one,
  * before it sleeps on a condition variable.
  *
+ * A call that can be interrupted passes an attn_cancel: the caller (thread
+ * 0) polls it between items, every thread reads its stop flag before taking
+ * an item, so all leave within one item of the interrupt.
+ *
  * One parallel loop runs at a time; a caller that finds the pool busy (a
  * second Python thread calling attnpy) runs its loop alone. Workers are
  * started on first use and kept; after fork() the child has none and starts
@@ -48,6 +52,7 @@ typedef struct {
     void *ctx;
     int64_t n;
     atomic_llong next;
+    attn_cancel *cancel;
 } attn_job;
 
 static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER; /* sleeping and waking */
@@ -72,9 +77,33 @@ static int64_t attn_now_ns(void)
     return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
 }
 
+void attn_cancel_init(attn_cancel *c, const attn_interrupt *interrupt)
+{
+    c->interrupt = interrupt;
+    atomic_init(&c->stop, 0);
+    c->checks = 0;
+    c->next_poll_ns = 0; /* the clock starts at the first look at it */
+}
+
+int attn_cancel_check(attn_cancel *c, int thread)
+{
+    if (!c) return 0;
+    if (atomic_load_explicit(&c->stop, memory_order_relaxed)) return 1;
+    /* the clock every 4th check: a small call (one item) never reads it */
+    if (thread != 0 || !c->interrupt || (++c->checks & 3) != 0) return 0;
+    int64_t now = attn_now_ns();
+    if (c->next_poll_ns == 0) c->next_poll_ns = now + (int64_t)ATTN_POLL_MS * 1000000;
+    if (now < c->next_poll_ns) return 0;
+    int stop = c->interrupt->poll(c->interrupt->ctx) != 0;
+    c->next_poll_ns = attn_now_ns() + (int64_t)ATTN_POLL_MS * 1000000;
+    if (stop) atomic_store(&c->stop, 1);
+    return stop;
+}
+
 static void attn_run_items(attn_job *job, int thread)
 {
     for (;;) {
+        if (attn_cancel_check(job->cancel, thread)) return;
         int64_t item = atomic_fetch_add(&job->next, 1);
         if (item >= job->n) return;
         job->fn(job->ctx, item, thread);
@@ -194,9 +223,10 @@ int attn_get_num_threads(void)
 }
 
 void attn_parallel_for(int64_t n, int max_threads,
-                       void (*fn)(void *ctx, int64_t item, int thread), void *ctx)
+                       void (*fn)(void *ctx, int64_t item, int thread), void *ctx,
+                       attn_cancel *cancel)
 {
-    attn_job job = {.fn = fn, .ctx = ctx, .n = n};
+    attn_job job = {.fn = fn, .ctx = ctx, .n = n, .cancel = cancel};
     atomic_init(&job.next, 0);
     int want = max_threads < n ? max_threads : (int)n;
     if (want <= 1 || pthread_mutex_trylock(&run_lock) != 0) {

@@ -100,7 +100,7 @@ static void attn_plan_finish(attn_plan *plan, attn_reason why, const void *args)
 /* The NaN / inf policy (stated in attn_core.h)                              */
 
 /*
- * Rules 4 and 6 of the policy: calls the tiles must not compute. A tile
+ * Rule 4 of the policy: calls the tiles must not compute. A tile
  * computes scale * (q . k) for every pair of a block and masks afterwards;
  * with a non-finite scale, scale * 0 is NaN where the reference kernel does
  * not score a masked pair at all.
@@ -108,14 +108,8 @@ static void attn_plan_finish(attn_plan *plan, attn_reason why, const void *args)
 static attn_reason attn_policy_tiles(const attn_sdpa_args *a)
 {
     if (!isfinite(a->scale)) return ATTN_REASON_SCALE_NOT_FINITE;
-    /*
-     * KNOWN BUG, NOT FIXED (reason ATTN_REASON_QK_OVERFLOW, never chosen
-     * today): the tiles compute q . k in T and scale it afterwards, so when
-     * q . k overflows float32 but scale * q . k does not, they give inf or
-     * NaN where the reference kernel (double) is finite. A fix goes here: a
-     * bound on max|q| * max|k| * E (a pass over the inputs), or the scale
-     * folded into q when it is packed (a change of the microkernels).
-     */
+    /* rule 6 (q . k overflowing T) is decided per tile, by the tiles
+       themselves (qk_may_overflow): the bound needs the values */
     return ATTN_REASON_TILED;
 }
 
@@ -163,17 +157,21 @@ void attn_plan_sdpa(const attn_sdpa_args *a, int64_t nproblems, attn_plan *plan)
         else why = attn_policy_tiles(a);
     }
     /* tiled: items are (problem, block of ATTN_FAST_BR query rows);
-       reference: whole problems, a key block of scores and one output row
-       of workspace (in double) */
+       reference: (problem, block of rows), each block about 2^22
+       multiply-adds (a few milliseconds), so that an interrupt is seen
+       soon; workspace: a row of scores (with weights) or a key block of
+       them, and one output row, in double */
     plan->nproblems = nproblems;
     plan->block_rows = ATTN_FAST_BR;
     plan->blocks[0] = (a->L + ATTN_FAST_BR - 1) / ATTN_FAST_BR;
     plan->items = nproblems * plan->blocks[0];
     plan->work_size = attn_cache_lines(attn_fast_workspace(a));
-    plan->ref_block_rows = a->L;
-    plan->ref_blocks = 1;
-    plan->ref_items = nproblems;
-    plan->ref_work_size = attn_cache_lines((size_t)(ATTN_KEY_BLOCK + a->Ev) * sizeof(double));
+    int64_t ref_rows = ((int64_t)1 << 22) / (a->S * (a->E + a->Ev + 1) + 1);
+    plan->ref_block_rows = ref_rows < 1 ? 1 : ref_rows < a->L ? ref_rows : (a->L > 0 ? a->L : 1);
+    plan->ref_blocks = (a->L + plan->ref_block_rows - 1) / plan->ref_block_rows;
+    plan->ref_items = nproblems * plan->ref_blocks;
+    int64_t score_row = a->weights.data && a->S > ATTN_KEY_BLOCK ? a->S : ATTN_KEY_BLOCK;
+    plan->ref_work_size = attn_cache_lines((size_t)(score_row + a->Ev) * sizeof(double));
     /* small problems stay on the calling thread: waking others costs more */
     double flops = 2.0 * (double)nproblems * (double)a->L * (double)a->S * (double)(a->E + a->Ev);
     plan->threads = attn_threads_for(flops);

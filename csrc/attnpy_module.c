@@ -237,14 +237,51 @@ static PyArrayObject *new_view(int nd, const npy_intp *dims, int typenum, const 
     return arr;
 }
 
-/* A status from the core as a Python exception; 0 when there is none. */
+/* A status from the core as a Python exception; 0 when there is none.
+   ATTN_EINTR: the exception poll_signals left (KeyboardInterrupt, or what a
+   signal handler raised). */
 static int raise_for_status(int status)
 {
     if (status == ATTN_OK) return 0;
     if (status == ATTN_ENOMEM) PyErr_NoMemory();
-    else PyErr_Format(PyExc_SystemError, "attnpy core rejected its arguments (status %d)", status);
+    else if (status == ATTN_EINTR) {
+        if (!PyErr_Occurred()) PyErr_SetNone(PyExc_KeyboardInterrupt);
+    } else
+        PyErr_Format(PyExc_SystemError, "attnpy core rejected its arguments (status %d)", status);
     return -1;
 }
+
+/*
+ * The GIL released around a core call that Ctrl-C can stop (attn_interrupt
+ * in attn_core.h). While the core works, it calls poll_signals on this
+ * thread every ATTN_POLL_MS: it takes the GIL back, lets Python run its
+ * signal handlers (SIGINT's raises KeyboardInterrupt; Jupyter's interrupt
+ * is a SIGINT) and releases it again. A handler's exception stops the call
+ * and stays set for raise_for_status.
+ */
+typedef struct {
+    PyThreadState *ts;
+    attn_interrupt interrupt;
+} released_gil;
+
+static int poll_signals(void *ctx)
+{
+    released_gil *gil = ctx;
+    PyEval_RestoreThread(gil->ts);
+    int stop = PyErr_CheckSignals() < 0;
+    gil->ts = PyEval_SaveThread();
+    return stop;
+}
+
+/* Release the GIL; *slot (the call's interrupt field) points at the poll. */
+static void release_gil(released_gil *gil, const attn_interrupt **slot)
+{
+    gil->interrupt = (attn_interrupt){.poll = poll_signals, .ctx = gil};
+    *slot = &gil->interrupt;
+    gil->ts = PyEval_SaveThread();
+}
+
+static void take_gil(released_gil *gil) { PyEval_RestoreThread(gil->ts); }
 
 /* ------------------------------------------------------------------------ */
 /* Arguments: one table per entry point                                      */
@@ -739,10 +776,10 @@ static PyObject *attnpy_sdpa(PyObject *Py_UNUSED(module), PyObject *const *args,
          !(arr[DR] = new_view(nd, c.w_dims, typenum, "the weights after dropout", &c.a.dropped))))
         goto done;
 
-    int status;
-    Py_BEGIN_ALLOW_THREADS
-    status = attn_sdpa(&c.a);
-    Py_END_ALLOW_THREADS
+    released_gil gil;
+    release_gil(&gil, &c.a.interrupt);
+    int status = attn_sdpa(&c.a);
+    take_gil(&gil);
     if (raise_for_status(status)) goto done;
     if (trace && !(stages = Py_BuildValue("{sOsOsOsO}", "scores", arr[SC], "logits", arr[LG],
                                           "dropout_mask", arr[DM] ? (PyObject *)arr[DM] : Py_None,
@@ -861,11 +898,11 @@ static PyObject *attnpy_sdpa_backward(PyObject *Py_UNUSED(module), PyObject *con
         goto done;
     g.fwd = *a;
 
-    int status;
-    Py_BEGIN_ALLOW_THREADS
-    status = attn_sdpa_backward(&g);
+    released_gil gil;
+    release_gil(&gil, &g.fwd.interrupt);
+    int status = attn_sdpa_backward(&g);
     if (status == ATTN_OK) status = attn_sdpa_reduce_grads(&g, &r);
-    Py_END_ALLOW_THREADS
+    take_gil(&gil);
     if (raise_for_status(status)) goto done;
     result = Py_BuildValue("(OOOOO)", arr[GQ], arr[GK], arr[GV],
                            arr[GW] ? (PyObject *)arr[GW] : Py_None,
@@ -940,10 +977,10 @@ static PyObject *attnpy_linear(PyObject *Py_UNUSED(module), PyObject *const *arg
         .b = {b ? PyArray_BYTES(b) : NULL, b ? PyArray_STRIDE(b, 0) : 0},
         .accumulate = accumulate,
     };
-    int status;
-    Py_BEGIN_ALLOW_THREADS
-    status = attn_linear(&p);
-    Py_END_ALLOW_THREADS
+    released_gil gil;
+    release_gil(&gil, &p.interrupt);
+    int status = attn_linear(&p);
+    take_gil(&gil);
     if (raise_for_status(status)) Py_CLEAR(out);
     return (PyObject *)out;
 }

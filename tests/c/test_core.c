@@ -16,6 +16,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 static int n_passed, n_failed;
 
@@ -384,6 +385,70 @@ static void test_planner(void)
           "the gradient check finds inf and NaN, and reads only its block");
 }
 
+/* A call of one (L x S) problem, float32, contiguous, with weights or not. */
+static void one_problem(attn_sdpa_args *a, int64_t L, int64_t S, int64_t E, int64_t Ev,
+                        float *q, float *k, float *v, float *out, float *w)
+{
+    memset(a, 0, sizeof *a);
+    a->dtype = ATTN_FLOAT32;
+    a->num_heads = a->num_kv_heads = 1;
+    a->L = L; a->S = S; a->E = E; a->Ev = Ev;
+    a->scale = 1.0 / sqrt((double)E);
+    a->q = (attn_view){.data = (char *)q, .row = E * 4, .col = 4};
+    a->k = (attn_view){.data = (char *)k, .row = E * 4, .col = 4};
+    a->v = (attn_view){.data = (char *)v, .row = Ev * 4, .col = 4};
+    a->out = (attn_view){.data = (char *)out, .row = Ev * 4, .col = 4};
+    if (w) a->weights = (attn_view){.data = (char *)w, .row = S * 4, .col = 4};
+}
+
+/* NaN policy rule 6: q . k = 4e38 overflows float32, scale q . k = 2e38 does
+   not; every kernel, both paths, gives weights [1, 0] and out [1]. */
+static void test_qk_overflow(const char *kernel_name)
+{
+    float q[4] = {1e19f, 1e19f, 1e19f, 1e19f}, k[8] = {1e19f, 1e19f, 1e19f, 1e19f, 0, 0, 0, 0};
+    float v[2] = {1, 2}, out[1], w[2];
+    attn_sdpa_args a;
+    for (int weights = 0; weights < 2; weights++) {
+        out[0] = w[0] = w[1] = -1;
+        one_problem(&a, 1, 2, 4, 1, q, k, v, out, weights ? w : NULL);
+        int ok = attn_sdpa(&a) == ATTN_OK && out[0] == 1.0f &&
+                 (!weights || (w[0] == 1.0f && w[1] == 0.0f));
+        if (!ok) printf("  (kernel %s, weights %d: out %g)\n", kernel_name, weights, out[0]);
+        check(ok, "rule 6: q . k overflowing float32 gives the reference's answer");
+    }
+}
+
+/* An interrupt whose poll says stop: a long call returns ATTN_EINTR soon,
+   one whose poll never does runs to the end. */
+static int polls;
+static int poll_stop(void *ctx) { polls++; return *(int *)ctx; }
+
+static void test_interrupt(void)
+{
+    const int64_t L = 2048, E = 64;
+    float *q = calloc((size_t)(L * E), sizeof(float)), *out = malloc((size_t)(L * E) * 4);
+    float *w = malloc((size_t)(L * L) * 4);
+    attn_sdpa_args a;
+    for (int stop = 0; stop < 2; stop++) {
+        attn_interrupt intr = {.poll = poll_stop, .ctx = &stop};
+        one_problem(&a, L, L, E, E, q, q, q, out, w);
+        a.interrupt = &intr;
+        polls = 0;
+        struct timespec t0, t1;
+        timespec_get(&t0, TIME_UTC);
+        int status = attn_sdpa(&a); /* the reference kernel (selected below): ~0.5 s */
+        timespec_get(&t1, TIME_UTC);
+        double s = (double)(t1.tv_sec - t0.tv_sec) + 1e-9 * (double)(t1.tv_nsec - t0.tv_nsec);
+        if (stop) check(status == ATTN_EINTR && polls == 1 && s < 0.3,
+                        "an interrupt that says stop stops the call at its first poll");
+        else check(status == ATTN_OK && polls >= 1 && out[0] == 0.0f,
+                   "an interrupt that never says stop lets the call finish");
+    }
+    free(q);
+    free(out);
+    free(w);
+}
+
 int main(void)
 {
     static const test_case cases[] = {
@@ -423,10 +488,14 @@ int main(void)
                     for (int streaming = 0; streaming < 2; streaming++)
                         run_case(&cases[c], f32, streaming);
             test_linear(kernel_names[kk]);
+            test_qk_overflow(kernel_names[kk]);
             if (n_failed > failed_before)
                 printf("  (the failures above: kernel %s, %d threads)\n", kernel_names[kk], threads);
         }
     }
+    attn_set_kernel(ATTN_KERNEL_REFERENCE);
+    attn_set_num_threads(2);
+    test_interrupt();
     attn_set_kernel(ATTN_KERNEL_AUTO);
     attn_set_num_threads(0);
     test_planner();
