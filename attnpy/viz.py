@@ -40,6 +40,27 @@ def _as_maps(weights, name, ndim):
     return w
 
 
+def _labels(labels, n, name, axis):
+    """labels as a list of str, checked to be one per row or column: n of them."""
+    if labels is None:
+        return None
+    if isinstance(labels, str):
+        raise TypeError(f"{name} must be a sequence of str, one per {axis}; got the string "
+                        f"{labels!r} (split it into tokens first)")
+    labels = [str(t) for t in labels]
+    if len(labels) != n:
+        raise ValueError(f"{name} has {len(labels)} labels but the map has {n} {axis}s: "
+                         f"pass one label per {axis}")
+    return labels
+
+
+def _set_tick_labels(ax, which, labels, **text):
+    """Tick labels drawn as the text they are: tokens such as '$x$' or
+    '$5 and $10' are not mathtext (parse_math=False)."""
+    ticks, shown = _ticks(labels)
+    getattr(ax, f"set_{which}ticks")(ticks, shown, parse_math=False, **text)
+
+
 def _window(w, crop):
     """crop=(rows, cols): two slices (or None) applied to the last two axes."""
     if crop is None:
@@ -86,6 +107,8 @@ def heatmap(weights, x_labels=None, y_labels=None, ax=None, *, masked=None, crop
     """
     plt = _plt()
     w = _as_maps(weights, "weights", 2)
+    x_labels = _labels(x_labels, w.shape[1], "x_labels", "key column")
+    y_labels = _labels(y_labels, w.shape[0], "y_labels", "query row")
     w, rows, cols = _window(w, crop)
     L, S = w.shape
     if ax is None:
@@ -108,11 +131,9 @@ def heatmap(weights, x_labels=None, y_labels=None, ax=None, *, masked=None, crop
                 ax.add_patch(plt.Rectangle((x - 0.5, y - 0.5), 1, 1, fill=False, hatch="///",
                                            edgecolor="0.45", linewidth=0))
     if x_labels is not None:
-        ticks, labels = _ticks(list(x_labels)[cols])
-        ax.set_xticks(ticks, labels, rotation=90)
+        _set_tick_labels(ax, "x", x_labels[cols], rotation=90)
     if y_labels is not None:
-        ticks, labels = _ticks(list(y_labels)[rows])
-        ax.set_yticks(ticks, labels)
+        _set_tick_labels(ax, "y", y_labels[rows])
     if annotate is None:
         annotate = L <= ANNOTATE_MAX and S <= ANNOTATE_MAX
     if annotate:
@@ -124,7 +145,7 @@ def heatmap(weights, x_labels=None, y_labels=None, ax=None, *, masked=None, crop
     ax.set_xlabel("key")
     ax.set_ylabel("query")
     if title:
-        ax.set_title(title)
+        ax.set_title(title, parse_math=False)
     if colorbar:
         ax.figure.colorbar(im, ax=ax, shrink=0.85, label="weight")
     return ax
@@ -150,6 +171,12 @@ def heads(weights, tokens=None, *, cols=None, masked=None, crop=None, cmap="viri
     plt = _plt()
     w = _as_maps(weights, "weights", 3)
     H = w.shape[0]
+    if tokens is not None:
+        if w.shape[1] != w.shape[2]:
+            raise ValueError(f"tokens label both queries and keys, but the maps are "
+                             f"{w.shape[1]} x {w.shape[2]}: use heatmap(w[h], x_labels, "
+                             f"y_labels) for cross-attention")
+        tokens = _labels(tokens, w.shape[1], "tokens", "token")
     cols = cols or max(1, int(np.ceil(np.sqrt(H))))
     rows = int(np.ceil(H / cols))
     shown, _, _ = _window(w, crop)
@@ -189,6 +216,11 @@ def layers(list_of_weights, tokens=None, *, cmap="viridis", thumb=1.3):
     if not maps:
         raise ValueError("list_of_weights is empty")
     n_layers, n_heads = len(maps), max(m.shape[0] for m in maps)
+    if tokens is not None:
+        for i, m in enumerate(maps):
+            _labels(tokens, m.shape[1], "tokens", f"query row of list_of_weights[{i}]")
+            _labels(tokens, m.shape[2], "tokens", f"key column of list_of_weights[{i}]")
+        tokens = [str(t) for t in tokens]
     fig, axes = plt.subplots(n_layers, n_heads, figsize=(thumb * n_heads + 1, thumb * n_layers + 0.5),
                              squeeze=False, constrained_layout=True)
     for i, m in enumerate(maps):
@@ -200,6 +232,10 @@ def layers(list_of_weights, tokens=None, *, cmap="viridis", thumb=1.3):
                 ax.axis("off")
                 continue
             ax.imshow(m[h], cmap=cmap, vmin=0, vmax=1, aspect="auto", interpolation="nearest")
+            if tokens is not None and h == 0:
+                _set_tick_labels(ax, "y", tokens, fontsize=6)
+            if tokens is not None and i == n_layers - 1:
+                _set_tick_labels(ax, "x", tokens, rotation=90, fontsize=6)
             if i == 0:
                 ax.set_title(f"head {h}", fontsize=8)
             if h == 0:

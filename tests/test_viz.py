@@ -134,3 +134,36 @@ def test_long_inputs_stay_readable_and_linear():
     assert len(hatched) == int(masked[100:120, 90:110].sum())
     assert max(viz.heatmap(w, tokens, tokens).figure.get_size_inches()) <= 14
     assert max(viz.heads(np.stack([w, w]), tokens).get_size_inches()) <= 12
+
+
+# Tokens were parsed as mathtext (issue 12, item 4): '$\frac{}$' raised a
+# ParseSyntaxException when drawn, '$x$' was drawn as math.
+@pytest.mark.parametrize("token", ["$\\frac{}$", "$x$", "$5 and $10", "a_b^c"])
+def test_labels_are_drawn_as_literal_text(token):
+    w = np.full((3, 3), 1 / 3)
+    tokens = [token, "b", "c"]
+    for fig in (viz.heatmap(w, tokens, tokens, title=token).figure, viz.heads(w[None], tokens),
+                viz.layers([w[None]], tokens)):
+        fig.canvas.draw()                        # the draw itself raised before
+        shown = [t for ax in fig.axes for t in ax.get_xticklabels() + ax.get_yticklabels()]
+        drawn = [t for t in shown if t.get_text() == token]
+        assert drawn and not any(t.get_parse_math() for t in drawn)
+        matplotlib.pyplot.close(fig)
+
+
+# Label counts were not checked (issue 12, item 5): one label short drew a
+# grid whose last row and column had none.
+def test_label_count_mismatch_names_argument_and_lengths():
+    w = maps()
+    with pytest.raises(ValueError, match=r"tokens has 5 labels but the map has 6"):
+        viz.heads(w, TOKENS[:-1])
+    with pytest.raises(ValueError, match=r"x_labels has 5 labels but the map has 6 key"):
+        viz.heatmap(w[0], TOKENS[:-1], TOKENS)
+    with pytest.raises(ValueError, match=r"y_labels has 7 labels but the map has 6 query"):
+        viz.heatmap(w[0], TOKENS, TOKENS + ["!"])
+    with pytest.raises(ValueError, match=r"tokens has 5 labels"):
+        viz.layers([w], TOKENS[:-1])
+    with pytest.raises(TypeError, match="tokens must be a sequence of str"):
+        viz.heads(w, "the cat sat on the mat")
+    with pytest.raises(ValueError, match="cross-attention"):
+        viz.heads(np.full((1, 2, 3), 1 / 3), ["a", "b"])
