@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The two README commands live here:
-#   bash dev.sh demo   set everything up from a fresh clone, run the demo
+#   bash dev.sh demo   set up the light environment (.venv-quick: NumPy, matplotlib, no
+#                      torch) from a fresh clone, build, run the demo
 #   bash dev.sh test   set everything up from a fresh clone, run every test (C and Python),
 #                      then again under AddressSanitizer + UndefinedBehaviorSanitizer,
 #                      then 150 s of fuzzing the binding (fuzz/)
@@ -105,8 +106,10 @@ c_tests() {
 
 case "${1:-}" in
     demo)
-        setup
-        "$VENV/bin/python" -m attnpy demo "${@:2}"
+        # the light environment (NumPy, matplotlib; no torch, no sudo): the
+        # demo compares against torch only where torch is installed
+        quick_setup
+        PYTHONPATH="$PWD" "$QUICK_VENV/bin/python" -m attnpy demo "${@:2}"
         ;;
     test)
         # the CI gate: every test runs, a skipped one fails (tests/conftest.py)

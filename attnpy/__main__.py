@@ -1,14 +1,23 @@
 """python -m attnpy demo [OUTDIR]"""
+import argparse
 import sys
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] != "demo" or len(argv) > 2:
-        print("usage: python -m attnpy demo [OUTDIR]", file=sys.stderr)
-        return 2
+    parser = argparse.ArgumentParser(prog="python -m attnpy",
+                                     description="attnpy: attention for learning, "
+                                                 "checking and running.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    demo = commands.add_parser("demo", help="a sentence through 4 hand-built heads: the "
+                                            "maps printed, pictures and a head view written",
+                               description="Run the demo: 4 hand-built heads on a sentence; "
+                                           "prints what each head attends to and writes "
+                                           "weights.npy, per-head pictures and a head view.")
+    demo.add_argument("outdir", nargs="?", default="attnpy-demo",
+                      help="where the pictures go (default: attnpy-demo)")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     from .demo import run
-    run(argv[1] if len(argv) > 1 else "attnpy-demo")
+    run(args.outdir)
     return 0
 
 

@@ -38,3 +38,17 @@ def test_demo_prints_checks_and_writes_its_pictures(tmp_path):
     assert page.startswith("<!DOCTYPE html>") and "attnpy-view" in page
     assert "http://" not in page.replace("http://www.w3.org/2000/svg", "")
     assert "https://" not in page
+
+
+# `python -m attnpy demo --help` wrote the demo into a folder named --help/
+# (issue 12, item 11).
+def test_demo_help_prints_usage_and_writes_nothing(tmp_path):
+    for args in (["demo", "--help"], ["--help"]):
+        r = subprocess.run([sys.executable, "-m", "attnpy", *args], cwd=tmp_path,
+                           capture_output=True, text=True)
+        assert r.returncode == 0 and "usage: python -m attnpy" in r.stdout
+    assert list(tmp_path.iterdir()) == []
+    r = subprocess.run([sys.executable, "-m", "attnpy", "demo", "a", "b"], cwd=tmp_path,
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "unrecognized arguments: b" in r.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -506,3 +506,21 @@ def test_self_attention_list_x_out_of_range_names_x():
     w = np.ones((2, 2))
     with pytest.raises((TypeError, ValueError), match=r"^x "):
         attnpy.self_attention([[10**400, 1.0]], w, w, w)
+
+
+# Importing from a source tree that was never built said "cannot import name
+# '_core' from partially initialized module 'attnpy' (most likely due to a
+# circular import)" (issue 12, item 8).
+def test_import_without_a_build_says_what_to_do(tmp_path):
+    import shutil
+    src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "attnpy")
+    shutil.copytree(src, tmp_path / "attnpy",
+                    ignore=shutil.ignore_patterns("*.so", "*.pyd", "__pycache__"))
+    r = subprocess.run([sys.executable, "-c", "import attnpy"], cwd=tmp_path,
+                       capture_output=True, text=True,
+                       env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert r.returncode != 0
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("ImportError: attnpy's C extension (attnpy._core) is not built")
+    assert "pip install ." in last and "bash dev.sh demo" in last
+    assert "circular import" not in last
