@@ -209,6 +209,96 @@ def _close(a, b, tol):
     return a.shape == b.shape and np.allclose(a, b, rtol=tol, atol=tol, equal_nan=True)
 
 
+def _answer(got):
+    """The student's return value as a real float array, or (None, why not)."""
+    if got is None:
+        return None, "the function returned None (a missing return?)"
+    if isinstance(got, tuple) and any(isinstance(g, np.ndarray) for g in got):
+        return None, (f"the function returned a {type(got).__name__} of {len(got)} items; "
+                      "return one array")
+    try:
+        arr = np.asarray(got)
+    except (ValueError, TypeError) as e:
+        return None, f"the answer is not an array of numbers ({type(got).__name__}: {e})"
+    if arr.dtype.kind == "c":
+        return None, (f"the answer is complex (dtype {arr.dtype}); attention's numbers are "
+                      "real: look for a stray 1j or np.sqrt of a negative number")
+    if arr.dtype.kind not in "fiub":
+        return None, (f"the answer has dtype {arr.dtype} ({type(got).__name__}); expected an "
+                      "array of floats")
+    return arr.astype(np.float64), None
+
+
+def _first_difference(expected, got, tol):
+    """'at [i, ...]: expected [...], got [...]' for the first row that differs."""
+    bad = ~np.isclose(got, expected, rtol=tol, atol=tol, equal_nan=True)
+    where = tuple(int(i) for i in np.argwhere(bad)[0])
+    row = where[:-1]
+    fmt = dict(precision=4, suppress_small=True, max_line_width=200)
+    label = f"row {list(row)}" if row else "the answer"
+    return (f"{label}: expected {np.array2string(expected[row][:8], **fmt)}, got "
+            f"{np.array2string(got[row][:8], **fmt)}")
+
+
+def _masking_large_negative(args, got, expected, tol):
+    """masking with a large finite number (-1e9) instead of -inf: explain."""
+    scores, mask = args
+    hidden = ~np.asarray(mask, bool)
+    if got.shape != expected.shape or not hidden.any():
+        return None
+    if np.all(np.isfinite(got[hidden])) and np.all(got[hidden] <= -1e4) and \
+            _close(got[~hidden], expected[~hidden], tol):
+        big = float(got[hidden].max())
+        return (f"masked scores are {big:.3g} instead of -inf. After the softmax this "
+                "usually gives the same weights, but -inf is exactly zero weight whatever "
+                "the other scores are (a row of scores near -1e9, or float16, would break "
+                f"{big:.3g}), and it is what torch and this checker expect: use -np.inf")
+    return None
+
+
+def _attention_stage(fn, args, tol):
+    """Which stage of attention(q, k, v, mask) is wrong: the weights are read
+    off by passing v = identity (out = weights @ I = weights)."""
+    q, k, v, mask = args
+    L, d = q.shape
+    S = k.shape[0]
+    try:
+        w, why = _answer(fn(q.copy(), k.copy(), np.eye(S), None if mask is None else mask.copy()))
+    except Exception:  # the student's code fails on this input: no diagnosis
+        return None
+    if why or w.shape != (L, S):
+        return None
+    add = 0.0 if mask is None else np.where(mask, 0.0, -np.inf)
+    s = q @ k.T
+    weights = _softmax(s / np.sqrt(d) + add)
+    if _close(w, weights, tol):
+        return ("the weights are right (checked with v = identity): the mistake is in the "
+                "last step, out = weights @ v")
+    stages = {
+        "softmax over the wrong axis: normalise over the keys, the last axis (with v = "
+        "identity your weights' columns sum to 1, not their rows)": _softmax(s / np.sqrt(d) + add,
+                                                                            axis=0),
+        "the weights are not normalised (with v = identity your rows do not sum to 1): "
+        "divide exp(scores) by its sum over the keys": np.exp(s / np.sqrt(d) + add - np.max(
+            np.where(np.isfinite(s / np.sqrt(d) + add), s / np.sqrt(d) + add, -np.inf), -1,
+            keepdims=True)),
+        "missing the 1/sqrt(d_k) scaling of the scores": _softmax(s + add),
+        "scores scaled by 1/d_k instead of 1/sqrt(d_k)": _softmax(s / d + add),
+    }
+    if mask is not None:
+        stages["mask inverted: True means attend"] = _softmax(
+            s / np.sqrt(d) + np.where(mask, -np.inf, 0.0))
+        stages["the mask is not applied"] = _softmax(s / np.sqrt(d))
+    for stage, wrong in stages.items():
+        if wrong.shape == w.shape and _close(w, wrong, tol):
+            return stage
+    return ("the weights are wrong (checked with v = identity): "
+            + _first_difference(weights, w, tol))
+
+
+DIAGNOSE = {"masking": _masking_large_negative}
+
+
 def check(name, fn, *, seed=0, tol=1e-6):
     """Run ``fn`` on the exercise's cases and compare with the C core.
 
@@ -227,7 +317,9 @@ def check(name, fn, *, seed=0, tol=1e-6):
     -------
     CheckResult
         True when every case matches; otherwise its message says which case
-        failed and, when the answer matches a common mistake, which one.
+        failed and, when the answer matches a common mistake, which one; for
+        ``attention``, which stage (scores, mask, softmax, weighted sum) is
+        wrong; otherwise the first row that differs, expected and got.
     """
     if name not in CASES:
         raise ValueError(f"name must be one of {sorted(CASES)}; got {name!r}")
@@ -239,24 +331,31 @@ def check(name, fn, *, seed=0, tol=1e-6):
         except Exception as e:  # the student's code: report, don't crash the notebook
             return CheckResult(name, False, f"{name}: case {n} raised {type(e).__name__}: {e}",
                                n - 1)
-        if got is None:
-            return CheckResult(name, False, f"{name}: case {n}: the function returned None "
-                                            "(a missing return?)", n - 1)
-        got = np.asarray(got)
+        got, why = _answer(got)
+        if why:
+            return CheckResult(name, False, f"{name}: case {n}: {why}", n - 1)
         if _close(got, expected, tol):
             continue
-        expected = np.asarray(expected)
+        expected = np.asarray(expected, dtype=np.float64)
         for mistake, wrong in mistakes.items():
             if wrong is not None and _close(got, wrong, tol):
                 return CheckResult(name, False, f"{name}: case {n}: {mistake}", n - 1,
                                    mistake=mistake)
-        if got.shape != expected.shape:
+        explained = DIAGNOSE[name](args, got, expected, tol) if name in DIAGNOSE else None
+        if explained is None and name == "attention" and got.shape == expected.shape:
+            explained = _attention_stage(fn, args, tol)
+        shapes = ", ".join(str(np.shape(a)) for a in args if isinstance(a, np.ndarray))
+        if explained:
+            msg = f"{name}: case {n} (inputs {shapes}): {explained}"
+        elif got.shape != expected.shape:
             msg = f"{name}: case {n}: expected shape {expected.shape}, got {got.shape}"
         elif np.isnan(got).any() and not np.isnan(expected).any():
             msg = (f"{name}: case {n}: NaN in the answer (exp overflowing? subtract the row "
                    "maximum before exp)")
         else:
-            err = float(np.nanmax(np.abs(got.astype(np.float64) - expected)))
-            msg = f"{name}: case {n}: wrong values (largest difference {err:.3g})"
-        return CheckResult(name, False, msg, n - 1, details={"expected": expected, "got": got})
+            err = float(np.nanmax(np.abs(got - expected)))
+            msg = (f"{name}: case {n} (inputs {shapes}): wrong values (largest difference "
+                   f"{err:.3g}); {_first_difference(expected, got, tol)}")
+        return CheckResult(name, False, msg, n - 1, mistake=explained,
+                           details={"expected": expected, "got": got, "inputs": args})
     return CheckResult(name, True, f"{name}: correct ({n} cases)", n)

@@ -90,3 +90,55 @@ def test_other_failures_are_reported_not_raised():
     assert "wrong values" in str(exercises.check("scaled_scores", lambda q, k: q @ k.T * 0.5))
     with pytest.raises(ValueError, match="name"):
         exercises.check("softmaxx", softmax)
+
+
+# Issue 12, item 6: the checker crashed on answers that are not arrays of
+# numbers, called complex and string answers correct, called -1e9 masking
+# plain "wrong values", and could not say which stage of attention was wrong.
+@pytest.mark.parametrize("fn, words", [
+    (lambda s: "todo", "dtype <U4"),
+    (lambda s: (softmax(s), s), "returned a tuple of 2 items; return one array"),
+    (lambda s: softmax(s) + 5j, "complex"),
+    (lambda s: softmax(s).astype(str), "expected an array of floats"),
+    (lambda s: [softmax(s), softmax(s)[:1]], "not an array of numbers"),
+])
+def test_answers_that_are_not_arrays_of_numbers_are_explained(fn, words):
+    result = exercises.check("softmax", fn)
+    assert not result
+    assert words in result.message, result.message
+
+
+def test_a_list_of_lists_is_an_answer():
+    assert exercises.check("softmax", lambda s: softmax(s).tolist())
+
+
+def test_masking_with_a_large_negative_number_is_explained():
+    result = exercises.check("masking", lambda s, m: np.where(m, s, -1e9))
+    assert not result
+    assert "masked scores are -1e+09 instead of -inf" in result.message, result.message
+    assert "use -np.inf" in result.message
+
+
+@pytest.mark.parametrize("fn, words", [
+    # the wrong axis where L != S (the case-level mistake list could not build it)
+    (lambda q, k, v, mask=None: exercises._softmax(
+        scaled_scores(q, k) + (0 if mask is None else np.where(mask, 0, -np.inf)), axis=0) @ v,
+     "softmax over the wrong axis"),
+    (lambda q, k, v, mask=None: softmax(scaled_scores(q, k)) @ v, "the mask is not applied"),
+    (lambda q, k, v, mask=None: attention(q, k, np.abs(v), mask),
+     "the weights are right (checked with v = identity): the mistake is in the last step"),
+    (lambda q, k, v, mask=None: softmax(scaled_scores(q, k) * 1.3 + (
+        0 if mask is None else np.where(mask, 0, -np.inf))) @ v,
+     "the weights are wrong (checked with v = identity): row [0]: expected"),
+])
+def test_attention_names_the_wrong_stage(fn, words):
+    result = exercises.check("attention", fn)
+    assert not result
+    assert words in result.message, result.message
+
+
+def test_wrong_values_show_the_numbers():
+    result = exercises.check("scaled_scores", lambda q, k: q @ k.T * 0.5)
+    msg = result.message
+    assert "wrong values" in msg and "inputs (4, 8), (4, 8)" in msg
+    assert "row [0]: expected [" in msg and "got [" in msg
