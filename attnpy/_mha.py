@@ -8,12 +8,12 @@ holds the parameters under torch's names, turns the caller's layout into
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Optional
 
 import numpy as np
 
-from . import _args, _core
+from . import _args, _core, _repr
 
 __all__ = ["MultiheadAttention", "MultiheadAttentionGradients", "MultiheadAttentionResult",
            "Trace", "self_attention"]
@@ -67,6 +67,12 @@ class Trace:
     concat: np.ndarray
     output: np.ndarray
 
+    def __repr__(self):
+        return _repr.short_repr(self, [f.name for f in fields(self)])
+
+    def _repr_html_(self):
+        return _repr.html_repr(self, [f.name for f in fields(self)], self.weights)
+
 
 @dataclass(frozen=True)
 class MultiheadAttentionResult:
@@ -95,6 +101,13 @@ class MultiheadAttentionResult:
     def __iter__(self):
         return iter((self.output, self.weights))
 
+    def __repr__(self):
+        return _repr.short_repr(self, ["output", "weights", "weights_after_dropout", "trace"])
+
+    def _repr_html_(self):
+        return _repr.html_repr(self, ["output", "weights", "weights_after_dropout", "trace"],
+                               self.weights)
+
 
 @dataclass(frozen=True)
 class MultiheadAttentionGradients:
@@ -115,6 +128,9 @@ class MultiheadAttentionGradients:
     key: np.ndarray
     value: np.ndarray
     params: dict
+
+    def __repr__(self):
+        return _repr.short_repr(self, ["query", "key", "value", "params"])
 
 
 # ---------------------------------------------------------------------------

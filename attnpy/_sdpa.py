@@ -9,7 +9,7 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
-from . import _args, _core
+from . import _args, _core, _repr
 
 __all__ = ["AttentionResult", "AttentionGradients", "BackwardTrace", "scaled_dot_product_attention",
            "scaled_dot_product_attention_backward", "causal_mask"]
@@ -29,6 +29,12 @@ class AttentionResult(NamedTuple):
 
     output: np.ndarray
     weights: Optional[np.ndarray]
+
+    def __repr__(self):
+        return _repr.short_repr(self, self._fields)
+
+    def _repr_html_(self):
+        return _repr.html_repr(self, self._fields, self.weights)
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0,
@@ -227,6 +233,9 @@ class BackwardTrace(NamedTuple):
     grad_weights: np.ndarray
     grad_scores: np.ndarray
 
+    def __repr__(self):
+        return _repr.short_repr(self, self._fields)
+
 
 class AttentionGradients(NamedTuple):
     """Gradients of a loss with respect to query, key and value.
@@ -243,6 +252,9 @@ class AttentionGradients(NamedTuple):
     key: np.ndarray
     value: np.ndarray
     trace: Optional[BackwardTrace]
+
+    def __repr__(self):
+        return _repr.short_repr(self, self._fields)
 
 
 def scaled_dot_product_attention_backward(grad_output, query, key, value, attn_mask=None,
