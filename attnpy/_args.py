@@ -16,13 +16,27 @@ MAX_EXTENT = _core.MAX_EXTENT     # every dimension the core takes
 MAX_THREADS = _core.MAX_THREADS
 
 
+def _asarray(x, name, dtype=None):
+    """np.asarray(x[, dtype]); a torch tensor that requires grad is refused
+    with what to do (torch's own RuntimeError named neither)."""
+    try:
+        return np.asarray(x) if dtype is None else np.asarray(x, dtype=dtype)
+    except RuntimeError as e:
+        if "requires grad" in str(e):
+            raise TypeError(f"{name} is a tensor that requires grad; attnpy computes on "
+                            f"NumPy buffers: pass {name}.detach()") from None
+        raise
+
+
 def convert(x, name, dtype):
     """An array-like that is not an ndarray, as an array of dtype (or an error naming it)."""
     try:
-        return np.asarray(x, dtype=dtype)
+        return _asarray(x, name, dtype)
     except OverflowError:
         raise ValueError(f"{name} holds a value out of the {np.dtype(dtype)} range") from None
     except (TypeError, ValueError) as e:
+        if "requires grad" in str(e):
+            raise
         raise TypeError(f"{name} must be an array of {np.dtype(dtype)}; could not convert "
                         f"{type(x).__name__}: {e}") from None
 
@@ -35,8 +49,10 @@ def float_dtype(a):
 def _array_like(x, name, what):
     """np.asarray(x), whatever dtype it gives; a failure is a TypeError naming x."""
     try:
-        return np.asarray(x)
-    except (TypeError, ValueError):
+        return _asarray(x, name)
+    except (TypeError, ValueError) as e:
+        if "requires grad" in str(e):
+            raise
         raise TypeError(f"{name} must be an array of {what}; could not convert "
                         f"{type(x).__name__}") from None
 

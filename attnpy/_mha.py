@@ -140,11 +140,19 @@ class MultiheadAttentionGradients:
 def _as_input(x, name, dtype):
     """An ndarray as it is (checked, never copied); other array-likes converted."""
     if not isinstance(x, np.ndarray):
-        x = _args.convert(x, name, dtype)
+        if hasattr(x, "__array__") and not isinstance(x, np.generic):
+            # a tensor carries its dtype: it follows the ndarray rule below
+            # (a float32 tensor was accepted by a float64 layer, a float32
+            # ndarray refused)
+            x = _args._asarray(x, name)
+        else:
+            x = _args.convert(x, name, dtype)
     if x.dtype != dtype:
+        other = (f" or build the layer with dtype=np.{x.dtype}"
+                 if x.dtype in (np.float32, np.float64) else "")  # the layer's dtypes only
         raise TypeError(
             f"{name} has dtype {x.dtype} but the layer computes in {np.dtype(dtype)}; "
-            f"pass {name}.astype(np.{np.dtype(dtype)}) or build the layer with dtype={x.dtype}")
+            f"pass {name}.astype(np.{np.dtype(dtype)}){other}")
     return x
 
 

@@ -131,21 +131,31 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     if type(scale) is not float:
         scale = _args.scale_of(scale, query)
     need_weights = True if need_weights else False
-    if attn_mask is None and out is None and not enable_gqa:
-        # options at their defaults are left out: each keyword passed costs time
-        if is_causal:
-            output, weights, _ = _core.sdpa(query, key, value, scale=scale, is_causal=True,
-                                            need_weights=need_weights)
+    try:
+        if attn_mask is None and out is None and not enable_gqa:
+            # options at their defaults are left out: each keyword passed costs time
+            if is_causal:
+                output, weights, _ = _core.sdpa(query, key, value, scale=scale, is_causal=True,
+                                                need_weights=need_weights)
+            else:
+                output, weights, _ = _core.sdpa(query, key, value, scale=scale,
+                                                need_weights=need_weights)
         else:
-            output, weights, _ = _core.sdpa(query, key, value, scale=scale,
-                                            need_weights=need_weights)
-    else:
-        output, weights, _ = _core.sdpa(
-            query, key, value, scale=scale,
-            masks=() if attn_mask is None else _masks(query, attn_mask, is_causal),
-            is_causal=is_causal, enable_gqa=True if enable_gqa else False,
-            need_weights=need_weights, out=out)
+            output, weights, _ = _core.sdpa(
+                query, key, value, scale=scale,
+                masks=() if attn_mask is None else _masks(query, attn_mask, is_causal),
+                is_causal=is_causal, enable_gqa=True if enable_gqa else False,
+                need_weights=need_weights, out=out)
+    except MemoryError as e:
+        raise _out_of_memory(e, need_weights) from None
     return AttentionResult(output, weights)
+
+
+def _out_of_memory(e, need_weights):
+    """NumPy's "Unable to allocate 128. GiB", with what a student can do."""
+    hint = (": the weights are one (L, S) map per head; pass need_weights=False to "
+            "compute the output without them (no L x S buffer at all)") if need_weights else ""
+    return MemoryError(f"{e}{hint}")
 
 
 def _masks(query, attn_mask, is_causal):

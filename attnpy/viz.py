@@ -359,7 +359,7 @@ class HeadView:
 
     def __init__(self, payload, title):
         self._payload = payload
-        self.title = title
+        self.title = _text(title)
 
     def _fragment(self):
         root_id = "attnpy-hv-" + uuid.uuid4().hex[:12]
@@ -396,6 +396,12 @@ class HeadView:
 
 
 _SCRIPT = (Path(__file__).with_name("_headview.js")).read_text(encoding="utf-8")
+
+
+def _text(s):
+    """str(s) that UTF-8 can write: a lone surrogate (from a bad decode) becomes
+    U+FFFD instead of making save_html raise UnicodeEncodeError."""
+    return str(s).encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
 def _top_lines(w, top_k, min_weight):
@@ -460,13 +466,21 @@ def head_view(weights, tokens, key_tokens=None, *, layer_names=None, top_k=None,
                              f"got {w.shape}")
     if not maps:
         raise ValueError("weights is empty: no layer to show")
-    tokens = [str(t) for t in tokens]
-    key_tokens = tokens if key_tokens is None else [str(t) for t in key_tokens]
+    tokens = [_text(t) for t in tokens]
+    key_tokens = tokens if key_tokens is None else [_text(t) for t in key_tokens]
+    if not tokens or not key_tokens:
+        which = "tokens" if not tokens else "key_tokens"
+        raise ValueError(f"{which} is empty: the head view needs one token per query row "
+                         "and per key column")
     for i, m in enumerate(maps):
         if m.shape[1:] != (len(tokens), len(key_tokens)):
             raise ValueError(f"weights[{i}] has shape {m.shape}; with {len(tokens)} tokens "
                              f"and {len(key_tokens)} key_tokens it must be "
                              f"(H, {len(tokens)}, {len(key_tokens)})")
+        if np.isinf(m).any():
+            h, q, k = (int(x) for x in np.argwhere(np.isinf(m))[0])
+            raise ValueError(f"weights[{i}] holds {m[h, q, k]} at head {h}, query {q}, key "
+                             f"{k}: attention weights are between 0 and 1")
     if layer_names is None:
         layer_names = [f"layer {i}" for i in range(len(maps))]
     elif len(layer_names) != len(maps):
@@ -480,7 +494,7 @@ def head_view(weights, tokens, key_tokens=None, *, layer_names=None, top_k=None,
     payload = {
         "tokens": tokens,
         "key_tokens": key_tokens,
-        "layers": [{"name": str(name), "heads": int(m.shape[0]),
+        "layers": [{"name": _text(name), "heads": int(m.shape[0]),
                     "lines": _top_lines(m.astype(np.float64), top_k, min_weight)}
                    for name, m in zip(layer_names, maps)],
         "colors": HEAD_COLORS,

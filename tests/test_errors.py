@@ -524,3 +524,37 @@ def test_import_without_a_build_says_what_to_do(tmp_path):
     assert last.startswith("ImportError: attnpy's C extension (attnpy._core) is not built")
     assert "pip install ." in last and "bash dev.sh demo" in last
     assert "circular import" not in last
+
+
+# Issue 12, item 7: messages that misled. An int array was told "or build the
+# layer with dtype=int64" (which fails); a torch tensor that requires grad
+# raised torch's RuntimeError; a float32 tensor was accepted by a float64
+# layer that refuses a float32 ndarray; out of memory for the weights did not
+# say need_weights=False.
+def test_mha_int_input_suggests_only_a_float_dtype():
+    layer = attnpy.MultiheadAttention(8, 2)
+    with pytest.raises(TypeError) as e:
+        layer(np.ones((2, 3, 8), dtype=np.int64))
+    assert "query.astype(np.float32)" in str(e.value) and "dtype=int64" not in str(e.value)
+
+
+@pytest.mark.torch
+def test_torch_tensors_follow_the_ndarray_rules():
+    torch = pytest.importorskip("torch")
+    layer64 = attnpy.MultiheadAttention(8, 2, dtype=np.float64)
+    with pytest.raises(TypeError, match="query has dtype float32 but the layer computes in "
+                                        "float64"):
+        layer64(torch.ones(2, 3, 8))
+    assert layer64(torch.ones(2, 3, 8, dtype=torch.float64)).output.dtype == np.float64
+    t = torch.ones(3, 4, requires_grad=True)
+    with pytest.raises(TypeError, match=r"query is a tensor that requires grad.*query\.detach\(\)"):
+        attnpy.MultiheadAttention(4, 2)(t[None])
+    with pytest.raises(TypeError, match=r"query is a tensor that requires grad.*query\.detach\(\)"):
+        attnpy.scaled_dot_product_attention(t, np.ones((3, 4)), np.ones((3, 4)))
+
+
+def test_weights_out_of_memory_says_need_weights_false():
+    q = np.ones((1, 200000, 4), np.float32)
+    big = np.broadcast_to(q, (4000, 200000, 4))      # weights: 582 TiB
+    with pytest.raises(MemoryError, match="pass need_weights=False"):
+        attnpy.scaled_dot_product_attention(big, q, q)

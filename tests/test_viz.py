@@ -167,3 +167,21 @@ def test_label_count_mismatch_names_argument_and_lengths():
         viz.heads(w, "the cat sat on the mat")
     with pytest.raises(ValueError, match="cross-attention"):
         viz.heads(np.full((1, 2, 3), 1 / 3), ["a", "b"])
+
+
+# Issue 12, item 7: head_view with no tokens blamed top_k, an inf weight put
+# -9223372036854775808 into the page, a lone surrogate in a title made
+# save_html raise UnicodeEncodeError.
+def test_head_view_messages_and_unwritable_text(tmp_path):
+    w = maps()
+    with pytest.raises(ValueError, match="tokens is empty"):
+        viz.head_view(np.zeros((2, 0, 0)), [])
+    bad = w.copy()
+    bad[1, 2, 0] = np.inf
+    with pytest.raises(ValueError, match=r"weights\[0\] holds inf at head 1, query 2, key 0"):
+        viz.head_view(bad, TOKENS)
+    view = viz.head_view(w, TOKENS[:-1] + ["bad\udce9"], title="caf\udce9")
+    path = view.save_html(tmp_path / "view.html")
+    page = path.read_text(encoding="utf-8")
+    assert "caf\ufffd" in page          # the title, as text
+    assert "bad\\ufffd" in page         # the token, inside the page's JSON
