@@ -516,7 +516,9 @@ def test_import_without_a_build_says_what_to_do(tmp_path):
     src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "attnpy")
     shutil.copytree(src, tmp_path / "attnpy",
                     ignore=shutil.ignore_patterns("*.so", "*.pyd", "__pycache__"))
-    r = subprocess.run([sys.executable, "-c", "import attnpy"], cwd=tmp_path,
+    # -S: no site-packages, so that an editable install's import hook (CI's
+    # .venv) cannot find the built extension instead of this copy
+    r = subprocess.run([sys.executable, "-S", "-c", "import attnpy"], cwd=tmp_path,
                        capture_output=True, text=True,
                        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
     assert r.returncode != 0
