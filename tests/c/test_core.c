@@ -429,6 +429,7 @@ static void test_interrupt(void)
     float *q = calloc((size_t)(L * E), sizeof(float)), *out = malloc((size_t)(L * E) * 4);
     float *w = malloc((size_t)(L * L) * 4);
     attn_sdpa_args a;
+    double full = 0.0; /* seconds the whole call took */
     for (int stop = 0; stop < 2; stop++) {
         attn_interrupt intr = {.poll = poll_stop, .ctx = &stop};
         one_problem(&a, L, L, E, E, q, q, q, out, w);
@@ -439,10 +440,12 @@ static void test_interrupt(void)
         int status = attn_sdpa(&a); /* the reference kernel (selected below): ~0.5 s */
         timespec_get(&t1, TIME_UTC);
         double s = (double)(t1.tv_sec - t0.tv_sec) + 1e-9 * (double)(t1.tv_nsec - t0.tv_nsec);
-        if (stop) check(status == ATTN_EINTR && polls == 1 && s < 0.3,
+        /* (relative to the whole call: under valgrind everything is ~50x slower) */
+        if (stop) check(status == ATTN_EINTR && polls == 1 && s < 0.5 * full,
                         "an interrupt that says stop stops the call at its first poll");
         else check(status == ATTN_OK && polls >= 1 && out[0] == 0.0f,
                    "an interrupt that never says stop lets the call finish");
+        if (!stop) full = s;
     }
     free(q);
     free(out);
