@@ -270,18 +270,17 @@ def _attention_stage(fn, args, tol):
         return None
     add = 0.0 if mask is None else np.where(mask, 0.0, -np.inf)
     s = q @ k.T
-    weights = _softmax(s / np.sqrt(d) + add)
+    logits = s / np.sqrt(d) + add
+    weights = _softmax(logits)
     if _close(w, weights, tol):
         return ("the weights are right (checked with v = identity): the mistake is in the "
                 "last step, out = weights @ v")
+    row_max = logits.max(-1, keepdims=True)
     stages = {
         "softmax over the wrong axis: normalise over the keys, the last axis (with v = "
-        "identity your weights' columns sum to 1, not their rows)": _softmax(s / np.sqrt(d) + add,
-                                                                            axis=0),
+        "identity your weights' columns sum to 1, not their rows)": _softmax(logits, axis=0),
         "the weights are not normalised (with v = identity your rows do not sum to 1): "
-        "divide exp(scores) by its sum over the keys": np.exp(s / np.sqrt(d) + add - np.max(
-            np.where(np.isfinite(s / np.sqrt(d) + add), s / np.sqrt(d) + add, -np.inf), -1,
-            keepdims=True)),
+        "divide exp(scores) by its sum over the keys": np.exp(logits - row_max),
         "missing the 1/sqrt(d_k) scaling of the scores": _softmax(s + add),
         "scores scaled by 1/d_k instead of 1/sqrt(d_k)": _softmax(s / d + add),
     }
