@@ -8,6 +8,7 @@ holds the parameters under torch's names, turns the caller's layout into
 from __future__ import annotations
 
 import math
+import uuid
 from dataclasses import dataclass, field, fields
 from typing import Optional
 
@@ -70,6 +71,12 @@ class Trace:
     def __repr__(self):
         return _repr.short_repr(self, [f.name for f in fields(self)])
 
+    def __setstate__(self, state):
+        # a pickled or deep-copied trace stays read-only (NumPy's pickle
+        # gives writeable arrays back)
+        for name, a in state.items():
+            object.__setattr__(self, name, _readonly(a) if isinstance(a, np.ndarray) else a)
+
     def _repr_html_(self):
         return _repr.html_repr(self, [f.name for f in fields(self)], self.weights)
 
@@ -100,6 +107,7 @@ class MultiheadAttentionResult:
 
     def __iter__(self):
         return iter((self.output, self.weights))
+
 
     def __repr__(self):
         return _repr.short_repr(self, ["output", "weights", "weights_after_dropout", "trace"])
@@ -139,6 +147,10 @@ class MultiheadAttentionGradients:
 
 def _as_input(x, name, dtype):
     """An ndarray as it is (checked, never copied); other array-likes converted."""
+    dt = np.dtype(dtype)
+    fix = f"{name}.astype(np.{dt})"
+    if type(x).__module__.split(".")[0] == "torch":
+        fix = f"{name}.to(torch.{dt})"  # a tensor has no .astype
     if not isinstance(x, np.ndarray):
         if hasattr(x, "__array__") and not isinstance(x, np.generic):
             # a tensor carries its dtype: it follows the ndarray rule below
@@ -150,9 +162,8 @@ def _as_input(x, name, dtype):
     if x.dtype != dtype:
         other = (f" or build the layer with dtype=np.{x.dtype}"
                  if x.dtype in (np.float32, np.float64) else "")  # the layer's dtypes only
-        raise TypeError(
-            f"{name} has dtype {x.dtype} but the layer computes in {np.dtype(dtype)}; "
-            f"pass {name}.astype(np.{np.dtype(dtype)}){other}")
+        raise TypeError(f"{name} has dtype {x.dtype} but the layer computes in {dt}; "
+                        f"pass {fix}{other}")
     return x
 
 
@@ -268,6 +279,7 @@ class MultiheadAttention:
                  add_zero_attn=False, kdim=None, vdim=None, batch_first=True,
                  num_kv_heads=None, dtype=np.float32, seed=None):
         self.embed_dim = _check_int("embed_dim", embed_dim)
+        self._id = uuid.uuid4().hex  # ties a traced result to its layer, across pickles
         self.num_heads = _check_int("num_heads", num_heads)
         if self.embed_dim % self.num_heads:
             raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
@@ -523,7 +535,9 @@ class MultiheadAttention:
 
         context = None
         if trace:
-            context = dict(layer=self, query=query, key=key, value=value, raw=raw,
+            # the layer by its id, not by reference: a pickled or deep-copied
+            # result still belongs to this layer (and does not carry it along)
+            context = dict(layer_id=self._id, query=query, key=key, value=value, raw=raw,
                            unbatched=unbatched, N=N, L=L)
         if weights is not None and average_attn_weights:
             weights = weights.mean(axis=1)
@@ -564,7 +578,7 @@ class MultiheadAttention:
         if ctx is None:
             raise ValueError("result must come from a call with trace=True: the backward pass "
                              "needs the forward's projections and weights")
-        if ctx["layer"] is not self:
+        if ctx["layer_id"] != self._id:
             raise ValueError("result comes from another layer's forward pass")
         grad_output = _as_input(grad_output, "grad_output", self.dtype)
         if grad_output.shape != result.output.shape:

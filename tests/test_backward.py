@@ -306,6 +306,29 @@ def test_backward_needs_a_traced_forward():
         layer.backward(layer(x, trace=True), np.zeros((1, 3, 7), np.float32))
 
 
+# Issue 12, item 7: a pickled or deep-copied traced result was refused by its
+# own layer's backward ("another layer") and its trace became writeable.
+@pytest.mark.parametrize("how", ["pickle", "deepcopy"])
+def test_a_copied_traced_result_still_belongs_to_its_layer(how):
+    import copy
+    import pickle
+    rng = np.random.default_rng(5)
+    layer = attnpy.MultiheadAttention(8, 2, seed=1)
+    x = rng.standard_normal((2, 3, 8)).astype(np.float32)
+    g = rng.standard_normal((2, 3, 8)).astype(np.float32)
+    res = layer(x, trace=True)
+    copied = pickle.loads(pickle.dumps(res)) if how == "pickle" else copy.deepcopy(res)
+    assert not copied.trace.weights.flags.writeable
+    assert not copied.trace.q.flags.writeable
+    want, got = layer.backward(res, g), layer.backward(copied, g)
+    for name in ("query", "key", "value"):
+        np.testing.assert_array_equal(getattr(got, name), getattr(want, name))
+    for name, p in want.params.items():
+        np.testing.assert_array_equal(got.params[name], p)
+    with pytest.raises(ValueError, match="another layer"):
+        attnpy.MultiheadAttention(8, 2, seed=1).backward(copied, g)
+
+
 # --------------------------------------------------------------------------
 # training
 

@@ -548,6 +548,10 @@ def test_torch_tensors_follow_the_ndarray_rules():
                                         "float64"):
         layer64(torch.ones(2, 3, 8))
     assert layer64(torch.ones(2, 3, 8, dtype=torch.float64)).output.dtype == np.float64
+    # a tensor is told how tensors change dtype (a tensor has no .astype)
+    with pytest.raises(TypeError, match=r"pass query\.to\(torch\.float64\)") as e:
+        layer64(torch.ones(2, 3, 8))
+    assert ".astype" not in str(e.value)
     t = torch.ones(3, 4, requires_grad=True)
     with pytest.raises(TypeError, match=r"query is a tensor that requires grad.*query\.detach\(\)"):
         attnpy.MultiheadAttention(4, 2)(t[None])
