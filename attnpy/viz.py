@@ -31,6 +31,57 @@ def _plt():
     return plt
 
 
+def _subplots(plt, *args, **kwargs):
+    """plt.subplots for the figures viz returns: in a notebook each is shown
+    once, whether it is the cell's value or not (see _show_once)."""
+    made = plt.subplots(*args, FigureClass=_figure_class(), **kwargs)
+    _show_once()  # after: pyplot loads its backend (and its printers) with a first figure
+    return made
+
+
+_FIGURE_CLASS = None
+
+
+def _figure_class():
+    global _FIGURE_CLASS
+    if _FIGURE_CLASS is None:
+        from matplotlib.figure import Figure
+
+        class AttnpyFigure(Figure):
+            """A Figure shown once by Jupyter's inline backend (see _show_once)."""
+
+        _FIGURE_CLASS = AttnpyFigure
+    return _FIGURE_CLASS
+
+
+def _show_once():
+    """A figure that is a cell's value is drawn by IPython's formatter and then
+    again by the inline backend, which draws every open pyplot figure at the
+    cell's end: shown twice. For viz's figures, the formatter draws it and
+    closes it in pyplot, so the backend's flush skips it; an assigned figure
+    (or a line ending in ';') is not formatted and the flush shows it once."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return
+    ip = get_ipython()
+    formatters = getattr(getattr(ip, "display_formatter", None), "formatters", {})
+    from matplotlib.figure import Figure
+    for fmt in formatters.values():
+        try:
+            draw = fmt.lookup_by_type(Figure)  # the inline backend's png/svg printer
+        except KeyError:
+            continue
+        fmt.for_type(_figure_class(), lambda fig, draw=draw: _draw_and_close(fig, draw))
+
+
+def _draw_and_close(fig, draw):
+    import matplotlib
+    if "inline" in matplotlib.get_backend():  # only that backend flushes open figures
+        _plt().close(fig)
+    return draw(fig)
+
+
 def _as_maps(weights, name, ndim):
     w = np.asarray(weights)
     if w.ndim != ndim or not np.issubdtype(w.dtype, np.floating):
@@ -113,7 +164,7 @@ def heatmap(weights, x_labels=None, y_labels=None, ax=None, *, masked=None, crop
     L, S = w.shape
     if ax is None:
         # grows with the tokens up to a page: longer inputs get smaller cells
-        _, ax = plt.subplots(figsize=(min(14.0, max(3.0, 0.45 * S + 1.5)),
+        _, ax = _subplots(plt, figsize=(min(14.0, max(3.0, 0.45 * S + 1.5)),
                                       min(12.0, max(2.5, 0.4 * L + 1.0))),
                              constrained_layout=True)
     vmax = float(np.nanmax(w)) if vmax is None and w.size else (1.0 if vmax is None else vmax)
@@ -183,7 +234,7 @@ def heads(weights, tokens=None, *, cols=None, masked=None, crop=None, cmap="viri
     L, S = shown.shape[-2:]
     size = figsize or (cols * min(6.0, max(2.4, 0.3 * S + 1.2)),
                        rows * min(5.5, max(2.2, 0.28 * L + 1.0)))
-    fig, axes = plt.subplots(rows, cols, figsize=size, squeeze=False, constrained_layout=True)
+    fig, axes = _subplots(plt, rows, cols, figsize=size, squeeze=False, constrained_layout=True)
     vmax = float(np.nanmax(shown)) if shown.size else 1.0
     for h, ax in enumerate(axes.flat):
         if h >= H:
@@ -221,8 +272,9 @@ def layers(list_of_weights, tokens=None, *, cmap="viridis", thumb=1.3):
             _labels(tokens, m.shape[1], "tokens", f"query row of list_of_weights[{i}]")
             _labels(tokens, m.shape[2], "tokens", f"key column of list_of_weights[{i}]")
         tokens = [str(t) for t in tokens]
-    fig, axes = plt.subplots(n_layers, n_heads, figsize=(thumb * n_heads + 1, thumb * n_layers + 0.5),
-                             squeeze=False, constrained_layout=True)
+    fig, axes = _subplots(plt, n_layers, n_heads,
+                          figsize=(thumb * n_heads + 1, thumb * n_layers + 0.5),
+                          squeeze=False, constrained_layout=True)
     for i, m in enumerate(maps):
         for h in range(n_heads):
             ax = axes[i, h]
@@ -281,7 +333,7 @@ def plot_head_stats(weights, *, figsize=None):
     per head). weights: shape (H, L, S). Returns the Figure."""
     plt = _plt()
     stats = head_stats(_as_maps(weights, "weights", 3))
-    fig, axes = plt.subplots(1, 4, figsize=figsize or (12, 2.6), constrained_layout=True)
+    fig, axes = _subplots(plt, 1, 4, figsize=figsize or (12, 2.6), constrained_layout=True)
     titles = {"entropy": "entropy (nats)", "distance": "mean distance",
               "previous": "weight on previous token", "first": "weight on first token"}
     for ax, (name, values) in zip(axes, stats.items()):

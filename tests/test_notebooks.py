@@ -107,8 +107,7 @@ def test_exercise_stubs_accept_correct_answers(tmp_path):
 
 
 # Issue 12, item 9: a result as a cell's value printed every array in full
-# (9,174 characters for an (8, 64, 64) call). (A bare viz.heads(...) as a
-# cell's last line still shows its figure twice: not fixed yet.)
+# (9,174 characters for an (8, 64, 64) call).
 def test_results_display_short_with_the_first_map():
     from nbclient import NotebookClient
     nb = nbformat.v4.new_notebook()
@@ -152,3 +151,28 @@ def test_first_cell_says_what_is_missing_and_how_to_install_it(name):
         last = r.stderr.strip().splitlines()[-1]
         assert last.startswith("ModuleNotFoundError: this notebook needs "
                                f"{ns['needs'][module]}: run pip install 'attnpy[notebooks]'"), last
+
+
+# Issue 12, item 9: a bare viz.heads(...) as a cell's last line showed its
+# figure twice (IPython's formatter, then the inline backend's flush).
+def test_a_figure_is_shown_once_however_the_cell_ends():
+    from nbclient import NotebookClient
+    nb = nbformat.v4.new_notebook()
+    setup = ("import numpy as np\nfrom attnpy import viz\n"
+             "w = np.full((2, 3, 3), 1 / 3)\n")
+    cells = {"bare": "viz.heads(w, list('abc'))",
+             "semicolon": "viz.heads(w, list('abc'));",
+             "assigned": "fig = viz.heads(w, list('abc'))",
+             "value again": "fig",
+             "stats": "viz.plot_head_stats(w)",
+             "layers": "viz.layers([w, w])",
+             "two in one cell": "viz.layers([w]); viz.heads(w)",
+             "plain pyplot": "import matplotlib.pyplot as plt\nplt.plot([1, 2]);"}
+    nb.cells = [nbformat.v4.new_code_cell(setup)] + [
+        nbformat.v4.new_code_cell(src) for src in cells.values()]
+    NotebookClient(nb, timeout=120, kernel_name="python3",
+                   resources={"metadata": {"path": str(ROOT)}}).execute()
+    for (name, src), cell in zip(cells.items(), nb.cells[1:]):
+        images = [o for o in cell.outputs if "image/png" in o.get("data", {})]
+        want = 2 if name == "two in one cell" else 1
+        assert len(images) == want, (name, src, [o.get("output_type") for o in cell.outputs])
