@@ -15,6 +15,7 @@ def sdpa(query: np.ndarray, key: np.ndarray, value: np.ndarray, *, scale: float,
          enable_gqa: bool = ..., dropout_p: float = ..., seed: int = ...,
          need_weights: bool = ..., trace: bool = ...,
          out: Optional[np.ndarray] = ...) -> tuple: ...
+def ran_name(code: int) -> Tuple[str, str]: ...
 def sdpa_backward(grad_output: np.ndarray, query: np.ndarray, key: np.ndarray,
                   value: np.ndarray, *, scale: float, masks: Sequence[_Mask] = ...,
                   extra_keys: int = ..., is_causal: bool = ..., enable_gqa: bool = ...,

@@ -82,7 +82,7 @@ class Trace:
 
 
 @dataclass(frozen=True)
-class MultiheadAttentionResult:
+class MultiheadAttentionResult(_repr.Ran):
     """What a multi-head call returns. Unpacks like torch: ``out, weights = res``.
 
     Attributes
@@ -96,6 +96,9 @@ class MultiheadAttentionResult:
         with dropout, as torch returns them); the trace has both.
     trace : Trace or None
         With ``trace=True``: every stage.
+    kernel : str
+        The kernel that computed the attention (``'avx512'``,
+        ``'reference'``, ...), and ``kernel_reason`` why.
     """
 
     output: np.ndarray
@@ -104,6 +107,8 @@ class MultiheadAttentionResult:
     trace: Optional[Trace] = None
     # what MultiheadAttention.backward needs (kept with trace=True only)
     _context: Optional[dict] = field(default=None, repr=False, compare=False)
+    # what ran the attention (the kernel and kernel_reason properties)
+    _ran: Optional[int] = field(default=None, repr=False, compare=False)
 
     def __iter__(self):
         return iter((self.output, self.weights))
@@ -523,7 +528,7 @@ class MultiheadAttention:
         seed = int(self._rng.integers(0, 2**63)) if dropout_p > 0 else 0
         p = self._params
         bias_kv = (p["bias_k"].reshape(-1), p["bias_v"].reshape(-1)) if "bias_k" in p else None
-        out, weights, raw = _layer_forward(
+        out, weights, raw, ran = _layer_forward(
             query, key, value, self._projections(), fused,
             H, self.num_kv_heads, bias_kv, self.add_zero_attn,
             p["out_proj.weight"], p.get("out_proj.bias"),
@@ -549,7 +554,7 @@ class MultiheadAttention:
         return MultiheadAttentionResult(
             output=out, weights=weights,
             weights_after_dropout=weights is not None and dropout_p > 0,
-            trace=_make_trace(raw, H, self.num_kv_heads, unbatched), _context=context)
+            trace=_make_trace(raw, H, self.num_kv_heads, unbatched), _context=context, _ran=ran)
 
     forward = __call__
 
@@ -677,7 +682,7 @@ def self_attention(x, w_q, w_k, w_v, *, attn_mask=None, is_causal=False, scale=N
         attn_mask = attn_mask[:, None]          # (N, L, S) -> (N, 1, L, S), a view
     E = w_q.shape[1]
     m = _args.mask(attn_mask, "attn_mask", dtype, "attend")
-    out, weights, raw = _layer_forward(
+    out, weights, raw, ran = _layer_forward(
         xb, xb, xb, (w_q.T, w_k.T, w_v.T, None, None, None), None, 1, 1, None, False, None,
         None, masks=[m] if m else [], scale=_args.default_scale(E) if scale is None else _args.real(scale, "scale", "a float or None"), is_causal=bool(is_causal),
         dropout_p=0.0, seed=0, need_weights=True, trace=trace)
@@ -685,7 +690,7 @@ def self_attention(x, w_q, w_k, w_v, *, attn_mask=None, is_causal=False, scale=N
     if unbatched:
         out, weights = out[0], weights[0]
     return MultiheadAttentionResult(output=out, weights=weights,
-                                    trace=_make_trace(raw, 1, 1, unbatched))
+                                    trace=_make_trace(raw, 1, 1, unbatched), _ran=ran)
 
 
 # ---------------------------------------------------------------------------
@@ -748,9 +753,9 @@ def _layer_forward(query, key, value, proj, fused, H, Hkv, bias_kv, add_zero_att
     concat = np.empty((N, L, H * Dv), dtype)
     options = dict(scale=scale, masks=masks, extra_keys=extra, is_causal=is_causal,
                    enable_gqa=Hkv != H, dropout_p=dropout_p, seed=seed)
-    _, weights, staged = _core.sdpa(_split(q, H), _split(k, Hkv), _split(v, Hkv),
-                                    need_weights=need_weights or trace, trace=trace,
-                                    out=_split(concat, H), **options)
+    _, weights, staged, ran = _core.sdpa(_split(q, H), _split(k, Hkv), _split(v, Hkv),
+                                         need_weights=need_weights or trace, trace=trace,
+                                         out=_split(concat, H), **options)
 
     # 3. output projection
     out = concat if w_out is None else _core.linear(concat, w_out, b_out)
@@ -763,7 +768,7 @@ def _layer_forward(query, key, value, proj, fused, H, Hkv, bias_kv, add_zero_att
         returned = None
     else:
         returned = staged["dropped_weights"] if dropout else weights
-    return out, returned, raw
+    return out, returned, raw, ran
 
 
 def _param_grads(x, dy, dw, db):

@@ -5,6 +5,8 @@ import html
 
 import numpy as np
 
+from . import _core
+
 MAP_CELLS = 16   # the HTML map shows at most this many queries and keys
 
 
@@ -21,9 +23,34 @@ def _describe(value):
 
 
 def short_repr(obj, fields):
-    """TypeName(field=<dtype shape>, ...)."""
-    body = ", ".join(f"{f}={_describe(getattr(obj, f))}" for f in fields)
-    return f"{type(obj).__name__}({body})"
+    """TypeName(field=<dtype shape>, ..., kernel='avx512')."""
+    body = [f"{f}={_describe(getattr(obj, f))}" for f in fields]
+    kernel = getattr(obj, "kernel", None)
+    if kernel is not None:
+        reason = obj.kernel_reason
+        body.append(f"kernel={kernel!r}" if reason == "use_tiled" else
+                    f"kernel={kernel!r} ({reason.removeprefix('use_ref:')})")
+    return f"{type(obj).__name__}({', '.join(body)})"
+
+
+class Ran:
+    """The kernel a result was computed by, for results that keep the code
+    _core.sdpa returned in ``_ran`` (None: not known)."""
+
+    @property
+    def kernel(self):
+        """The kernel that computed the attention: 'avx512', 'avx2',
+        'baseline' or 'reference' (None when not known)."""
+        ran = self.__dict__.get("_ran")
+        return None if ran is None else _core.ran_name(ran)[0]
+
+    @property
+    def kernel_reason(self):
+        """Why that kernel: the planner's reason, 'use_tiled' for a tiled
+        kernel, else why the reference ran ('use_ref:selected',
+        'use_ref:qk_overflow', ...), or 'empty' for nothing to compute."""
+        ran = self.__dict__.get("_ran")
+        return None if ran is None else _core.ran_name(ran)[1]
 
 
 def _first_map(weights):

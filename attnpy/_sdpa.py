@@ -11,11 +11,18 @@ import numpy as np
 
 from . import _args, _core, _repr
 
+_new_tuple = tuple.__new__
+
 __all__ = ["AttentionResult", "AttentionGradients", "BackwardTrace", "scaled_dot_product_attention",
            "scaled_dot_product_attention_backward", "causal_mask"]
 
 
-class AttentionResult(NamedTuple):
+class _AttentionFields(NamedTuple):
+    output: np.ndarray
+    weights: Optional[np.ndarray]
+
+
+class AttentionResult(_AttentionFields, _repr.Ran):
     """What an attention call returns; unpacks as ``output, weights``.
 
     Attributes
@@ -25,10 +32,11 @@ class AttentionResult(NamedTuple):
     weights : ndarray, shape (..., Hq, L, S), or None
         The softmax attention weights of every head (not averaged), as the
         core wrote them. None when called with ``need_weights=False``.
+    kernel : str
+        The kernel that computed them (``'avx512'``, ``'reference'``, ...),
+        and ``kernel_reason`` why (``'use_tiled'``, ``'use_ref:selected'``,
+        ``'use_ref:qk_overflow'``, ...).
     """
-
-    output: np.ndarray
-    weights: Optional[np.ndarray]
 
     def __repr__(self):
         return _repr.short_repr(self, self._fields)
@@ -135,20 +143,22 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         if attn_mask is None and out is None and not enable_gqa:
             # options at their defaults are left out: each keyword passed costs time
             if is_causal:
-                output, weights, _ = _core.sdpa(query, key, value, scale=scale, is_causal=True,
+                output, weights, _, ran = _core.sdpa(query, key, value, scale=scale, is_causal=True,
                                                 need_weights=need_weights)
             else:
-                output, weights, _ = _core.sdpa(query, key, value, scale=scale,
+                output, weights, _, ran = _core.sdpa(query, key, value, scale=scale,
                                                 need_weights=need_weights)
         else:
-            output, weights, _ = _core.sdpa(
+            output, weights, _, ran = _core.sdpa(
                 query, key, value, scale=scale,
                 masks=() if attn_mask is None else _masks(query, attn_mask, is_causal),
                 is_causal=is_causal, enable_gqa=True if enable_gqa else False,
                 need_weights=need_weights, out=out)
     except MemoryError as e:
         raise _out_of_memory(e, need_weights) from None
-    return AttentionResult(output, weights)
+    result = _new_tuple(AttentionResult, (output, weights))  # no NamedTuple __new__: faster
+    result._ran = ran
+    return result
 
 
 def _out_of_memory(e, need_weights):

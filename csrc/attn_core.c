@@ -244,29 +244,37 @@ int attn_sdpa(const attn_sdpa_args *a)
     }
     int64_t nproblems = attn_problems(a);
     /* nothing to write: return before walking (maybe billions of) empty problems */
-    if (nproblems == 0 || a->L == 0 || (a->Ev == 0 && (!a->weights.data || a->S == 0)))
+    if (nproblems == 0 || a->L == 0 || (a->Ev == 0 && (!a->weights.data || a->S == 0))) {
+        if (a->ran) *a->ran = (attn_ran){.kernel = attn_get_kernel(), .reason = ATTN_REASON_EMPTY};
         return ATTN_OK;
+    }
 
     attn_plan plan;
     attn_workspace ws;
     attn_cancel cancel;
     attn_cancel_init(&cancel, a->interrupt);
     attn_plan_sdpa(a, nproblems, &plan);
-    if (attn_plan_alloc(&plan, &ws) != ATTN_OK) return ATTN_ENOMEM;
-    attn_sdpa_job job = {.a = a, .plan = &plan, .work = ws.work};
-    atomic_init(&job.overflow, 0);
-    attn_parallel_for(plan.items, plan.threads, attn_sdpa_item, &job, &cancel);
-    attn_plan_free(&ws);
-    if (atomic_load(&cancel.stop)) return ATTN_EINTR;
-    if (!atomic_load(&job.overflow)) return ATTN_OK;
-    /* NaN policy rule 6 (attn_core.h): a tile's T could overflow; the
-       reference kernel (in double) does the whole call again */
-    attn_plan_use_reference(&plan, ATTN_REASON_QK_OVERFLOW);
-    if (attn_plan_alloc(&plan, &ws) != ATTN_OK) return ATTN_ENOMEM;
-    job.work = ws.work;
-    attn_parallel_for(plan.items, plan.threads, attn_sdpa_item, &job, &cancel);
-    attn_plan_free(&ws);
-    return atomic_load(&cancel.stop) ? ATTN_EINTR : ATTN_OK;
+    int status = attn_plan_alloc(&plan, &ws);
+    if (status == ATTN_OK) {
+        attn_sdpa_job job = {.a = a, .plan = &plan, .work = ws.work};
+        atomic_init(&job.overflow, 0);
+        attn_parallel_for(plan.items, plan.threads, attn_sdpa_item, &job, &cancel);
+        attn_plan_free(&ws);
+        if (!atomic_load(&cancel.stop) && atomic_load(&job.overflow)) {
+            /* NaN policy rule 6 (attn_core.h): a tile's T could overflow; the
+               reference kernel (in double) does the whole call again */
+            attn_plan_use_reference(&plan, ATTN_REASON_QK_OVERFLOW);
+            status = attn_plan_alloc(&plan, &ws);
+            if (status == ATTN_OK) {
+                job.work = ws.work;
+                attn_parallel_for(plan.items, plan.threads, attn_sdpa_item, &job, &cancel);
+                attn_plan_free(&ws);
+            }
+        }
+        if (status == ATTN_OK && atomic_load(&cancel.stop)) status = ATTN_EINTR;
+    }
+    if (a->ran) *a->ran = (attn_ran){.kernel = (int)plan.kernel, .reason = (int)plan.reason};
+    return status;
 }
 
 /* ------------------------------------------------------------------------ */

@@ -58,6 +58,21 @@ enum { ATTN_OK = 0, ATTN_ENOMEM = 1, ATTN_EINVAL = 2, ATTN_EINTR = 3 };
  * signal handlers): it is never called from the core's worker threads.
  */
 #define ATTN_POLL_MS 50
+
+/*
+ * What a call ran, for a caller that wants to say (a result's repr): the
+ * kernel (never ATTN_KERNEL_AUTO) and the planner's reason for it, an index
+ * that attn_reason_name() turns into "use_tiled", "use_ref:qk_overflow",
+ * ... (attn_plan.c lists them). A call with nothing to compute reports the
+ * kernel it would have used and the reason "empty".
+ */
+typedef struct attn_ran {
+    int kernel; /* an attn_kernel */
+    int reason;
+} attn_ran;
+
+/* The name of a reason of attn_ran; NULL when reason is not one. */
+const char *attn_reason_name(int reason);
 typedef struct {
     int (*poll)(void *ctx);
     void *ctx;
@@ -113,6 +128,7 @@ typedef struct {
     attn_view dropped;                  /* weights after dropout: what multiplies v */
 
     const attn_interrupt *interrupt;    /* NULL: never stopped early (see above) */
+    attn_ran *ran;                      /* NULL, or written at return: what ran, and why */
 } attn_sdpa_args;
 
 /*

@@ -128,6 +128,7 @@ typedef enum {
     ATTN_REASON_QK_OVERFLOW,      /* NaN policy rule 6: the tiles' T could overflow */
     ATTN_REASON_NO_WORKSPACE,     /* the tiles' workspace could not be allocated */
     ATTN_REASON_GRAD_NOT_FINITE,  /* NaN policy rule 5: the tiled backward's result rejected */
+    ATTN_REASON_EMPTY,            /* nothing to compute (attn_ran only, never planned) */
     ATTN_REASON_COUNT
 } attn_reason;
 

@@ -29,7 +29,13 @@ const char *const attn_reason_names[ATTN_REASON_COUNT] = {
     [ATTN_REASON_QK_OVERFLOW] = "use_ref:qk_overflow",
     [ATTN_REASON_NO_WORKSPACE] = "use_ref:no_workspace",
     [ATTN_REASON_GRAD_NOT_FINITE] = "use_ref:grad_not_finite",
+    [ATTN_REASON_EMPTY] = "empty",
 };
+
+const char *attn_reason_name(int reason)
+{
+    return reason >= 0 && reason < ATTN_REASON_COUNT ? attn_reason_names[reason] : NULL;
+}
 
 static size_t attn_elem_size(attn_dtype dtype)
 {

@@ -705,6 +705,9 @@ static int sdpa_inputs(const sdpa_call *c, const sdpa_options *o, PyArrayObject 
     return n;
 }
 
+/* what an sdpa call ran (attn_ran) as one int below 256: ran_name() decodes it */
+#define RAN_CODE(kernel, reason) ((reason) * 8 + (kernel))
+
 #define WEIGHTS_OF_QK \
     "the weights (..., Hq, L, S) of query and key (need_weights=False does without them)"
 
@@ -776,6 +779,8 @@ static PyObject *attnpy_sdpa(PyObject *Py_UNUSED(module), PyObject *const *args,
          !(arr[DR] = new_view(nd, c.w_dims, typenum, "the weights after dropout", &c.a.dropped))))
         goto done;
 
+    attn_ran ran = {0};
+    c.a.ran = &ran;
     released_gil gil;
     release_gil(&gil, &c.a.interrupt);
     int status = attn_sdpa(&c.a);
@@ -788,8 +793,10 @@ static PyObject *attnpy_sdpa(PyObject *Py_UNUSED(module), PyObject *const *args,
         goto done;
     if (!trace && arr[DR] && !(stages = Py_BuildValue("{sO}", "dropped_weights", arr[DR])))
         goto done;
-    result = Py_BuildValue("(OOO)", arr[OUT], arr[W] ? (PyObject *)arr[W] : Py_None,
-                           stages ? stages : Py_None);
+    /* what ran, as one small int (CPython keeps those: no allocation);
+       ran_name() spells it out */
+    result = Py_BuildValue("(OOOi)", arr[OUT], arr[W] ? (PyObject *)arr[W] : Py_None,
+                           stages ? stages : Py_None, RAN_CODE(ran.kernel, ran.reason));
 done:
     Py_XDECREF(stages);
     for (int i = 0; i < NARR; i++) Py_XDECREF(arr[i]);
@@ -1044,6 +1051,21 @@ static PyObject *attnpy_set_kernel(PyObject *Py_UNUSED(module), PyObject *arg)
     return NULL;
 }
 
+/* ran_name(code): (kernel, reason) for the code sdpa returns, e.g.
+   ("avx512", "use_tiled") or ("reference", "use_ref:qk_overflow"). */
+static PyObject *attnpy_ran_name(PyObject *Py_UNUSED(module), PyObject *arg)
+{
+    long code = PyLong_Check(arg) ? PyLong_AsLong(arg) : -1;
+    if (code == -1 && PyErr_Occurred()) return NULL;
+    const int kernel = (int)(code % 8);
+    const char *reason = code >= 0 ? attn_reason_name((int)(code / 8)) : NULL;
+    if (!reason || kernel >= (int)(sizeof kernel_names / sizeof kernel_names[0])) {
+        PyErr_Format(PyExc_ValueError, "code must be one sdpa returned; got %R", arg);
+        return NULL;
+    }
+    return Py_BuildValue("(ss)", kernel_names[kernel], reason);
+}
+
 static PyObject *attnpy_get_kernel(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(arg))
 {
     return PyUnicode_FromString(kernel_names[attn_get_kernel()]);
@@ -1099,6 +1121,7 @@ static PyMethodDef attnpy_methods[] = {
     {"get_num_threads", attnpy_get_num_threads, METH_NOARGS, "Threads the core uses."},
     {"set_kernel", attnpy_set_kernel, METH_O, "Force a kernel ('auto' to choose)."},
     {"get_kernel", attnpy_get_kernel, METH_NOARGS, "The kernel in use."},
+    {"ran_name", attnpy_ran_name, METH_O, "(kernel, reason) of the code sdpa returns."},
     {"supported_kernels", attnpy_supported_kernels, METH_NOARGS, "Kernels this CPU runs."},
     {"fma_peak", attnpy_fma_peak, METH_VARARGS,
      "fma_peak(threads, iters): float32 FMA GFLOP/s of the selected kernel's vectors."},

@@ -59,8 +59,8 @@ def test_mask_kinds_are_named():
         with pytest.raises(TypeError, match="masks must be a sequence"):
             _core.sdpa(Q, K, V, scale=0.5, masks=bad)
     # the same bool mask means opposite things under the two names
-    out_a, w_a, _ = _core.sdpa(Q, K, V, scale=0.5, masks=[(~np.eye(3, 5, dtype=bool), "attend", "m")])
-    out_i, w_i, _ = _core.sdpa(Q, K, V, scale=0.5, masks=[(np.eye(3, 5, dtype=bool), "ignore", "m")])
+    out_a, w_a, *_ = _core.sdpa(Q, K, V, scale=0.5, masks=[(~np.eye(3, 5, dtype=bool), "attend", "m")])
+    out_i, w_i, *_ = _core.sdpa(Q, K, V, scale=0.5, masks=[(np.eye(3, 5, dtype=bool), "ignore", "m")])
     np.testing.assert_array_equal(w_a, w_i)
     assert (w_a[:, np.arange(3), np.arange(3)] == 0).all()
 
@@ -127,7 +127,7 @@ def test_multihead_zero_head_dim():
     # fuzzer finding 1: head_dim 0 gave NaN; the empty q k^T is 0, so weights are uniform
     x = np.ones((1, 2, 3))
     w0 = np.zeros((0, 3))
-    out, w, _ = _forward(x, (w0, w0, np.ones((2, 3)), None, None, None), 2, 2)
+    out, w, *_ = _forward(x, (w0, w0, np.ones((2, 3)), None, None, None), 2, 2)
     np.testing.assert_allclose(w, np.full((1, 2, 2, 2), 0.5))
     np.testing.assert_allclose(out, np.full((1, 2, 2), 3.0))
 
@@ -158,7 +158,7 @@ def test_multihead_backward_without_rows_zeroes_given_gradients():
     x = np.empty((2, 0, 2))
     w, b = np.ones((2, 2)), np.ones(2)
     layer_proj = (w, w, w, b, b, b)
-    _, _, raw = _mha._layer_forward(x, x, x, layer_proj, None, 1, 1, None, False, w, b,
+    _, _, raw, _ = _mha._layer_forward(x, x, x, layer_proj, None, 1, 1, None, False, w, b,
                                     masks=[], scale=1.0, is_causal=False, dropout_p=0.0,
                                     seed=0, need_weights=True, trace=True)
     gw = [np.full((2, 2), 7.0) for _ in range(4)]

@@ -660,3 +660,35 @@ def test_a_masked_pair_never_counts_whatever_its_score(kernel, dtype, mask_kind)
                 for g in grads[:3]:
                     assert np.isfinite(g).all()
                 np.testing.assert_array_equal(grads.value[1], 0.0)
+
+
+# --------------------------------------------------------------------------
+# Issue 12, item 9: a result's repr names the kernel that computed it (and,
+# for the reference kernel, why the planner sent the call there)
+
+@pytest.mark.parametrize("kernel", attnpy.supported_kernels())
+def test_a_result_names_the_kernel_that_ran(kernel):
+    x = np.random.default_rng(0).standard_normal((2, 5, 8)).astype(np.float32)
+    with attnpy.use_kernel(kernel):
+        res = attnpy.scaled_dot_product_attention(x, x, x)
+        layer = attnpy.MultiheadAttention(8, 2)(x)
+    want = "use_ref:selected" if kernel == "reference" else "use_tiled"
+    for r in (res, layer):
+        assert (r.kernel, r.kernel_reason) == (kernel, want)
+        assert f"kernel={kernel!r}" in repr(r)
+
+
+def test_a_result_says_why_the_reference_ran():
+    import pickle
+    # q . k overflows float32 (NaN policy rule 6): the whole call is the reference's
+    q, k = np.full((1, 4), 1e19, np.float32), np.array([[1e19] * 4, [0] * 4], np.float32)
+    res = attnpy.scaled_dot_product_attention(q, k, np.array([[1.0], [2.0]], np.float32))
+    assert (res.kernel, res.kernel_reason) == ("reference", "use_ref:qk_overflow")
+    assert repr(res).endswith("kernel='reference' (qk_overflow))")
+    assert pickle.loads(pickle.dumps(res)).kernel_reason == "use_ref:qk_overflow"
+    x = np.ones((1, 3, 8), np.float32)
+    traced = attnpy.MultiheadAttention(8, 2)(x, trace=True)
+    assert traced.kernel_reason == "use_ref:trace"
+    assert attnpy.scaled_dot_product_attention(x[:, :0], x, x).kernel_reason == "empty"
+    out, weights = res                              # still unpacks as two
+    assert res._replace(weights=None).kernel is None  # a result made by hand: not known

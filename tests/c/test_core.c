@@ -411,11 +411,28 @@ static void test_qk_overflow(const char *kernel_name)
     for (int weights = 0; weights < 2; weights++) {
         out[0] = w[0] = w[1] = -1;
         one_problem(&a, 1, 2, 4, 1, q, k, v, out, weights ? w : NULL);
+        attn_ran ran = {-1, -1};
+        a.ran = &ran;
         int ok = attn_sdpa(&a) == ATTN_OK && out[0] == 1.0f &&
                  (!weights || (w[0] == 1.0f && w[1] == 0.0f));
         if (!ok) printf("  (kernel %s, weights %d: out %g)\n", kernel_name, weights, out[0]);
         check(ok, "rule 6: q . k overflowing float32 gives the reference's answer");
+        const char *why = strcmp(kernel_name, "reference") == 0 ? "use_ref:selected"
+                                                                : "use_ref:qk_overflow";
+        check(ran.kernel == ATTN_KERNEL_REFERENCE && attn_reason_name(ran.reason) &&
+                  strcmp(attn_reason_name(ran.reason), why) == 0,
+              "attn_ran: the reference ran, and says why");
+        /* the same call at a moderate size runs the selected kernel */
+        float small_k[8] = {1, 1, 1, 1, 0, 0, 0, 0}, small_q[4] = {1, 1, 1, 1};
+        one_problem(&a, 1, 2, 4, 1, small_q, small_k, v, out, weights ? w : NULL);
+        a.ran = &ran;
+        check(attn_sdpa(&a) == ATTN_OK && ran.kernel == (int)attn_get_kernel() &&
+                  strcmp(attn_reason_name(ran.reason),
+                         ran.kernel == ATTN_KERNEL_REFERENCE ? "use_ref:selected" : "use_tiled") == 0,
+              "attn_ran: the selected kernel ran");
     }
+    check(attn_reason_name(-1) == NULL && attn_reason_name(1000) == NULL,
+          "attn_reason_name: NULL for what is not a reason");
 }
 
 /* An interrupt whose poll says stop: a long call returns ATTN_EINTR soon,
