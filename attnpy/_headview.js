@@ -1,6 +1,8 @@
 // attnpy head view: queries on the left, keys on the right, one line per
 // (query, key, head) whose opacity is the attention weight. Hover a token to
-// see only its lines; pick the layer and the heads above the picture.
+// see only its lines, with their weights written beside the tokens at their
+// other end (and in each line's tooltip); pick the layer and the heads above
+// the picture. A one-line hint under the title says so.
 //
 // Plain ES5 and SVG, no library, no network: the page (or notebook output)
 // holds everything. The Python side puts this script after a <div> with the
@@ -12,7 +14,7 @@
   if (!root || root.getAttribute("data-ready") === "1") return;
   var data = JSON.parse(root.querySelector("script.attnpy-data").textContent);
   var SVG = "http://www.w3.org/2000/svg";
-  var ROW = 18, PAD = 24, GAP = data.gap;
+  var ROW = data.row_height, PAD = 24, GAP = data.gap, WEIGHT_WIDTH = 44;
 
   // index the lines of each layer by query and by key, so that a hover draws
   // only that token's lines (linear in the sequence, never quadratic)
@@ -46,25 +48,32 @@
   if (layers.length < 2) select.style.display = "none";
   var headBox = el("span", { "class": "attnpy-heads" }, controls);
   var note = el("span", { "class": "attnpy-note" }, controls);
+  var hint = el("div", { "class": "attnpy-hint" }, root);
+  hint.textContent = "Hover a token: its lines, and their weights beside the other " +
+                     "column. Click a head to hide it; double-click to show it alone.";
 
   var scroller = el("div", { "class": "attnpy-scroll" }, root);
   scroller.style.maxHeight = data.max_height + "px";
   var rows = Math.max(data.tokens.length, data.key_tokens.length);
-  var width = 2 * data.label_width + GAP;
+  // each column of tokens has room for its label and, outside it, a weight
+  var width = 2 * (data.label_width + WEIGHT_WIDTH) + GAP;
   var svg = el("svg", { width: width, height: rows * ROW + PAD, "class": "attnpy-svg" },
                scroller, true);
   var lineGroup = el("g", { "class": "attnpy-lines" }, svg, true);
+  var weightGroup = el("g", { "class": "attnpy-weights" }, svg, true);
+  var LEFT = WEIGHT_WIDTH + data.label_width, RIGHT = LEFT + GAP;  // the lines' ends
 
   function y(i) { return PAD / 2 + i * ROW + ROW / 2; }
 
   function tokenColumn(tokens, side) {
-    var x = side === "query" ? data.label_width - 6 : data.label_width + GAP + 6;
+    var x = side === "query" ? LEFT - 6 : RIGHT + 6;
     var anchor = side === "query" ? "end" : "start";
     return tokens.map(function (t, i) {
       var text = el("text", { x: x, y: y(i) + 4, "text-anchor": anchor,
                               "class": "attnpy-token attnpy-" + side,
                               "data-index": String(i) }, svg, true);
       text.textContent = t;
+      text.style.fontSize = data.font_size + "px";
       text.addEventListener("mouseenter", function () {
         state.hover = { side: side, index: i };
         draw();
@@ -102,10 +111,34 @@
     }
   }
 
+  // the weight of a hovered token's line, written beside the token at its
+  // other end: the largest over the heads shown, in that head's colour
+  function writeWeights(picked, layer) {
+    var best = {}, other = state.hover.side === "query" ? 1 : 0, p, i, j;
+    for (p = 0; p < picked.length; p++) {
+      i = picked[p];
+      if (!state.on[layer.flat[4 * i + 2]]) continue;
+      j = layer.flat[4 * i + other];
+      if (!(j in best) || layer.flat[4 * i + 3] > layer.flat[4 * best[j] + 3]) best[j] = i;
+    }
+    for (j in best) {
+      i = best[j];
+      var h = layer.flat[4 * i + 2], atKey = other === 1;
+      var text = el("text", { x: atKey ? width - 2 : 2, y: y(+j) + 4,
+                              "text-anchor": atKey ? "end" : "start",
+                              "class": "attnpy-weight", "data-index": String(j),
+                              "data-head": String(h),
+                              fill: data.colors[h % data.colors.length] }, weightGroup, true);
+      text.textContent = (layer.flat[4 * i + 3] / 1000).toFixed(3);
+      text.style.fontSize = data.font_size + "px";
+    }
+  }
+
   // draw: the lines of the hovered token (or all of them, within a budget)
   function draw() {
     var layer = layers[state.layer], flat = layer.flat, picked, i, count = 0;
     while (lineGroup.firstChild) lineGroup.removeChild(lineGroup.firstChild);
+    while (weightGroup.firstChild) weightGroup.removeChild(weightGroup.firstChild);
     if (state.hover === null) {
       picked = null;
     } else if (state.hover.side === "query") {
@@ -116,18 +149,23 @@
     var total = picked === null ? layer.n : picked.length;
     var tooMany = picked === null && layer.n > data.max_lines;
     if (!tooMany) {
-      var x1 = data.label_width, x2 = data.label_width + GAP;
       for (var p = 0; p < total; p++) {
         i = picked === null ? p : picked[p];
         var h = flat[4 * i + 2];
         if (!state.on[h]) continue;
-        el("line", { x1: x1, y1: y(flat[4 * i]), x2: x2, y2: y(flat[4 * i + 1]),
-                     stroke: data.colors[h % data.colors.length],
-                     "stroke-opacity": (flat[4 * i + 3] / 1000).toFixed(3),
-                     "stroke-width": 2 }, lineGroup, true);
+        var line = el("line", { x1: LEFT, y1: y(flat[4 * i]), x2: RIGHT, y2: y(flat[4 * i + 1]),
+                                stroke: data.colors[h % data.colors.length],
+                                "stroke-opacity": (flat[4 * i + 3] / 1000).toFixed(3),
+                                "stroke-width": 2 }, lineGroup, true);
+        // the tooltip of a line hovered itself (drawn lines only: no cost when idle)
+        if (picked !== null)
+          el("title", {}, line, true).textContent = data.tokens[flat[4 * i]] + " \u2192 " +
+            data.key_tokens[flat[4 * i + 1]] + ", head " + h + ": " +
+            (flat[4 * i + 3] / 1000).toFixed(3);
         count++;
       }
     }
+    if (picked !== null) writeWeights(picked, layer);
     note.textContent = tooMany ? "hover a token to see its lines (" + layer.n +
                                  " lines in this layer)" : "";
     var buttons = headBox.querySelectorAll("button");

@@ -396,8 +396,10 @@ _STYLE = """
 .attnpy-view .attnpy-head { border: 0; color: white; margin-right: 2px; min-width: 22px;
   cursor: pointer; border-radius: 3px; }
 .attnpy-view .attnpy-note { margin-left: 8px; color: #666; }
+.attnpy-view .attnpy-hint { color: #666; margin-bottom: 4px; }
 .attnpy-view .attnpy-scroll { overflow: auto; display: inline-block; }
 .attnpy-view .attnpy-token { cursor: default; fill: #222; }
+.attnpy-view .attnpy-weight { font-family: monospace; }
 """
 
 
@@ -474,7 +476,8 @@ def _top_lines(w, top_k, min_weight):
 
 
 def head_view(weights, tokens, key_tokens=None, *, layer_names=None, top_k=None,
-              min_weight=0.01, max_lines=20000, max_height=600, title="attention"):
+              min_weight=0.01, max_lines=20000, width=720, row_height=26, font_size=15,
+              max_height=640, title="attention"):
     """An interactive head view: hover a token to see what it attends to.
 
     Parameters
@@ -497,7 +500,12 @@ def head_view(weights, tokens, key_tokens=None, *, layer_names=None, top_k=None,
     max_lines : int, default 20000
         Above this many lines in a layer, lines are drawn only for the hovered
         token.
-    max_height : int, default 600
+    width : int, default 720
+        Pixels across: the two token columns, their weights and the lines
+        between (at least room for the labels and 120 px of lines).
+    row_height, font_size : int, default 26 and 15
+        Pixels per token row, and the tokens' font size.
+    max_height : int, default 640
         Pixels; longer inputs scroll.
 
     Returns
@@ -542,7 +550,12 @@ def head_view(weights, tokens, key_tokens=None, *, layer_names=None, top_k=None,
         top_k = S if S <= 64 else 16
     if top_k < 1:
         raise ValueError(f"top_k must be at least 1; got {top_k}")
+    for name, value, least in (("width", width, 1), ("row_height", row_height, 4),
+                               ("font_size", font_size, 4), ("max_height", max_height, 1)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
+            raise ValueError(f"{name} must be an int of at least {least} (pixels); got {value!r}")
     longest = max([len(t) for t in tokens + key_tokens] + [1])
+    label_width = min(int(0.65 * font_size * longest) + 12, 300)  # a wide glyph: 0.65 em
     payload = {
         "tokens": tokens,
         "key_tokens": key_tokens,
@@ -550,8 +563,10 @@ def head_view(weights, tokens, key_tokens=None, *, layer_names=None, top_k=None,
                     "lines": _top_lines(m.astype(np.float64), top_k, min_weight)}
                    for name, m in zip(layer_names, maps)],
         "colors": HEAD_COLORS,
-        "label_width": min(8 * longest + 12, 240),
-        "gap": 220,
+        "label_width": label_width,
+        "gap": max(120, int(width) - 2 * (label_width + 44)),   # 44: a weight's room (js)
+        "row_height": int(row_height),
+        "font_size": int(font_size),
         "max_lines": int(max_lines),
         "max_height": int(max_height),
     }

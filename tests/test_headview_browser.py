@@ -188,6 +188,63 @@ def test_long_input_stays_linear_and_scrolls(browser, tmp_path):
     assert browser.get_log("browser") == []
 
 
+# Issue 12, item 10: the view was about 350 x 250 px with its instructions
+# in tooltips only, and hovering showed no values.
+@pytest.mark.browser
+def test_the_view_is_large_says_how_to_use_it_and_shows_weights(browser, tmp_path):
+    w = weights()
+    root = open_page(browser, tmp_path, viz.head_view(w, TOKENS, min_weight=MIN_WEIGHT))
+    svg = root.find_element(By.CSS_SELECTOR, "svg.attnpy-svg")
+    assert svg.size["width"] >= 700 and svg.size["height"] >= 26 * len(TOKENS)
+    hint = root.find_element(By.CSS_SELECTOR, ".attnpy-hint").text
+    assert "Hover a token" in hint and "double-click" in hint
+    assert root.find_elements(By.CSS_SELECTOR, "text.attnpy-weight") == []   # idle: none
+
+    milli = np.rint(w[0] * 1000)                   # what the page keeps, per mille
+    buttons = root.find_elements(By.CSS_SELECTOR, "button.attnpy-head")
+    ActionChains(browser).double_click(buttons[2]).perform()     # head 2 alone
+    hover(browser, root.find_elements(By.CSS_SELECTOR, "text.attnpy-query")[3])
+    shown = {int(t.get_attribute("data-index")): t.text
+             for t in root.find_elements(By.CSS_SELECTOR, "text.attnpy-weight")}
+    want = {j: f"{milli[2, 3, j] / 1000:.3f}" for j in range(len(TOKENS))
+            if w[0, 2, 3, j] >= MIN_WEIGHT}
+    assert shown == want
+    # with every head on, each key shows its largest weight over the heads
+    for b in buttons:
+        if b.value_of_css_property("opacity") != "1":
+            b.click()
+    hover(browser, root.find_elements(By.CSS_SELECTOR, "text.attnpy-key")[5])
+    shown = {int(t.get_attribute("data-index")): (t.text, int(t.get_attribute("data-head")))
+             for t in root.find_elements(By.CSS_SELECTOR, "text.attnpy-weight")}
+    kept = np.where(w[0, :, :, 5] >= MIN_WEIGHT, milli[:, :, 5], -1)   # (H, L)
+    want = {i: (f"{kept[:, i].max() / 1000:.3f}", int(kept[:, i].argmax()))
+            for i in range(len(TOKENS)) if kept[:, i].max() >= 0}
+    assert {i: t for i, (t, _) in shown.items()} == {i: t for i, (t, _) in want.items()}
+    for i, (_, h) in shown.items():
+        assert milli[h, i, 5] == kept[:, i].max()   # the head named holds that weight
+    # each drawn line's tooltip names its tokens, head and weight
+    title = root.find_element(By.CSS_SELECTOR, "g.attnpy-lines line title")
+    assert "\u2192 mat, head" in title.get_attribute("textContent")
+    assert browser.get_log("browser") == []
+
+
+@pytest.mark.browser
+def test_the_view_size_is_configurable(browser, tmp_path):
+    view = viz.head_view(weights(layers=1), TOKENS, width=1100, row_height=40, font_size=22)
+    root = open_page(browser, tmp_path, view)
+    svg = root.find_element(By.CSS_SELECTOR, "svg.attnpy-svg")
+    assert svg.size["width"] == 1100 and svg.size["height"] == 40 * len(TOKENS) + 24
+    token = root.find_element(By.CSS_SELECTOR, "text.attnpy-query")
+    assert token.value_of_css_property("font-size") == "22px"
+
+
+def test_head_view_size_arguments_are_checked():
+    for name, bad in (("width", 0), ("row_height", 2.5), ("font_size", True),
+                      ("max_height", "600")):
+        with pytest.raises(ValueError, match=f"{name} must be an int of at least"):
+            viz.head_view(np.ones((1, 2, 2)) / 2, ["a", "b"], **{name: bad})
+
+
 def test_head_view_rejects_bad_shapes():
     with pytest.raises(ValueError, match="weights"):
         viz.head_view(np.ones((2, 3)), ["a", "b"])
