@@ -362,13 +362,48 @@ def dims_of(*args):
     return [d for a in args if isinstance(a, np.ndarray) for d in a.shape]
 
 
-def legit_but_huge(args, out_elems=0, work=0, checked=None):
+# The reference kernel runs some 10x slower than the tiles, and far slower
+# again in the instrumented build, whose coverage hooks sit on its every
+# compare (139M multiply-adds took 29 s; 20M at E = 1, 8 s). It runs when
+# chosen, and in place of the chosen kernel when an input is inf or NaN, or
+# so large that float arithmetic could overflow (NaN policy rule 6). Such
+# calls get a budget REF_COST times smaller.
+REF_COST = 256
+KERNEL = ["auto"]  # this input's kernel (TestOneInput sets it)
+
+
+def real_values(a):
+    """a's values without its broadcast (zero-stride) axes: what memory holds."""
+    return a[tuple(0 if st == 0 else slice(None) for st in a.strides)]
+
+
+def reference_may_run(args, scale):
+    if KERNEL[0] == "reference":
+        return True
+    if scale is not None and not (isinstance(scale, (int, float)) and abs(scale) <= 1e4):
+        return True
+    for a in args:
+        if isinstance(a, np.ndarray) and a.dtype.kind in "fc" and a.size:
+            with np.errstate(all="ignore"):
+                if not np.max(np.abs(real_values(a))) <= 1e4:  # NaN too
+                    return True
+    return False
+
+
+def legit_but_huge(args, out_elems=0, work=0, checked=None, scale=None, attention=True):
     """Accepted sizes, but gigabytes of output or minutes of work: skip.
-    checked: the dims attnpy limits to 2**31 - 1 (default: every dim)."""
+    checked: the dims attnpy limits to 2**31 - 1 (default: every dim).
+    attention: a call the reference kernel may take over (see REF_COST)."""
     if any(d > MAX_EXTENT for d in (dims_of(*args) if checked is None else checked)):
         return False  # must be refused before any allocation
-    total = out_elems + sum(math.prod(a.shape) for a in args if isinstance(a, np.ndarray))
-    return (OUT_LIMIT < total and total * 8 <= ALLOC_FAILS) or work > WORK_LIMIT
+    # inputs by the memory they hold: a huge zero-stride view allocates nothing
+    # (counted by its shape, it passed for a request beyond memory, and its
+    # 16 GiB of weights were made and written: 30 s)
+    total = out_elems + sum(real_values(a).size for a in args if isinstance(a, np.ndarray))
+    limit = WORK_LIMIT
+    if attention and reference_may_run(args, scale):
+        limit //= REF_COST
+    return (OUT_LIMIT < total and total * 8 <= ALLOC_FAILS) or work > limit
 
 
 def sdpa_sizes(q, k, v, gqa):
@@ -551,7 +586,7 @@ def scenario_sdpa(fdp, private):
                     out = out.T if out.ndim > 1 else out[::-1]
     what = "_core.sdpa" if private else "scaled_dot_product_attention"
     sizes = sdpa_sizes(q, k, v, gqa)
-    if sizes and legit_but_huge((q, k, v, mask), *sizes):
+    if sizes and legit_but_huge((q, k, v, mask), *sizes, scale=scale):
         return
     if private:
         kind = private_mask_kind(fdp, mask)
@@ -597,7 +632,7 @@ def scenario_sdpa_backward(fdp, private):
         # given weights: the reference kernel, some 10x slower than the tiles, and
         # far slower again in this instrumented build (125 problems of 125^3 took 70 s)
         sizes = (sizes[0], sizes[1] * 16, sizes[2])
-    if sizes and legit_but_huge((q, k, v, mask, do, weights), *sizes):
+    if sizes and legit_but_huge((q, k, v, mask, do, weights), *sizes, scale=scale):
         return
     if private:
         kind = private_mask_kind(fdp, mask)
@@ -703,7 +738,8 @@ def scenario_mha(fdp):
     # the projected keys and values (with bias_k / the zero key appended) exist
     # even when there is no query: (N, S + 2, E) each
     kv = 2 * (1 if unbatched else N) * (S + 2) * layer.embed_dim
-    if legit_but_huge((query, key, value, am, kpm), 8 * heads + kv,
+    params = tuple(layer.state_dict().values())  # their size decides rule 6 too
+    if legit_but_huge((query, key, value, am, kpm) + params, 8 * heads + kv,
                       heads * layer.head_dim * 2 + 8 * dims_product(query) * layer.embed_dim):
         return
     average = fdp.ConsumeBool()
@@ -793,7 +829,7 @@ def scenario_self_attention(fdp):
     Nn, L = max(Nn, math.prod(xs[:-2])), max(L, xs[-2] if len(xs) >= 2 else 0)
     dk, dv = max(dk, qs[-1] if qs else 0), max(dv, vs[-1] if vs else 0)
     if legit_but_huge((x, wq, wk, wv, mask), 8 * Nn * L * L + 4 * Nn * L * (dk + dv),
-                      Nn * L * L * (dk + dv) + Nn * L * dm * (2 * dk + dv)):
+                      Nn * L * L * (dk + dv) + Nn * L * dm * (2 * dk + dv), scale=scale):
         return
     res = call(inputs, "self_attention", attnpy.self_attention, x, wq, wk, wv, attn_mask=mask,
                is_causal=is_causal, scale=scale, trace=trace)
@@ -910,7 +946,8 @@ def scenario_core_linear(fdp, accumulate):
                 out = out.transpose(0, 2, 1).copy().transpose(0, 2, 1)  # strided
             elif r == 3:
                 out.flags.writeable = False
-    if legit_but_huge((x, w, b), math.prod((N, M, O)), math.prod((N, M, O, K))):
+    if legit_but_huge((x, w, b), math.prod((N, M, O)), math.prod((N, M, O, K)),
+                      attention=False):
         return
     # out may alias x, of any dtype and size (then the call must refuse it)
     before = out.astype(np.float64) if isinstance(out, np.ndarray) and out is not x else None
@@ -1000,8 +1037,14 @@ VERBOSE = os.environ.get("ATTNPY_FUZZ_VERBOSE") == "1"
 
 def describe(x):
     if isinstance(x, np.ndarray):
+        values = ""
+        if x.dtype.kind == "f" and x.size:
+            with np.errstate(all="ignore"):
+                real = real_values(x)  # a huge broadcast view: its few real values
+                values = (f", max|x|={float(np.max(np.abs(real))):.3g}, "
+                          f"finite={bool(np.all(np.isfinite(real)))}")
         return (f"ndarray(shape={x.shape}, dtype={x.dtype}, strides={x.strides}, "
-                f"writeable={x.flags.writeable}, aligned={x.flags.aligned})")
+                f"writeable={x.flags.writeable}, aligned={x.flags.aligned}{values})")
     r = repr(x)
     return r if len(r) < 80 else r[:77] + "..."
 
@@ -1044,8 +1087,13 @@ def call(inputs, what, fn, *args, overflow_ok=False, **kwargs):
 def TestOneInput(data):
     fdp = atheris.FuzzedDataProvider(data)
     # the kernel and thread count for this input (cheap to set when unchanged)
-    attnpy.set_kernel(KERNELS[fdp.ConsumeIntInRange(0, len(KERNELS) - 1)])
-    attnpy.set_num_threads(fdp.ConsumeIntInRange(1, 3))
+    kernel, threads = KERNELS[fdp.ConsumeIntInRange(0, len(KERNELS) - 1)], \
+        fdp.ConsumeIntInRange(1, 3)
+    KERNEL[0] = kernel
+    attnpy.set_kernel(kernel)
+    attnpy.set_num_threads(threads)
+    if VERBOSE:
+        print(f"kernel={kernel} threads={threads}", file=sys.stderr)
     SCENARIOS[fdp.ConsumeIntInRange(0, len(SCENARIOS) - 1)](fdp)
 
 

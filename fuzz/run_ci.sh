@@ -46,8 +46,10 @@ bash fuzz/run.sh -max_total_time="$seconds" -artifact_prefix=fuzz/artifacts/ \
 grep -E "^#[0-9]+[[:space:]]+(INITED|pulse|DONE)" fuzz/artifacts/ci.log | tail -2 || true
 grep -E "^stat::" fuzz/artifacts/ci.log || true
 if [ "$status" != 0 ]; then
-    echo "fuzz: FAILED (exit $status); the report:"
-    grep -v -E "^#[0-9]+ |NEW_FUNC" fuzz/artifacts/ci.log | tail -60
+    echo "fuzz: FAILED (exit $status); the report (replay the Base64 input with"
+    echo "      ATTNPY_FUZZ_VERBOSE=1 bash fuzz/run.sh FILE to see the call):"
+    # without the native stack, which would push the report itself out of view
+    grep -v -E "^#[0-9]+ |NEW_FUNC|^ +#[0-9]+ 0x" fuzz/artifacts/ci.log | tail -60
     exit 1
 fi
 echo "fuzz: $seconds s, no crash, no finding ($ATTNPY_FUZZ_MODE mode)"
