@@ -67,7 +67,7 @@ def head_view_screenshot(maps, tokens):
 
     options = webdriver.ChromeOptions()
     options.binary_location = shutil.which("chromium")
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=560,600"):
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=800,620"):
         options.add_argument(arg)
     driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
     try:
