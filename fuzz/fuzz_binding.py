@@ -374,7 +374,9 @@ KERNEL = ["auto"]  # this input's kernel (TestOneInput sets it)
 
 def real_values(a):
     """a's values without its broadcast (zero-stride) axes: what memory holds."""
-    return a[tuple(0 if st == 0 and n else slice(None) for n, st in zip(a.shape, a.strides))]
+    # slice(0, 1), not 0: the result stays an array (0 on every axis would
+    # give a scalar, for an object array any Python object)
+    return a[tuple(slice(0, 1) if st == 0 else slice(None) for st in a.strides)]
 
 
 def reference_may_run(args, scale):
@@ -396,14 +398,21 @@ def legit_but_huge(args, out_elems=0, work=0, checked=None, scale=None, attentio
     attention: a call the reference kernel may take over (see REF_COST)."""
     if any(d > MAX_EXTENT for d in (dims_of(*args) if checked is None else checked)):
         return False  # must be refused before any allocation
-    # inputs by the memory they hold: a huge zero-stride view allocates nothing
-    # (counted by its shape, it passed for a request beyond memory, and its
-    # 16 GiB of weights were made and written: 30 s)
-    total = out_elems + sum(real_values(a).size for a in args if isinstance(a, np.ndarray))
+    if out_elems * 8 > ALLOC_FAILS:
+        return False  # the outputs cannot be allocated: a MemoryError, at once
+    arrays = [a for a in args if isinstance(a, np.ndarray)]
+    # memory: inputs by what they hold (a huge zero-stride view holds one
+    # element; counted by its shape it passed for a request beyond memory,
+    # and a self_attention made and wrote 16 GiB of weights: 30 s); time:
+    # every element of every input is read at least once (a projection of
+    # a (1, 1, 2**31 - 1) view to one column: 2**31 multiply-adds on the
+    # reference, its 1 TiB workspace refused: minutes)
+    total = out_elems + sum(real_values(a).size for a in arrays)
+    reads = sum(math.prod(a.shape) for a in arrays)
     limit = WORK_LIMIT
     if attention and reference_may_run(args, scale):
         limit //= REF_COST
-    return (OUT_LIMIT < total and total * 8 <= ALLOC_FAILS) or work > limit
+    return total > OUT_LIMIT or work + reads > limit
 
 
 def sdpa_sizes(q, k, v, gqa):
