@@ -8,9 +8,11 @@ ATTNPY_FAULT_INJECTION=1 (and ATTNPY_SANITIZE=1) builds the allocation
 fault-injection hook in.
 """
 import os
+import sys
 
 import numpy as np
 from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
 
 # -ffp-contract=fast lets a * b + c become one FMA instruction in the fast
 # kernels (ISO C mode turns contraction off by default). No -march: the fast
@@ -36,10 +38,7 @@ if os.environ.get("ATTNPY_FUZZ") == "1":
             "-fsanitize=undefined", "-fsanitize-trap=undefined"]
     if os.environ.get("ATTNPY_FUZZ_ASAN") == "1":
         fuzz.append("-fsanitize=address")
-    # clang ignores "#pragma GCC target": in this build the avx2/avx512 kernel
-    # copies are compiled for the baseline ISA (same source, same logic).
-    extra_compile_args += fuzz + ["-O1", "-g", "-fno-omit-frame-pointer",
-                                  "-Wno-unknown-pragmas", "-Wno-psabi"]
+    extra_compile_args += fuzz + ["-O1", "-g", "-fno-omit-frame-pointer"]
     extra_link_args += fuzz
 
 define_macros = [("NPY_NO_DEPRECATED_API", "NPY_2_0_API_VERSION")]
@@ -54,12 +53,27 @@ core = Extension(
              "csrc/attn_parallel.c", "csrc/attn_plan.c"],
     depends=["csrc/attn_core.h", "csrc/attn_internal.h", "csrc/attn_kernels.inc",
              "csrc/attn_reference.inc", "csrc/attn_fast.inc", "csrc/attn_fast_instance.h",
-             "csrc/attn_max_abs.inc"],
+             "csrc/attn_fast_isa.h", "csrc/attn_max_abs.inc", "csrc/attn_thread.h"],
     include_dirs=[np.get_include(), "csrc"],
     define_macros=define_macros,
     extra_compile_args=extra_compile_args,
     extra_link_args=extra_link_args,
-    libraries=["m"],
+    libraries=[] if sys.platform == "win32" else ["m"],
 )
 
-setup(ext_modules=[core])
+
+class BuildExt(build_ext):
+    """MSVC's flags in place of GCC's and clang's (the core is C11 either way;
+    MSVC builds the reference kernel only: csrc/README.md)."""
+
+    def build_extensions(self):
+        if self.compiler.compiler_type == "msvc":
+            flags = ["/std:c11", "/O2", "/experimental:c11atomics", "/W3"]
+            if os.environ.get("ATTNPY_STRICT") == "1":
+                flags.append("/WX")
+            for ext in self.extensions:
+                ext.extra_compile_args, ext.extra_link_args = flags, []
+        super().build_extensions()
+
+
+setup(ext_modules=[core], cmdclass={"build_ext": BuildExt})

@@ -28,9 +28,12 @@ def get_num_threads():
 
 def set_kernel(name):
     """Choose the kernel: ``"auto"`` (the fastest this CPU runs),
-    ``"reference"`` (the readable one students read), or ``"baseline"``,
-    ``"avx2"``, ``"avx512"`` (the tiled kernels for each instruction set, in
-    float32 and float64). The trace and dropout always use the reference."""
+    ``"reference"`` (the readable one students read), or a tiled kernel
+    (float32 and float64) for one instruction set: ``"baseline"`` (16-byte
+    vectors: SSE2 on x86-64, NEON on ARM64), ``"avx2"`` and ``"avx512"`` on
+    x86-64, ``"neon"`` on ARM64 (two NEON registers per vector).
+    :func:`supported_kernels` lists what this CPU and build run. The trace
+    and dropout always use the reference."""
     global _choice
     _core.set_kernel(name)
     _choice = name

@@ -191,7 +191,9 @@ attn_kernel attn_get_kernel(void)
     if (k != ATTN_KERNEL_AUTO) return k;
     if (attn_kernel_supported(ATTN_KERNEL_AVX512)) return ATTN_KERNEL_AVX512;
     if (attn_kernel_supported(ATTN_KERNEL_AVX2)) return ATTN_KERNEL_AVX2;
-    return ATTN_KERNEL_BASELINE;
+    if (attn_kernel_supported(ATTN_KERNEL_NEON)) return ATTN_KERNEL_NEON;
+    if (attn_kernel_supported(ATTN_KERNEL_BASELINE)) return ATTN_KERNEL_BASELINE;
+    return ATTN_KERNEL_REFERENCE; /* a compiler without vector extensions */
 }
 
 /* One call's work: the plan, and its workspace. Items are (problem, block of

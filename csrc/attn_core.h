@@ -247,16 +247,21 @@ int attn_dropout_keep(uint64_t seed, uint64_t index, double p);
 /*
  * Which kernel computes attention and linear layers. AUTO: the fastest this
  * CPU runs. REFERENCE: the readable kernel of attn_reference.inc (the trace
- * and dropout always use it; attn_plan.c says when else). BASELINE, AVX2, AVX512: the tiled kernels of
- * attn_fast.inc built for x86-64's baseline SSE2, AVX2+FMA and AVX-512F,
- * float32 and float64. Setting one the CPU lacks returns ATTN_EINVAL.
+ * and dropout always use it; attn_plan.c says when else). The others are
+ * the tiled kernels of attn_fast.inc, float32 and float64, for one
+ * instruction set each: BASELINE 16-byte vectors (x86-64's SSE2, aarch64's
+ * NEON), AVX2 (with FMA) and AVX512 (AVX-512F) on x86-64, NEON on aarch64
+ * (32-byte vectors: two NEON registers each). A compiler without GCC's
+ * vector extensions (MSVC) builds REFERENCE only. Setting a kernel this
+ * build or CPU lacks returns ATTN_EINVAL.
  */
 typedef enum {
     ATTN_KERNEL_AUTO = 0,
     ATTN_KERNEL_REFERENCE = 1,
     ATTN_KERNEL_BASELINE = 2,
     ATTN_KERNEL_AVX2 = 3,
-    ATTN_KERNEL_AVX512 = 4
+    ATTN_KERNEL_AVX512 = 4,
+    ATTN_KERNEL_NEON = 5
 } attn_kernel;
 
 int attn_kernel_supported(attn_kernel kernel);

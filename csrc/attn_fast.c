@@ -9,67 +9,103 @@
 #include <float.h>
 #include <stdint.h>
 #include <string.h>
-#include <time.h>
 
 #define BR ATTN_FAST_BR /* query rows per tile */
 #define BC 128          /* keys per tile */
 
-/* Each instruction set, each element type. VLEN: elements per vector, MR:
-   rows per microkernel tile (more registers, more rows). */
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx2,fma")
+/*
+ * Each instruction set, each element type. VLEN: elements per vector, MR:
+ * rows per microkernel tile (more registers, more rows).
+ *
+ * The kernels are written with GCC's vector extensions, which GCC and clang
+ * (Apple's too) both compile; MSVC has none (ATTN_HAVE_FAST 0: the reference
+ * kernel only, see csrc/README.md). The x86 copies are compiled for their
+ * instruction set with a pragma each compiler honours: GCC's `target`
+ * pragma, clang's `attribute push` (clang ignores GCC's, and would build the
+ * "avx512" copy for SSE2). NEON is aarch64's baseline: its copy needs no
+ * target, and is wider (two NEON registers per vector) than "baseline".
+ */
+#if defined(__x86_64__) || defined(__i386__)
+#define ATTN_X86 1
+#else
+#define ATTN_X86 0
+#endif
+#if defined(__aarch64__)
+#define ATTN_ARM64 1
+#else
+#define ATTN_ARM64 0
+#endif
+
+#define ATTN_STR_(x) #x
+#define ATTN_STR(x) ATTN_STR_(x)
+#if defined(__clang__)
+#define ATTN_TARGET_BEGIN(isa) \
+    _Pragma(ATTN_STR(clang attribute push(__attribute__((target(isa))), apply_to = function)))
+#define ATTN_TARGET_END _Pragma("clang attribute pop")
+#else
+#define ATTN_TARGET_BEGIN(isa) _Pragma("GCC push_options") _Pragma(ATTN_STR(GCC target(isa)))
+#define ATTN_TARGET_END _Pragma("GCC pop_options")
+#endif
+
+#if ATTN_HAVE_FAST && ATTN_X86
+ATTN_TARGET_BEGIN("avx512f,avx2,fma")
 #define ISA avx512
 #define MR 8
-#define ATTN_F64 0
-#define VLEN 16
-#include "attn_fast_instance.h"
-#define ATTN_F64 1
-#define VLEN 8
-#include "attn_fast_instance.h"
-#undef ISA
-#undef MR
-#pragma GCC pop_options
+#define VLEN_F32 16
+#include "attn_fast_isa.h"
+ATTN_TARGET_END
 
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
+ATTN_TARGET_BEGIN("avx2,fma")
 #define ISA avx2
 #define MR 4
-#define ATTN_F64 0
-#define VLEN 8
-#include "attn_fast_instance.h"
-#define ATTN_F64 1
-#define VLEN 4
-#include "attn_fast_instance.h"
-#undef ISA
-#undef MR
-#pragma GCC pop_options
+#define VLEN_F32 8
+#include "attn_fast_isa.h"
+ATTN_TARGET_END
+#endif
 
+#if ATTN_HAVE_FAST && ATTN_ARM64
+#define ISA neon
+#define MR 4
+#define VLEN_F32 8
+#include "attn_fast_isa.h"
+#endif
+
+#if ATTN_HAVE_FAST
+/* 16-byte vectors: SSE2 on x86-64, NEON on aarch64, what the compiler has elsewhere */
 #define ISA base
 #define MR 4
-#define ATTN_F64 0
-#define VLEN 4
-#include "attn_fast_instance.h"
-#define ATTN_F64 1
-#define VLEN 2
-#include "attn_fast_instance.h"
-#undef ISA
-#undef MR
+#define VLEN_F32 4
+#include "attn_fast_isa.h"
+#endif
+
+#if ATTN_X86 && (defined(__GNUC__) || defined(__clang__))
+static int attn_cpu_has(int avx512)
+{
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+           (!avx512 || __builtin_cpu_supports("avx512f"));
+}
+#else
+static int attn_cpu_has(int avx512)
+{
+    (void)avx512;
+    return 0;
+}
+#endif
 
 int attn_kernel_supported(attn_kernel kernel)
 {
     switch (kernel) {
     case ATTN_KERNEL_AUTO:
-    case ATTN_KERNEL_REFERENCE:
-    case ATTN_KERNEL_BASELINE: return 1;
-    case ATTN_KERNEL_AVX2:
-        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    case ATTN_KERNEL_AVX512:
-        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx2") &&
-               __builtin_cpu_supports("fma");
+    case ATTN_KERNEL_REFERENCE: return 1;
+    case ATTN_KERNEL_BASELINE: return ATTN_HAVE_FAST;
+    case ATTN_KERNEL_AVX2: return ATTN_HAVE_FAST && attn_cpu_has(0);
+    case ATTN_KERNEL_AVX512: return ATTN_HAVE_FAST && attn_cpu_has(1);
+    case ATTN_KERNEL_NEON: return ATTN_HAVE_FAST && ATTN_ARM64;
     }
     return 0;
 }
 
+#if ATTN_HAVE_FAST
 size_t attn_fast_workspace(const attn_sdpa_args *a)
 {
     /* Qp (BR x E), Kt (E x BC), Vp (BC x Evp), S (BR x BC), O (BR x Evp);
@@ -87,10 +123,18 @@ size_t attn_fast_linear_workspace(const attn_linear_args *p)
     return (K * BC + 64 * K + 64 * BC) * elem;
 }
 
-/* One name per (instruction set, element type): pick the function. */
+/* One name per (instruction set, element type): pick the function (of the
+   copies this machine has; the planner never asks for another). */
+#if ATTN_X86
 #define ATTN_PICK(fn, kernel, sfx)                                    \
     ((kernel) == ATTN_KERNEL_AVX512 ? fn##_avx512_##sfx                \
      : (kernel) == ATTN_KERNEL_AVX2 ? fn##_avx2_##sfx : fn##_base_##sfx)
+#elif ATTN_ARM64
+#define ATTN_PICK(fn, kernel, sfx) \
+    ((kernel) == ATTN_KERNEL_NEON ? fn##_neon_##sfx : fn##_base_##sfx)
+#else
+#define ATTN_PICK(fn, kernel, sfx) ((void)(kernel), fn##_base_##sfx)
+#endif
 
 void attn_fast_linear_block(attn_kernel kernel, const attn_linear_args *p, int64_t n,
                             int64_t l0, int64_t nr, int64_t o0, int64_t no, void *ws)
@@ -161,12 +205,7 @@ static void attn_fma_item(void *ctx, int64_t item, int thread)
     (void)item;
     (void)thread;
     attn_fma_job *job = ctx;
-    float r;
-    switch (job->kernel) {
-    case ATTN_KERNEL_AVX512: r = fma_loop_avx512_f32(job->iters, job->seed); break;
-    case ATTN_KERNEL_AVX2: r = fma_loop_avx2_f32(job->iters, job->seed); break;
-    default: r = fma_loop_base_f32(job->iters, job->seed); break;
-    }
+    float r = ATTN_PICK(fma_loop, job->kernel, f32)(job->iters, job->seed);
     job->sink += r; /* racy on purpose: only keeps the result alive */
 }
 
@@ -174,11 +213,47 @@ double attn_fma_peak_gflops(int threads, int64_t iters)
 {
     attn_fma_job job = {.kernel = attn_get_kernel(), .iters = iters, .seed = 1.0f};
     if (job.kernel == ATTN_KERNEL_REFERENCE) job.kernel = ATTN_KERNEL_BASELINE;
-    int vlen = job.kernel == ATTN_KERNEL_AVX512 ? 16 : job.kernel == ATTN_KERNEL_AVX2 ? 8 : 4;
-    struct timespec t0, t1;
-    clock_gettime(CLOCK_MONOTONIC, &t0);
+    int vlen = job.kernel == ATTN_KERNEL_AVX512                                ? 16
+               : job.kernel == ATTN_KERNEL_AVX2 || job.kernel == ATTN_KERNEL_NEON ? 8
+                                                                                : 4;
+    double t0 = attn_seconds();
     attn_parallel_for(threads, threads, attn_fma_item, &job, NULL);
-    clock_gettime(CLOCK_MONOTONIC, &t1);
-    double seconds = (double)(t1.tv_sec - t0.tv_sec) + 1e-9 * (double)(t1.tv_nsec - t0.tv_nsec);
+    double seconds = attn_seconds() - t0;
     return (double)threads * (double)iters * 12.0 * vlen * 2.0 / seconds / 1e9;
 }
+
+#else /* !ATTN_HAVE_FAST: no vector extensions (MSVC); the planner never
+         picks a tiled kernel (attn_kernel_supported), so these never run */
+
+size_t attn_fast_workspace(const attn_sdpa_args *a) { (void)a; return 0; }
+size_t attn_fast_linear_workspace(const attn_linear_args *p) { (void)p; return 0; }
+size_t attn_fast_backward_workspace(const attn_sdpa_args *a) { (void)a; return 0; }
+
+void attn_fast_linear_block(attn_kernel kernel, const attn_linear_args *p, int64_t n,
+                            int64_t l0, int64_t nr, int64_t o0, int64_t no, void *ws)
+{
+    (void)kernel, (void)p, (void)n, (void)l0, (void)nr, (void)o0, (void)no, (void)ws;
+}
+
+int attn_fast_backward_rows(attn_kernel kernel, const attn_sdpa_grad_args *g,
+                            const attn_head *hd, const char *dout, int phase, int64_t start,
+                            int64_t n, void *stats, attn_mat grad0, attn_mat grad1, void *ws)
+{
+    (void)kernel, (void)g, (void)hd, (void)dout, (void)phase, (void)start, (void)n;
+    (void)stats, (void)grad0, (void)grad1, (void)ws;
+    return 1;
+}
+
+int attn_fast_rows(attn_kernel kernel, const attn_sdpa_args *a, const attn_head *hd,
+                   int64_t i0, int64_t nr, void *ws)
+{
+    (void)kernel, (void)a, (void)hd, (void)i0, (void)nr, (void)ws;
+    return 1;
+}
+
+double attn_fma_peak_gflops(int threads, int64_t iters)
+{
+    (void)threads, (void)iters;
+    return 0.0;
+}
+#endif

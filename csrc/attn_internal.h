@@ -16,6 +16,20 @@
 
 #define ATTN_LOG2E 1.4426950408889634
 
+/* The tiled kernels need GCC's vector extensions (GCC, clang); MSVC builds
+   the reference kernel only. -DATTN_HAVE_FAST=0 builds that way anywhere
+   (the C tests do, to keep the MSVC path honest). */
+#ifndef ATTN_HAVE_FAST
+#if defined(__GNUC__) || defined(__clang__)
+#define ATTN_HAVE_FAST 1
+#else
+#define ATTN_HAVE_FAST 0
+#endif
+#endif
+
+/* A monotonic clock, in seconds (attn_parallel.c). */
+double attn_seconds(void);
+
 /* keep a helper out of line (where inlining it costs its caller registers) */
 #if defined(_MSC_VER)
 #define ATTN_NOINLINE __declspec(noinline)

@@ -30,16 +30,19 @@
  * One parallel loop runs at a time; a caller that finds the pool busy (a
  * second Python thread calling attnpy) runs its loop alone. Workers are
  * started on first use and kept; after fork() the child has none and starts
- * its own on first use (pthread_atfork).
+ * its own on first use (attn_at_fork). The system's threads, locks and
+ * clock come from attn_thread.h (POSIX threads or Win32).
  */
+#if !defined(_WIN32) && !defined(_POSIX_C_SOURCE)
+#define _POSIX_C_SOURCE 200809L /* clock_gettime, sysconf in strict C11 */
+#endif
 #include "attn_internal.h"
 
+#include "attn_thread.h"
+
 #include <assert.h>
-#include <pthread.h>
 #include <stdatomic.h>
 #include <stdlib.h>
-#include <time.h>
-#include <unistd.h>
 
 #define ATTN_SPIN_NS 1000000 /* a worker watches for the next job for 1 ms */
 
@@ -55,10 +58,10 @@ typedef struct {
     attn_cancel *cancel;
 } attn_job;
 
-static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER; /* sleeping and waking */
-static pthread_cond_t pool_wake = PTHREAD_COND_INITIALIZER;  /* a new job */
-static pthread_cond_t pool_done = PTHREAD_COND_INITIALIZER;  /* the last worker left */
-static pthread_mutex_t run_lock = PTHREAD_MUTEX_INITIALIZER;  /* one loop at a time */
+static attn_mutex pool_lock = ATTN_MUTEX_INIT; /* sleeping and waking */
+static attn_cond pool_wake = ATTN_COND_INIT;   /* a new job */
+static attn_cond pool_done = ATTN_COND_INIT;   /* the last worker left */
+static attn_mutex run_lock = ATTN_MUTEX_INIT;  /* one loop at a time */
 
 static int pool_workers;                /* workers started (under pool_lock) */
 static int pool_sleeping;               /* workers waiting on pool_wake (under pool_lock) */
@@ -68,14 +71,9 @@ static atomic_int pool_active;          /* workers (by id) asked to help with it
 static attn_job *_Atomic pool_job;      /* valid while a worker is inside the job */
 static _Atomic uint64_t pool_state;     /* generation | closed | workers inside */
 static int num_threads;                 /* 0: not chosen yet (under pool_lock) */
-static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
+static int atfork_registered;           /* (under run_lock) */
 
-static int64_t attn_now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
-}
+double attn_seconds(void) { return 1e-9 * (double)attn_now_ns(); }
 
 void attn_cancel_init(attn_cancel *c, const attn_interrupt *interrupt)
 {
@@ -119,12 +117,12 @@ static long attn_wait_generation(long seen)
         if (g != seen) return g;
         if ((i & 255) == 255 && attn_now_ns() - start > ATTN_SPIN_NS) break;
     }
-    pthread_mutex_lock(&pool_lock);
+    attn_mutex_lock(&pool_lock);
     pool_sleeping++;
     long g;
-    while ((g = atomic_load(&pool_generation)) == seen) pthread_cond_wait(&pool_wake, &pool_lock);
+    while ((g = atomic_load(&pool_generation)) == seen) attn_cond_wait(&pool_wake, &pool_lock);
     pool_sleeping--;
-    pthread_mutex_unlock(&pool_lock);
+    attn_mutex_unlock(&pool_lock);
     return g;
 }
 
@@ -141,18 +139,18 @@ static void attn_leave(void)
 {
     uint64_t s = atomic_fetch_sub(&pool_state, 1) - 1;
     if ((s & STATE_CLOSED) && (s & STATE_INSIDE) == 0) { /* the caller may be asleep */
-        pthread_mutex_lock(&pool_lock);
-        pthread_cond_signal(&pool_done);
-        pthread_mutex_unlock(&pool_lock);
+        attn_mutex_lock(&pool_lock);
+        attn_cond_signal(&pool_done);
+        attn_mutex_unlock(&pool_lock);
     }
 }
 
 static void *attn_worker(void *arg)
 {
     int id = (int)(intptr_t)arg;
-    pthread_mutex_lock(&pool_lock);
+    attn_mutex_lock(&pool_lock);
     long seen = worker_start[id];
-    pthread_mutex_unlock(&pool_lock);
+    attn_mutex_unlock(&pool_lock);
     for (;;) {
         seen = attn_wait_generation(seen);
         if (id >= atomic_load(&pool_active) || !attn_join(seen)) continue;
@@ -163,11 +161,11 @@ static void *attn_worker(void *arg)
 }
 
 /* fork(): hold the pool still across it; the child starts with no workers. */
-static void attn_prefork(void) { pthread_mutex_lock(&run_lock); pthread_mutex_lock(&pool_lock); }
+static void attn_prefork(void) { attn_mutex_lock(&run_lock); attn_mutex_lock(&pool_lock); }
 static void attn_postfork_parent(void)
 {
-    pthread_mutex_unlock(&pool_lock);
-    pthread_mutex_unlock(&run_lock);
+    attn_mutex_unlock(&pool_lock);
+    attn_mutex_unlock(&run_lock);
 }
 static void attn_postfork_child(void)
 {
@@ -175,14 +173,10 @@ static void attn_postfork_child(void)
     atomic_store(&pool_active, 0);
     atomic_store(&pool_job, NULL);
     atomic_store(&pool_state, (uint64_t)(uint32_t)atomic_load(&pool_generation) << 32);
-    pthread_mutex_init(&pool_lock, NULL);
-    pthread_mutex_init(&run_lock, NULL);
-    pthread_cond_init(&pool_wake, NULL);
-    pthread_cond_init(&pool_done, NULL);
-}
-static void attn_register_atfork(void)
-{
-    pthread_atfork(attn_prefork, attn_postfork_parent, attn_postfork_child);
+    attn_mutex_reset(&pool_lock);
+    attn_mutex_reset(&run_lock);
+    attn_cond_reset(&pool_wake);
+    attn_cond_reset(&pool_done);
 }
 
 /* The default: OMP_NUM_THREADS if set, else the CPUs online. */
@@ -193,32 +187,32 @@ static int attn_default_threads(void)
         long n = strtol(env, NULL, 10);
         if (n >= 1) return n > ATTN_MAX_THREADS ? ATTN_MAX_THREADS : (int)n;
     }
-    long n = sysconf(_SC_NPROCESSORS_ONLN);
+    long n = attn_cpu_count();
     return n < 1 ? 1 : n > ATTN_MAX_THREADS ? ATTN_MAX_THREADS : (int)n;
 }
 
 int attn_parallel_awake(void)
 {
-    pthread_mutex_lock(&pool_lock);
+    attn_mutex_lock(&pool_lock);
     int awake = pool_workers > 0 && pool_sleeping < pool_workers;
-    pthread_mutex_unlock(&pool_lock);
+    attn_mutex_unlock(&pool_lock);
     return awake;
 }
 
 int attn_set_num_threads(int n)
 {
     assert(n >= 0 && n <= ATTN_MAX_THREADS); /* the binding checks */
-    pthread_mutex_lock(&pool_lock);
+    attn_mutex_lock(&pool_lock);
     num_threads = n; /* 0: back to the default */
-    pthread_mutex_unlock(&pool_lock);
+    attn_mutex_unlock(&pool_lock);
     return ATTN_OK;
 }
 
 int attn_get_num_threads(void)
 {
-    pthread_mutex_lock(&pool_lock);
+    attn_mutex_lock(&pool_lock);
     int n = num_threads ? num_threads : attn_default_threads();
-    pthread_mutex_unlock(&pool_lock);
+    attn_mutex_unlock(&pool_lock);
     return n;
 }
 
@@ -229,19 +223,20 @@ void attn_parallel_for(int64_t n, int max_threads,
     attn_job job = {.fn = fn, .ctx = ctx, .n = n, .cancel = cancel};
     atomic_init(&job.next, 0);
     int want = max_threads < n ? max_threads : (int)n;
-    if (want <= 1 || pthread_mutex_trylock(&run_lock) != 0) {
+    if (want <= 1 || !attn_mutex_trylock(&run_lock)) {
         attn_run_items(&job, 0); /* one thread wanted, or the pool is busy */
         return;
     }
-    pthread_once(&atfork_once, attn_register_atfork);
+    if (!atfork_registered) {
+        attn_at_fork(attn_prefork, attn_postfork_parent, attn_postfork_child);
+        atfork_registered = 1;
+    }
 
     /* publish the job as a new, open generation; wake sleepers */
-    pthread_mutex_lock(&pool_lock);
+    attn_mutex_lock(&pool_lock);
     while (pool_workers < want - 1) {
-        pthread_t t;
         worker_start[pool_workers] = atomic_load(&pool_generation);
-        if (pthread_create(&t, NULL, attn_worker, (void *)(intptr_t)pool_workers) != 0) break;
-        pthread_detach(t);
+        if (attn_thread_start(attn_worker, (void *)(intptr_t)pool_workers) != 0) break;
         pool_workers++;
     }
     long g = atomic_load(&pool_generation) + 1;
@@ -249,8 +244,8 @@ void attn_parallel_for(int64_t n, int max_threads,
     atomic_store(&pool_active, want - 1);
     atomic_store(&pool_state, (uint64_t)(uint32_t)g << 32);
     atomic_store_explicit(&pool_generation, g, memory_order_release);
-    if (pool_sleeping) pthread_cond_broadcast(&pool_wake);
-    pthread_mutex_unlock(&pool_lock);
+    if (pool_sleeping) attn_cond_broadcast(&pool_wake);
+    attn_mutex_unlock(&pool_lock);
 
     attn_run_items(&job, 0); /* the caller works too */
 
@@ -263,9 +258,9 @@ void attn_parallel_for(int64_t n, int max_threads,
         s = atomic_load(&pool_state);
     }
     if (s & STATE_INSIDE) {
-        pthread_mutex_lock(&pool_lock);
-        while (atomic_load(&pool_state) & STATE_INSIDE) pthread_cond_wait(&pool_done, &pool_lock);
-        pthread_mutex_unlock(&pool_lock);
+        attn_mutex_lock(&pool_lock);
+        while (atomic_load(&pool_state) & STATE_INSIDE) attn_cond_wait(&pool_done, &pool_lock);
+        attn_mutex_unlock(&pool_lock);
     }
-    pthread_mutex_unlock(&run_lock);
+    attn_mutex_unlock(&run_lock);
 }

@@ -1029,7 +1029,8 @@ static PyObject *attnpy_fma_peak(PyObject *Py_UNUSED(module), PyObject *args)
     return PyFloat_FromDouble(gflops);
 }
 
-static const char *kernel_names[] = {"auto", "reference", "baseline", "avx2", "avx512"};
+/* by attn_kernel's value */
+static const char *kernel_names[] = {"auto", "reference", "baseline", "avx2", "avx512", "neon"};
 
 static PyObject *attnpy_set_kernel(PyObject *Py_UNUSED(module), PyObject *arg)
 {
@@ -1047,7 +1048,7 @@ static PyObject *attnpy_set_kernel(PyObject *Py_UNUSED(module), PyObject *arg)
         Py_RETURN_NONE;
     }
     PyErr_Format(PyExc_ValueError,
-                 "kernel must be 'auto', 'reference', 'baseline', 'avx2' or 'avx512'; got %R", arg);
+                 "kernel must be 'auto', 'reference', 'baseline', 'avx2', 'avx512' or 'neon'; got %R", arg);
     return NULL;
 }
 
