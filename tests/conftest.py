@@ -24,6 +24,14 @@ import pytest
 REQUIRE_ALL = os.environ.get("ATTNPY_REQUIRE_ALL") == "1"
 
 
+def pytest_sessionstart(session):
+    # `bash dev.sh wheel`: the tests must run against the installed wheel
+    if os.environ.get("ATTNPY_TEST_INSTALLED") == "1":
+        import attnpy
+        if "site-packages" not in attnpy.__file__:
+            raise pytest.UsageError(f"ATTNPY_TEST_INSTALLED=1 but attnpy is {attnpy.__file__}")
+
+
 def _missing_modules(*names):
     return [n for n in names if importlib.util.find_spec(n) is None]
 
