@@ -100,7 +100,7 @@ def _save_pictures(weights, tokens, mask, outdir):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("(matplotlib not installed: no PNG pictures; pip install attnpy[viz])")
+        print("(matplotlib not installed: no PNG pictures; pip install matplotlib)")
         return written
     titles = [f"head {h}: {name}" for h, name in enumerate(HEAD_NAMES)]
     fig = viz.heads(weights, tokens, cols=len(HEAD_NAMES), titles=titles)

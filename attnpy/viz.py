@@ -1,5 +1,6 @@
 """Pictures of attention: heat maps, per-head grids, whole models, head
-statistics and attention rollout. Needs matplotlib (``pip install attnpy[viz]``).
+statistics and attention rollout. Needs matplotlib (``pip install matplotlib``, or
+``pip install ".[viz]"`` in attnpy's source tree).
 
 Every figure function returns what it drew on (an Axes, or a Figure for
 grids), so it can be adjusted or saved with ``savefig`` as PNG, SVG or PDF.
@@ -27,7 +28,8 @@ def _plt():
     try:
         import matplotlib.pyplot as plt
     except ImportError as e:  # pragma: no cover - exercised only without matplotlib
-        raise ImportError("attnpy.viz needs matplotlib: pip install attnpy[viz]") from e
+        raise ImportError("attnpy.viz needs matplotlib: pip install matplotlib (or, in "
+                          "attnpy's source tree, pip install '.[viz]')") from e
     return plt
 
 

@@ -151,8 +151,10 @@ def test_first_cell_says_what_is_missing_and_how_to_install_it(name):
                            text=True)
         assert r.returncode != 0
         last = r.stderr.strip().splitlines()[-1]
+        # a command that works from PyPI and from a clone (attnpy is not on PyPI)
         assert last.startswith("ModuleNotFoundError: this notebook needs "
-                               f"{ns['needs'][module]}: run pip install 'attnpy[notebooks]'"), last
+                               f"{ns['needs'][module]}: run pip install {ns['needs'][module]} "
+                               "(or pip install '.[notebooks]' in attnpy's source tree)"), last
 
 
 # Issue 12, item 9: a bare viz.heads(...) as a cell's last line showed its
