@@ -440,6 +440,65 @@ static void test_qk_overflow(const char *kernel_name)
 static int polls;
 static int poll_stop(void *ctx) { polls++; return *(int *)ctx; }
 
+/* Results do not depend on the thread count: every kernel this build and
+   CPU run gives the same bits on 1, 2 and 3 threads, with and without the
+   weights (the pool's guarantee, on POSIX threads and on Win32 alike). */
+static void test_threads_bit_identical(void)
+{
+    enum { B = 2, H = 3, L = 150, S = 140, E = 24, EV = 16 };
+    size_t nq = (size_t)B * H * L * E, nk = (size_t)B * H * S * E, nv = (size_t)B * H * S * EV;
+    size_t no = (size_t)B * H * L * EV, nw = (size_t)B * H * L * S;
+    float *q = malloc(nq * 4), *k = malloc(nk * 4), *v = malloc(nv * 4);
+    float *out[3], *w[3];
+    uint32_t x = 12345; /* a small LCG: the same inputs on every platform */
+    float *all[3] = {q, k, v};
+    size_t sizes[3] = {nq, nk, nv};
+    for (int t = 0; t < 3; t++)
+        for (size_t i = 0; i < sizes[t]; i++) {
+            x = x * 1664525u + 1013904223u;
+            all[t][i] = (float)(x >> 8) / (float)(1u << 24) * 2.0f - 1.0f;
+        }
+    const attn_kernel kernels[] = {ATTN_KERNEL_REFERENCE, ATTN_KERNEL_BASELINE, ATTN_KERNEL_AVX2,
+                                   ATTN_KERNEL_AVX512, ATTN_KERNEL_NEON};
+    int ok = 1;
+    for (size_t kk = 0; kk < sizeof kernels / sizeof kernels[0]; kk++) {
+        if (attn_set_kernel(kernels[kk]) != ATTN_OK) continue;
+        for (int weights = 0; weights < 2; weights++) {
+            for (int t = 0; t < 3; t++) {
+                attn_set_num_threads(t + 1);
+                out[t] = malloc(no * 4);
+                w[t] = weights ? malloc(nw * 4) : NULL;
+                attn_sdpa_args a;
+                one_problem(&a, L, S, E, EV, q, k, v, out[t], w[t]);
+                a.nbatch = 1;
+                a.batch_shape[0] = B;
+                a.num_heads = a.num_kv_heads = H;
+                a.q.head = (int64_t)L * E * 4, a.q.batch[0] = H * a.q.head;
+                a.k.head = (int64_t)S * E * 4, a.k.batch[0] = H * a.k.head;
+                a.v.head = (int64_t)S * EV * 4, a.v.batch[0] = H * a.v.head;
+                a.out.head = (int64_t)L * EV * 4, a.out.batch[0] = H * a.out.head;
+                if (weights) a.weights.head = (int64_t)L * S * 4, a.weights.batch[0] = H * a.weights.head;
+                a.is_causal = 1;
+                ok &= attn_sdpa(&a) == ATTN_OK;
+            }
+            for (int t = 1; t < 3; t++) {
+                ok &= memcmp(out[0], out[t], no * 4) == 0;
+                if (weights) ok &= memcmp(w[0], w[t], nw * 4) == 0;
+            }
+            for (int t = 0; t < 3; t++) {
+                free(out[t]);
+                free(w[t]);
+            }
+        }
+    }
+    check(ok, "every kernel: the same bits on 1, 2 and 3 threads");
+    attn_set_kernel(ATTN_KERNEL_REFERENCE);
+    attn_set_num_threads(2);
+    free(q);
+    free(k);
+    free(v);
+}
+
 static void test_interrupt(void)
 {
     const int64_t L = 2048, E = 64;
@@ -513,6 +572,7 @@ int main(void)
     }
     attn_set_kernel(ATTN_KERNEL_REFERENCE);
     attn_set_num_threads(2);
+    test_threads_bit_identical();
     test_interrupt();
     attn_set_kernel(ATTN_KERNEL_AUTO);
     attn_set_num_threads(0);
