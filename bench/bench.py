@@ -284,16 +284,46 @@ def time_row(row, calls, budget):
     return {name: sorted(ts)[len(ts) // 2] for name, ts in times.items()}, rounds * block
 
 
-def machine_description(np, torch, attnpy, peak, threads):
-    cpu = platform.processor() or "?"
+def cpu_identity():
+    """(model name, family/model/stepping string or None) of this CPU."""
+    cpu, fields = platform.processor() or platform.machine() or "?", {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in ("model name", "cpu family", "model", "stepping", "CPU part") \
+                        and key not in fields:
+                    fields[key] = value.strip()
+                if not line.strip() and fields:
+                    break                               # the first CPU is enough
     except OSError:
         pass
+    cpu = fields.get("model name", cpu)
+    ident = None
+    if "cpu family" in fields and "model" in fields:
+        ident = f"family {fields['cpu family']}, model {fields['model']}" + (
+            f", stepping {fields['stepping']}" if "stepping" in fields else "")
+    elif "CPU part" in fields:                          # ARM: the part number
+        ident = f"part {fields['CPU part']}"
+    return cpu, ident
+
+
+def cpu_slug():
+    """A file name for this CPU: bench/results/<slug>.md keeps every machine's run."""
+    import re
+    cpu, ident = cpu_identity()
+    if ident is not None:
+        cpu += " " + ident.split(", stepping")[0].replace("family ", "family").replace(
+            "model ", "model").replace("part ", "part")
+    text = re.sub(r"\((R|TM)\)", "", cpu, flags=re.I)
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown-cpu"
+
+
+def machine_description(np, torch, attnpy, peak, threads):
+    cpu, ident = cpu_identity()
+    if ident:
+        cpu = f"{cpu} ({ident})"
     blas = "?"
     try:
         from threadpoolctl import threadpool_info
@@ -377,6 +407,9 @@ def write_outputs(rows, machine, peak, out, quick):
                          f"is {out_mib:.1f} MiB, so the extra is {m - out_mib:.1f} MiB "
                          f"(target: at most 64 MiB).")
     (out / "results.md").write_text("\n".join(lines) + "\n")
+    if not quick:   # every machine measured keeps its own file
+        (out / "results").mkdir(exist_ok=True)
+        (out / "results" / f"{cpu_slug()}.md").write_text("\n".join(lines) + "\n")
     import json
     (out / "results.json").write_text(json.dumps(
         {"machine": machine, "fma_peak_gflops": peak, "geomean_vs_torch": geo,
