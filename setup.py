@@ -68,7 +68,9 @@ class BuildExt(build_ext):
 
     def build_extensions(self):
         if self.compiler.compiler_type == "msvc":
-            flags = ["/std:c11", "/O2", "/experimental:c11atomics", "/W3"]
+            # _CRT_SECURE_NO_WARNINGS: getenv is C11; MSVC's C4996 would stop /WX
+            flags = ["/std:c11", "/O2", "/experimental:c11atomics", "/W3",
+                     "/D_CRT_SECURE_NO_WARNINGS"]
             if os.environ.get("ATTNPY_STRICT") == "1":
                 flags.append("/WX")
             for ext in self.extensions:

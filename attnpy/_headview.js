@@ -14,7 +14,7 @@
   if (!root || root.getAttribute("data-ready") === "1") return;
   var data = JSON.parse(root.querySelector("script.attnpy-data").textContent);
   var SVG = "http://www.w3.org/2000/svg";
-  var ROW = data.row_height, PAD = 24, GAP = data.gap, WEIGHT_WIDTH = 44;
+  var ROW = data.row_height, PAD = 24, GAP = data.gap, WEIGHT_WIDTH = data.weight_width;
 
   // index the lines of each layer by query and by key, so that a hover draws
   // only that token's lines (linear in the sequence, never quadratic)

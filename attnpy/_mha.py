@@ -7,6 +7,7 @@ holds the parameters under torch's names, turns the caller's layout into
 """
 from __future__ import annotations
 
+import copy
 import math
 import uuid
 from dataclasses import dataclass, field, fields
@@ -316,6 +317,16 @@ class MultiheadAttention:
         self._reset_parameters()
 
     # -- parameters ---------------------------------------------------------
+
+    def __deepcopy__(self, memo):
+        # a copy is another layer (its weights may change apart): its own id,
+        # so that it refuses the original's traced results, as before
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        for name, value in self.__dict__.items():
+            setattr(new, name, copy.deepcopy(value, memo))
+        new._id = uuid.uuid4().hex
+        return new
 
     def _shapes(self):
         """torch's state_dict names and shapes for this configuration."""

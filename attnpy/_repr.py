@@ -40,7 +40,7 @@ class Ran:
     @property
     def kernel(self):
         """The kernel that computed the attention: 'avx512', 'avx2',
-        'baseline' or 'reference' (None when not known)."""
+        'neon', 'baseline' or 'reference' (None when not known)."""
         ran = self.__dict__.get("_ran")
         return None if ran is None else _core.ran_name(ran)[0]
 

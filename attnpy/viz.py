@@ -45,6 +45,7 @@ _FIGURE_CLASS = None
 
 
 def _figure_class():
+    """AttnpyFigure, made on first use (matplotlib is imported lazily)."""
     global _FIGURE_CLASS
     if _FIGURE_CLASS is None:
         from matplotlib.figure import Figure
@@ -52,8 +53,19 @@ def _figure_class():
         class AttnpyFigure(Figure):
             """A Figure shown once by Jupyter's inline backend (see _show_once)."""
 
+        # pickled by name as attnpy.viz.AttnpyFigure (found by __getattr__ below)
+        AttnpyFigure.__module__, AttnpyFigure.__qualname__ = __name__, "AttnpyFigure"
         _FIGURE_CLASS = AttnpyFigure
     return _FIGURE_CLASS
+
+
+def __getattr__(name):
+    if name == "AttnpyFigure":
+        return _figure_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+_REGISTERED = set()   # the IPython formatters that know AttnpyFigure
 
 
 def _show_once():
@@ -61,24 +73,34 @@ def _show_once():
     again by the inline backend, which draws every open pyplot figure at the
     cell's end: shown twice. For viz's figures, the formatter draws it and
     closes it in pyplot, so the backend's flush skips it; an assigned figure
-    (or a line ending in ';') is not formatted and the flush shows it once."""
+    (or a line ending in ';') is not formatted and the flush shows it once.
+    Registered once per formatter; the Figure printer of the moment (png,
+    svg, ...) is looked up at each drawing, so later %config changes hold."""
     try:
         from IPython import get_ipython
-    except ImportError:
+        formatters = getattr(getattr(get_ipython(), "display_formatter", None),
+                             "formatters", {})
+        from matplotlib.figure import Figure
+        for mime, fmt in formatters.items():
+            if id(fmt) in _REGISTERED or mime == "text/plain":
+                continue
+            try:
+                fmt.lookup_by_type(Figure)    # a format the backend draws figures in
+            except KeyError:
+                continue
+            fmt.for_type(_figure_class(), lambda fig, fmt=fmt: _draw_and_close(fig, fmt))
+            _REGISTERED.add(id(fmt))
+    except Exception:  # no IPython, or one unlike the expected: figures as plain ones
         return
-    ip = get_ipython()
-    formatters = getattr(getattr(ip, "display_formatter", None), "formatters", {})
-    from matplotlib.figure import Figure
-    for fmt in formatters.values():
-        try:
-            draw = fmt.lookup_by_type(Figure)  # the inline backend's png/svg printer
-        except KeyError:
-            continue
-        fmt.for_type(_figure_class(), lambda fig, draw=draw: _draw_and_close(fig, draw))
 
 
-def _draw_and_close(fig, draw):
+def _draw_and_close(fig, fmt):
     import matplotlib
+    from matplotlib.figure import Figure
+    try:
+        draw = fmt.lookup_by_type(Figure)  # the inline backend's printer for this format
+    except KeyError:
+        return None                        # none now: this format shows nothing
     if "inline" in matplotlib.get_backend():  # only that backend flushes open figures
         _plt().close(fig)
     return draw(fig)
@@ -558,6 +580,7 @@ def head_view(weights, tokens, key_tokens=None, *, layer_names=None, top_k=None,
             raise ValueError(f"{name} must be an int of at least {least} (pixels); got {value!r}")
     longest = max([len(t) for t in tokens + key_tokens] + [1])
     label_width = min(int(0.65 * font_size * longest) + 12, 300)  # a wide glyph: 0.65 em
+    weight_width = int(3.3 * font_size) + 8    # "0.000" in monospace: 5 x 0.6 em, and a gap
     payload = {
         "tokens": tokens,
         "key_tokens": key_tokens,
@@ -566,7 +589,8 @@ def head_view(weights, tokens, key_tokens=None, *, layer_names=None, top_k=None,
                    for name, m in zip(layer_names, maps)],
         "colors": HEAD_COLORS,
         "label_width": label_width,
-        "gap": max(120, int(width) - 2 * (label_width + 44)),   # 44: a weight's room (js)
+        "gap": max(120, int(width) - 2 * (label_width + weight_width)),
+        "weight_width": weight_width,
         "row_height": int(row_height),
         "font_size": int(font_size),
         "max_lines": int(max_lines),

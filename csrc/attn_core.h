@@ -64,7 +64,9 @@ enum { ATTN_OK = 0, ATTN_ENOMEM = 1, ATTN_EINVAL = 2, ATTN_EINTR = 3 };
  * kernel (never ATTN_KERNEL_AUTO) and the planner's reason for it, an index
  * that attn_reason_name() turns into "use_tiled", "use_ref:qk_overflow",
  * ... (attn_plan.c lists them). A call with nothing to compute reports the
- * kernel it would have used and the reason "empty".
+ * selected kernel (attn_get_kernel()) and the reason "empty"; a build
+ * without tiled kernels (MSVC) reports the reference and "use_ref:selected"
+ * although nobody selected it (AUTO resolves to it there).
  */
 typedef struct attn_ran {
     int kernel; /* an attn_kernel */

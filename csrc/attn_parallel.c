@@ -36,6 +36,9 @@
 #if !defined(_WIN32) && !defined(_POSIX_C_SOURCE)
 #define _POSIX_C_SOURCE 200809L /* clock_gettime, sysconf in strict C11 */
 #endif
+#if defined(__APPLE__) && !defined(_DARWIN_C_SOURCE)
+#define _DARWIN_C_SOURCE 1 /* with _POSIX_C_SOURCE, Darwin hides _SC_NPROCESSORS_ONLN */
+#endif
 #include "attn_internal.h"
 
 #include "attn_thread.h"
@@ -173,8 +176,10 @@ static void attn_postfork_child(void)
     atomic_store(&pool_active, 0);
     atomic_store(&pool_job, NULL);
     atomic_store(&pool_state, (uint64_t)(uint32_t)atomic_load(&pool_generation) << 32);
-    attn_mutex_reset(&pool_lock);
-    attn_mutex_reset(&run_lock);
+    /* the forking thread took both locks in attn_prefork and is the child's
+       only thread: it releases them (re-initialising a held mutex is undefined) */
+    attn_mutex_unlock(&pool_lock);
+    attn_mutex_unlock(&run_lock);
     attn_cond_reset(&pool_wake);
     attn_cond_reset(&pool_done);
 }

@@ -76,7 +76,6 @@ static inline void attn_at_fork(void (*prepare)(void), void (*parent)(void), voi
 {
     (void)prepare, (void)parent, (void)child;
 }
-static inline void attn_mutex_reset(attn_mutex *m) { InitializeSRWLock(m); }
 static inline void attn_cond_reset(attn_cond *c) { InitializeConditionVariable(c); }
 
 #else /* POSIX threads */
@@ -117,8 +116,8 @@ static inline void attn_at_fork(void (*prepare)(void), void (*parent)(void), voi
 {
     pthread_atfork(prepare, parent, child);
 }
-/* after fork, in the child: the pool's locks as new (their holders are gone) */
-static inline void attn_mutex_reset(attn_mutex *m) { pthread_mutex_init(m, NULL); }
+/* after fork, in the child: a condition variable as new (its waiters, the
+   parent's workers, do not exist there) */
 static inline void attn_cond_reset(attn_cond *c) { pthread_cond_init(c, NULL); }
 #endif
 

@@ -42,7 +42,7 @@ static const char *fmt_dims(const npy_intp *dims, int nd, char *buf, size_t n)
     size_t used = 0;
     buf[0] = '\0';
     for (int d = 0; d < nd && used < n; d++)
-        used += (size_t)snprintf(buf + used, n - used, "%s%ld", d ? ", " : "(", (long)dims[d]);
+        used += (size_t)snprintf(buf + used, n - used, "%s%lld", d ? ", " : "(", (long long)dims[d]);
     if (used < n) snprintf(buf + used, n - used, nd == 0 ? "()" : nd == 1 ? ",)" : ")");
     return buf;
 }
@@ -52,11 +52,20 @@ static const char *fmt_shape(PyArrayObject *arr, char *buf, size_t n)
     return fmt_dims(PyArray_DIMS(arr), PyArray_NDIM(arr), buf, n);
 }
 
+/* a * b for a, b >= 0 into *r; 1 when it would overflow npy_intp (portable:
+   MSVC has no __builtin_mul_overflow). */
+static int mul_overflows(npy_intp a, npy_intp b, npy_intp *r)
+{
+    if (a != 0 && b > NPY_MAX_INTP / a) return 1;
+    *r = a * b;
+    return 0;
+}
+
 /* a * b, or -1 with a ValueError when it would overflow npy_intp. */
 static npy_intp checked_mul(npy_intp a, npy_intp b, const char *what)
 {
     npy_intp r;
-    if (a < 0 || b < 0 || __builtin_mul_overflow(a, b, &r)) {
+    if (a < 0 || b < 0 || mul_overflows(a, b, &r)) {
         PyErr_Format(PyExc_ValueError, "%s would hold more elements than fit in memory", what);
         return -1;
     }
@@ -86,7 +95,7 @@ static int fits(int nd, const npy_intp *dims, int typenum, const char *what)
     char s1[SHAPE_BUF];
     npy_intp bytes = typenum == NPY_BOOL ? 1 : typenum == NPY_FLOAT ? 4 : 8;
     for (int d = 0; d < nd; d++) {
-        if (dims[d] != 0 && __builtin_mul_overflow(bytes, dims[d], &bytes)) {
+        if (dims[d] != 0 && mul_overflows(bytes, dims[d], &bytes)) {
             PyErr_Format(PyExc_ValueError,
                          "%s would have shape %s: more bytes than any memory holds",
                          what, fmt_dims(dims, nd, s1, SHAPE_BUF));
@@ -556,27 +565,27 @@ static int sdpa_prepare(sdpa_call *c, PyArrayObject *q, PyArrayObject *k, PyArra
     const char *dim_names[4] = {"L (query rows)", "E", "S (key rows)", "Ev"};
     for (int i = 0; i < 4; i++) {
         if (dims4[i] > ATTN_MAX_EXTENT) {
-            PyErr_Format(PyExc_ValueError, "%s is %ld; attnpy supports dimensions up to 2**31 - 1",
-                         dim_names[i], (long)dims4[i]);
+            PyErr_Format(PyExc_ValueError, "%s is %lld; attnpy supports dimensions up to 2**31 - 1",
+                         dim_names[i], (long long)dims4[i]);
             return -1;
         }
     }
     if (PyArray_DIM(k, PyArray_NDIM(k) - 1) != E) {
         PyErr_Format(PyExc_ValueError,
-                     "key must have the same last dimension E as query (E=%ld); "
+                     "key must have the same last dimension E as query (E=%lld); "
                      "got query %s, key %s",
-                     (long)E, fmt_shape(q, s1, SHAPE_BUF), fmt_shape(k, s2, SHAPE_BUF));
+                     (long long)E, fmt_shape(q, s1, SHAPE_BUF), fmt_shape(k, s2, SHAPE_BUF));
         return -1;
     }
     if (PyArray_DIM(v, PyArray_NDIM(v) - 2) != S) {
         PyErr_Format(PyExc_ValueError,
-                     "value must have as many rows as key (S=%ld); got key %s, value %s",
-                     (long)S, fmt_shape(k, s1, SHAPE_BUF), fmt_shape(v, s2, SHAPE_BUF));
+                     "value must have as many rows as key (S=%lld); got key %s, value %s",
+                     (long long)S, fmt_shape(k, s1, SHAPE_BUF), fmt_shape(v, s2, SHAPE_BUF));
         return -1;
     }
     if (o->extra_keys > S) {
-        PyErr_Format(PyExc_ValueError, "extra_keys (%lld) exceeds the key rows S=%ld",
-                     (long long)o->extra_keys, (long)S);
+        PyErr_Format(PyExc_ValueError, "extra_keys (%lld) exceeds the key rows S=%lld",
+                     (long long)o->extra_keys, (long long)S);
         return -1;
     }
     if (!(o->dropout_p >= 0.0 && o->dropout_p <= 1.0)) {
@@ -603,10 +612,10 @@ static int sdpa_prepare(sdpa_call *c, PyArrayObject *q, PyArrayObject *k, PyArra
             else if (dims[i][d] != n) {
                 PyErr_Format(PyExc_ValueError,
                              "the leading dimensions of query %s, key %s and value %s do not "
-                             "broadcast (axis %d from the end: %ld, %ld, %ld)%s",
+                             "broadcast (axis %d from the end: %lld, %lld, %lld)%s",
                              fmt_shape(q, s1, SHAPE_BUF), fmt_shape(k, s2, SHAPE_BUF),
-                             fmt_shape(v, s3, SHAPE_BUF), nd - d, (long)dims[0][d],
-                             (long)dims[1][d], (long)dims[2][d],
+                             fmt_shape(v, s3, SHAPE_BUF), nd - d, (long long)dims[0][d],
+                             (long long)dims[1][d], (long long)dims[2][d],
                              d == head_axis ? "; for grouped-query attention pass enable_gqa=True" : "");
                 return -1;
             }
@@ -629,9 +638,9 @@ static int sdpa_prepare(sdpa_call *c, PyArrayObject *q, PyArrayObject *k, PyArra
         }
         if (Hk == 0 ? num_heads != 0 : num_heads % Hk != 0) {
             PyErr_Format(PyExc_ValueError,
-                         "enable_gqa=True needs the query heads (Hq=%ld, axis -3 of query %s) "
-                         "to be a multiple of the key/value heads (H=%ld, key %s)",
-                         (long)num_heads, fmt_shape(q, s1, SHAPE_BUF), (long)Hk,
+                         "enable_gqa=True needs the query heads (Hq=%lld, axis -3 of query %s) "
+                         "to be a multiple of the key/value heads (H=%lld, key %s)",
+                         (long long)num_heads, fmt_shape(q, s1, SHAPE_BUF), (long long)Hk,
                          fmt_shape(k, s2, SHAPE_BUF));
             return -1;
         }

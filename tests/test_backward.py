@@ -327,6 +327,8 @@ def test_a_copied_traced_result_still_belongs_to_its_layer(how):
         np.testing.assert_array_equal(got.params[name], p)
     with pytest.raises(ValueError, match="another layer"):
         attnpy.MultiheadAttention(8, 2, seed=1).backward(copied, g)
+    with pytest.raises(ValueError, match="another layer"):   # a copied layer is another
+        copy.deepcopy(layer).backward(res, g)
 
 
 # --------------------------------------------------------------------------

@@ -185,3 +185,13 @@ def test_head_view_messages_and_unwritable_text(tmp_path):
     page = path.read_text(encoding="utf-8")
     assert "caf\ufffd" in page          # the title, as text
     assert "bad\\ufffd" in page         # the token, inside the page's JSON
+
+
+# Regression: viz's figure class (AttnpyFigure, which Jupyter shows once) was
+# local to a function, and its figures could not be pickled.
+def test_figures_pickle_like_matplotlibs():
+    import pickle
+    w = np.full((2, 3, 3), 1 / 3)
+    for fig in (viz.heads(w), viz.heatmap(w[0]).figure, viz.plot_head_stats(w)):
+        again = pickle.loads(pickle.dumps(fig))
+        assert type(again) is type(fig) and len(again.axes) == len(fig.axes)

@@ -442,10 +442,12 @@ static int poll_stop(void *ctx) { polls++; return *(int *)ctx; }
 
 /* Results do not depend on the thread count: every kernel this build and
    CPU run gives the same bits on 1, 2 and 3 threads, with and without the
-   weights (the pool's guarantee, on POSIX threads and on Win32 alike). */
+   weights (the pool's guarantee, on POSIX threads and on Win32 alike). The
+   problem is large enough (over 2e7 flops) that the planner does use the
+   threads asked for, which the test checks. */
 static void test_threads_bit_identical(void)
 {
-    enum { B = 2, H = 3, L = 150, S = 140, E = 24, EV = 16 };
+    enum { B = 2, H = 3, L = 256, S = 240, E = 64, EV = 48 };
     size_t nq = (size_t)B * H * L * E, nk = (size_t)B * H * S * E, nv = (size_t)B * H * S * EV;
     size_t no = (size_t)B * H * L * EV, nw = (size_t)B * H * L * S;
     float *q = malloc(nq * 4), *k = malloc(nk * 4), *v = malloc(nv * 4);
@@ -479,6 +481,13 @@ static void test_threads_bit_identical(void)
                 a.out.head = (int64_t)L * EV * 4, a.out.batch[0] = H * a.out.head;
                 if (weights) a.weights.head = (int64_t)L * S * 4, a.weights.batch[0] = H * a.weights.head;
                 a.is_causal = 1;
+                attn_plan plan;
+                attn_plan_sdpa(&a, B * H, &plan);
+                if (plan.threads != t + 1) {
+                    printf("  (kernel %d, %d threads asked: the plan has %d)\n",
+                           (int)kernels[kk], t + 1, plan.threads);
+                    ok = 0;
+                }
                 ok &= attn_sdpa(&a) == ATTN_OK;
             }
             for (int t = 1; t < 3; t++) {
