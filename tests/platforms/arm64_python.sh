@@ -27,17 +27,10 @@ ARM_TESTS=${ARM_TESTS:-"tests/test_overflow.py tests/test_zero_length.py tests/t
     tests/test_kernels.py tests/test_sdpa.py tests/test_properties.py"}
 
 echo; echo "== platforms: arm64-py: the extension for aarch64, pytest under qemu ($(date -u +%H:%M:%S))"
-for tool in aarch64-linux-gnu-gcc:gcc-aarch64-linux-gnu qemu-aarch64:qemu-user mmdebstrap:mmdebstrap; do
-    if ! command -v "${tool%%:*}" >/dev/null; then
-        if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-            DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${tool##*:}" >/dev/null 2>&1 ||
-                { apt-get update -q >/dev/null &&
-                  DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${tool##*:}" >/dev/null; }
-        fi
-        command -v "${tool%%:*}" >/dev/null ||
-            { echo "platforms: ${tool%%:*} not found: apt-get install ${tool##*:}" >&2; exit 1; }
-    fi
-done
+source tests/platforms/need.sh
+need aarch64-linux-gnu-gcc gcc-aarch64-linux-gnu
+need qemu-aarch64 qemu-user
+need mmdebstrap mmdebstrap
 
 if [ ! -x "$ROOT/usr/bin/python3.11" ]; then
     rm -rf "$ROOT"

@@ -25,17 +25,8 @@ mkdir -p "$OUT"
 C_SOURCES="csrc/attn_core.c csrc/attn_fast.c csrc/attn_parallel.c csrc/attn_plan.c"
 C_FLAGS="-std=c11 -O2 -ffp-contract=fast -Wall -Wextra -Werror -Icsrc"
 
-need() {  # need TOOL DEBIAN_PACKAGE...: the tool, installed if missing and possible
-    local tool=$1
-    shift
-    command -v "$tool" >/dev/null && return 0
-    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-        echo "platforms: installing $* (apt-get)"
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@" >/dev/null 2>&1 ||
-            { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@" >/dev/null; }
-    fi
-    command -v "$tool" >/dev/null || { echo "platforms: $tool not found: apt-get install $*" >&2; exit 1; }
-}
+# need TOOL DEBIAN_PACKAGE...: the tool, installed if missing and possible
+source tests/platforms/need.sh
 
 step() { echo; echo "== platforms: $1 ($(date -u +%H:%M:%S))"; }
 
