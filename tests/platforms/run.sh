@@ -103,8 +103,12 @@ for r in rows:
           + ("" if steady else "   (unsteady here: not judged)"))
     (unsteady if not steady else bad if abs(ratio - 1) > 0.10 else []).append(r["label"])
 judged = [r["after"]["ratio"] for r in rows if r["label"] not in unsteady]
+# a busy machine is not a slow compiler: with few steady rows the step says so
+# and passes, since a wall-clock verdict on noise would fail CI at random
 if len(judged) < len(rows) / 2:
-    sys.exit(f"platforms: only {len(judged)} of {len(rows)} bench rows steady: too busy to judge")
+    print(f"clang/GCC: only {len(judged)} of {len(rows)} rows steady: this machine is "
+          "too busy to judge the compilers' speed now; not judged")
+    sys.exit(f"platforms: clang is more than 10% from GCC on {bad}" if bad else 0)
 print(f"clang/GCC: {len(judged)} rows judged, ratios {min(judged):.3f} to {max(judged):.3f}; "
       f"{len(unsteady)} unsteady (A/A interval beyond 5%)")
 if bad:
