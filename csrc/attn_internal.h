@@ -97,10 +97,6 @@ void attn_parallel_for(int64_t n, int max_threads,
                        void (*fn)(void *ctx, int64_t item, int thread), void *ctx,
                        attn_cancel *cancel);
 
-/* Is a worker awake (spinning, or working)? Waking a sleeping one costs
-   up to ~0.5 ms: small jobs are better done on the calling thread then. */
-int attn_parallel_awake(void);
-
 /* Fast kernels (attn_fast.c), float32 and float64. */
 #define ATTN_FAST_BR 128  /* query rows per work item */
 size_t attn_fast_workspace(const attn_sdpa_args *a); /* bytes per thread */

@@ -196,14 +196,6 @@ static int attn_default_threads(void)
     return n < 1 ? 1 : n > ATTN_MAX_THREADS ? ATTN_MAX_THREADS : (int)n;
 }
 
-int attn_parallel_awake(void)
-{
-    attn_mutex_lock(&pool_lock);
-    int awake = pool_workers > 0 && pool_sleeping < pool_workers;
-    attn_mutex_unlock(&pool_lock);
-    return awake;
-}
-
 int attn_set_num_threads(int n)
 {
     assert(n >= 0 && n <= ATTN_MAX_THREADS); /* the binding checks */
