@@ -8,7 +8,7 @@ Markers (registered in pyproject.toml):
 Files that mix torch tests with others import torch from optional_torch.py
 (None without PyTorch). Files that need other optional packages
 (transformers and the MiniLM model, nbformat / nbclient / ipykernel,
-matplotlib) skip themselves with pytest.importorskip. So `pytest -m "not slow and not browser"` runs with
+matplotlib, onnx / onnxruntime) skip themselves with pytest.importorskip. So `pytest -m "not slow and not browser"` runs with
 numpy, pytest, hypothesis and matplotlib alone (requirements-quick.txt).
 
 With ATTNPY_REQUIRE_ALL=1 (`bash dev.sh test`, the CI gate) nothing may be
