@@ -1,9 +1,11 @@
-"""attnpy against PyTorch and NumPy on the CPU, side by side in one run.
+"""attnpy against PyTorch, NumPy, ONNX Runtime and JAX on the CPU, side by side
+in one run.
 
-    python bench/bench.py [--quick] [--threads N] [--out DIR]
+    python bench/bench.py [--quick] [--threads N] [--out DIR] [--budget SECONDS]
 
 Every row times attnpy and its peers with the same thread count, in rounds
-of blocks (a few attnpy calls, a few torch calls, a few NumPy calls, again),
+of blocks (a few attnpy calls, a few torch calls, a few NumPy calls, a few
+of each other peer's, again),
 so that the noise of a shared machine falls on all of them alike. Before each
 block the other libraries' thread pools are given time to go idle (see
 time_row); medians are reported. The script
@@ -19,10 +21,19 @@ Peers:
   every forward row:  NumPy (matmul + softmax), float32 like the inputs
   backward rows:      torch.autograd.grad on a retained graph (the backward
                       alone, on both sides)
+  SDPA forward rows:  ONNX Runtime ("ORT"), a one-node model of the opset-23
+                      Attention operator (weights from its qk_matmul_output,
+                      mode 3, on +w rows), float32 and float64
+  SDPA forward rows without weights, float32:
+                      JAX, jax.jit(jax.nn.dot_product_attention)
+ORT and JAX are optional (bench/peers.py): without them their cells are
+dashes and the run says why. Their outputs are checked against attnpy's
+before a row is timed; a difference stops the run.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import math
 import os
@@ -75,6 +86,13 @@ class Row:
         return f * 2.5 if self.kind == "mha_bwd" else f
 
 
+def _sdpa_peers(dtype="float32", need_weights=False):
+    """An SDPA forward row's peers: JAX only where it computes what attnpy
+    does (float32, no weights: it returns none, and float64 needs x64 mode)."""
+    jax = ("jax",) if dtype == "float32" and not need_weights else ()
+    return ("torch", "numpy", "ort") + jax
+
+
 def matrix(quick):
     shapes = [(1, 1, 8, 4), (1, 12, 32, 32), (8, 8, 128, 64), (4, 8, 512, 64), (1, 8, 2048, 64)]
     if quick:
@@ -83,13 +101,16 @@ def matrix(quick):
     for shape in shapes:
         for causal in (False, True):
             for nw in (False, True):
-                rows.append(Row(_label(shape, causal, nw), "sdpa", shape, causal, nw))
+                rows.append(Row(_label(shape, causal, nw), "sdpa", shape, causal, nw,
+                                peers=_sdpa_peers("float32", nw)))
     big = (1, 16, 4096, 64) if not quick else (1, 2, 256, 32)
     for causal in (False, True):
-        rows.append(Row(_label(big, causal, False), "sdpa", big, causal, False))
+        rows.append(Row(_label(big, causal, False), "sdpa", big, causal, False,
+                        peers=_sdpa_peers()))
     f64 = (4, 8, 512, 64) if not quick else (1, 2, 64, 16)
     for nw in (False, True):
-        rows.append(Row(_label(f64, False, nw) + " f64", "sdpa", f64, False, nw, "float64"))
+        rows.append(Row(_label(f64, False, nw) + " f64", "sdpa", f64, False, nw, "float64",
+                        peers=_sdpa_peers("float64", nw)))
     mha = [(8, 384, 12, 128), (2, 768, 12, 512)] if not quick else [(2, 64, 4, 16)]
     for shape in mha:
         for nw in (False, True):
@@ -103,6 +124,9 @@ def matrix(quick):
     for shape in mha:
         N, E, H, L = shape
         rows.append(Row(f"bwd MHA N={N} E={E} H={H} L={L}", "mha_bwd", shape, peers=("torch",)))
+    # the memory row is attnpy against torch's SDPA only: ORT's allocator keeps
+    # its buffers from one call to the next (a second call grows RSS by
+    # nothing), so a per-call RSS growth would say little about it or XLA
     mem = (1, 16, 8192, 64) if not quick else (1, 2, 512, 32)
     rows.append(Row(_label(mem, False, False) + " mem", "sdpa", mem, False, False,
                     peers=("torch",), reps=3 if not quick else 1))
@@ -117,9 +141,52 @@ def _label(shape, causal, nw):
 # ---------------------------------------------------------------------------
 # the contestants
 
+# the peers of the table's columns, in order; their names there and in prose
+TABLE_PEERS = ("torch", "numpy", "ort", "jax")
+PEER_NAMES = {"torch": "torch", "numpy": "NumPy", "ort": "ORT", "jax": "JAX"}
+LONG_NAMES = {"torch": "torch", "numpy": "NumPy", "ort": "ONNX Runtime", "jax": "JAX"}
 
-def make_calls(row, np, torch, attnpy):
-    """{name: zero-argument callable} for attnpy and the row's peers."""
+
+@dataclass
+class ExtraPeers:
+    """ONNX Runtime and JAX as this run has them: the modules, None where
+    they are not importable (skipped says why), and the thread count."""
+    threads: int
+    ort: object = None          # onnxruntime
+    onnx: object = None
+    jax: object = None
+    jaxlib_version: str = ""
+    jax_unpinned: str = ""      # why JAX's thread count could not be set, if it could not
+    skipped: dict = field(default_factory=dict)     # "ort" / "jax": why
+
+
+def load_extra_peers(threads):
+    """Import the optional peers, each pinned to `threads` threads (JAX's
+    pin must come before its import: bench/peers.py). Prints one line for
+    a peer that is skipped."""
+    import peers    # bench/peers.py: imported here, not at the top, so that
+                    # bench/compare.py can import this file for its rows alone
+    extra = ExtraPeers(threads)
+    try:
+        extra.onnx, extra.ort = peers.import_ort()
+    except ImportError as e:
+        extra.skipped["ort"] = f"not importable ({e})"
+    why = peers.pin_jax_threads(threads)
+    try:
+        import jax
+        import jaxlib
+        extra.jax, extra.jaxlib_version, extra.jax_unpinned = jax, jaxlib.__version__, why or ""
+    except ImportError as e:
+        extra.skipped["jax"] = f"not importable ({e})"
+    for name in ("ort", "jax"):
+        if name in extra.skipped:
+            print(f"{PEER_NAMES[name]} skipped: {extra.skipped[name]}")
+    return extra
+
+
+def make_calls(row, np, torch, attnpy, extra=None):
+    """{name: zero-argument callable} for attnpy and the row's peers; ORT and
+    JAX only where `extra` (ExtraPeers) has them."""
     dt = np.dtype(row.dtype)
     rng = np.random.default_rng(0)
     calls = {}
@@ -179,6 +246,18 @@ def make_calls(row, np, torch, attnpy):
             s /= s.sum(axis=-1, keepdims=True)
             return s @ v, s
         calls["numpy"] = numpy_attention
+        if extra is not None and extra.ort is not None and "ort" in row.peers:
+            import peers
+            calls["ort"] = peers.ort_attention(q, k, v, row.causal, row.need_weights,
+                                               extra.threads)
+        if extra is not None and extra.jax is not None and "jax" in row.peers:
+            jax = extra.jax
+            # (B, L, H, D), on the device once: the timed call is the attention alone
+            jq, jk, jv = (jax.device_put(np.ascontiguousarray(x.transpose(0, 2, 1, 3)))
+                          for x in (q, k, v))
+            jax_attention = jax.jit(functools.partial(jax.nn.dot_product_attention,
+                                                      is_causal=row.causal))
+            calls["jax"] = lambda: jax_attention(jq, jk, jv).block_until_ready()
     else:
         N, E, H, L = row.shape
         m = torch.nn.MultiheadAttention(E, H, batch_first=True).eval()
@@ -209,6 +288,26 @@ def make_calls(row, np, torch, attnpy):
             return o @ w_out.T + b_out, s
         calls["numpy"] = numpy_mha
     return {name: fn for name, fn in calls.items() if name == "attnpy" or name in row.peers}
+
+
+def check_peers(row, calls, np):
+    """ORT's and JAX's outputs (and ORT's weights on +w rows) against attnpy's,
+    once per row before it is timed: a peer computing something else would
+    make its ratio meaningless, so a difference raises. The calls also
+    compile JAX's function and build ORT's buffers, before the warm-up."""
+    if not {"ort", "jax"} & calls.keys():
+        return
+    import peers
+    out, weights = calls["attnpy"]()
+    if "ort" in calls:
+        got = calls["ort"]()
+        peers.check_agrees("ONNX Runtime", row.label, row.dtype, got[0], out)
+        if row.need_weights:
+            peers.check_agrees("ONNX Runtime", row.label, row.dtype, got[1], weights,
+                               "weights")
+    if "jax" in calls:
+        got = np.asarray(calls["jax"]()).transpose(0, 2, 1, 3)
+        peers.check_agrees("JAX", row.label, row.dtype, got, out)
 
 
 # ---------------------------------------------------------------------------
@@ -260,8 +359,8 @@ SETTLE = 0.15  # seconds: other libraries' thread pools stop spinning (OpenBLAS 
 def time_row(row, calls, budget):
     """Rounds of blocks: each round runs a block of calls of each library in
     turn. Before a block the script sleeps SETTLE seconds and makes one
-    untimed call: thread pools (attnpy's, torch's OpenMP, OpenBLAS) keep
-    spinning after a call, and on a small machine one NumPy call halves the
+    untimed call: thread pools (attnpy's, torch's OpenMP, OpenBLAS, ORT's,
+    XLA's) keep spinning after a call, and on a small machine one NumPy call halves the
     speed of whatever runs in the next few tens of milliseconds.
     Returns ({name: median seconds}, timed calls per library)."""
     for fn in calls.values():   # warm up: first-touch, thread pools, caches
@@ -320,7 +419,7 @@ def cpu_slug():
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown-cpu"
 
 
-def machine_description(np, torch, attnpy, peak, threads):
+def machine_description(np, torch, attnpy, peak, threads, extra=None):
     cpu, ident = cpu_identity()
     if ident:
         cpu = f"{cpu} ({ident})"
@@ -332,15 +431,37 @@ def machine_description(np, torch, attnpy, peak, threads):
                 blas = f"{info.get('internal_api')} {info.get('version')} ({info.get('architecture')})"
     except ImportError:
         pass
+    extra = extra or ExtraPeers(threads, skipped={"ort": "not loaded", "jax": "not loaded"})
+    threads_for = "attnpy, torch, NumPy's BLAS"
+    versions = (f"Python {platform.python_version()}, NumPy {np.__version__}, "
+                f"torch {torch.__version__}")
+    peers = []
+    if extra.ort is not None:
+        threads_for += ", ONNX Runtime (intra-op threads; 1 inter-op)"
+        versions += f", onnxruntime {extra.ort.__version__} (onnx {extra.onnx.__version__})"
+        peers.append("ORT: one opset-23 Attention node, CPUExecutionProvider, default graph "
+                     "optimisation, SDPA forward rows")
+    else:
+        peers.append(f"ORT: skipped, {extra.skipped.get('ort')}")
+    if extra.jax is not None:
+        if extra.jax_unpinned:
+            threads_for += f", JAX (not pinned: {extra.jax_unpinned})"
+        else:
+            threads_for += ", JAX (XLA's CPU pool, PJRT_NPROC)"
+        versions += f", jax {extra.jax.__version__} (jaxlib {extra.jaxlib_version})"
+        peers.append("JAX: jit(jax.nn.dot_product_attention) on the CPU, float32 SDPA rows "
+                     "without weights")
+    else:
+        peers.append(f"JAX: skipped, {extra.skipped.get('jax')}")
     return {
         "CPU": f"{cpu}, {os.cpu_count()} logical CPUs",
         "attnpy kernel": f"{attnpy.get_kernel()} (supported: {', '.join(attnpy.supported_kernels())})",
-        "threads": f"{threads} for attnpy, torch and NumPy's BLAS",
+        "threads": f"{threads} for {threads_for}",
         "measured fp32 FMA peak": f"{peak:.0f} GFLOP/s on {threads} threads "
                                   f"({attnpy.get_kernel()} vectors)",
-        "versions": f"Python {platform.python_version()}, NumPy {np.__version__}, "
-                    f"torch {torch.__version__}",
+        "versions": versions,
         "NumPy BLAS": blas,
+        "peers": "; ".join(peers),
     }
 
 
@@ -350,6 +471,17 @@ def machine_description(np, torch, attnpy, peak, threads):
 
 def fmt_time(s):
     return f"{s * 1e6:.1f} us" if s < 1e-3 else f"{s * 1e3:.2f} ms" if s < 1 else f"{s:.2f} s"
+
+
+def geomean(rows, peer):
+    """(geometric-mean speed-up over `peer`, rows it ran on, (smallest
+    speed-up, its row's label)), or None where the peer ran on no row."""
+    ratios = [(r.results["times"][peer] / r.results["times"]["attnpy"], r.label) for r in rows
+              if peer in r.results["times"]]
+    if not ratios:
+        return None
+    geo = math.exp(sum(math.log(x) for x, _ in ratios) / len(ratios))
+    return geo, len(ratios), min(ratios)
 
 
 def write_outputs(rows, machine, peak, out, quick):
@@ -364,10 +496,17 @@ def write_outputs(rows, machine, peak, out, quick):
               "the lower triangle only for causal rows; multi-head rows add the four "
               "projections; backward (bwd) rows count 2.5 times the forward's (five products). Peak % is attnpy's GFLOP/s over the measured FMA peak. Memory "
               "is the peak RSS growth of one call, outputs included. GB/s (+w rows) is "
-              "the weights map written per second.", ""]
-    header = ("| row | attnpy | torch | NumPy | vs torch | vs NumPy | GFLOP/s | peak % | "
-              "GB/s map | attnpy MiB | torch MiB |")
-    lines += [header, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "the weights map written per second. ORT is ONNX Runtime running the "
+              "opset-23 Attention operator (a one-node model; its qk_matmul_output, mode 3, "
+              "gives the weights on +w rows); JAX is jit(jax.nn.dot_product_attention), "
+              "float32 rows without weights only; both run the SDPA forward rows, their "
+              "outputs checked against attnpy's before timing. — : the peer did not run "
+              "that row.", ""]
+    names = [PEER_NAMES[p] for p in TABLE_PEERS]
+    header = ("| row | attnpy | " + " | ".join(names) + " | "
+              + " | ".join(f"vs {n}" for n in names)
+              + " | GFLOP/s | peak % | GB/s map | attnpy MiB | torch MiB |")
+    lines += [header, "|---|" + "---:|" * (2 * len(names) + 6)]
     for r in rows:
         res = r.results
         t = res["times"]
@@ -388,15 +527,23 @@ def write_outputs(rows, machine, peak, out, quick):
             gbs = f"{nbytes / a / 1e9:.1f}"
         mem = res.get("memory", {})
         mib = lambda name: f"{mem[name]:.1f}" if mem.get(name) is not None else "—"
-        lines.append(f"| {r.label} | {cell('attnpy')} | {cell('torch')} | {cell('numpy')} | "
-                     f"{speedup('torch')} | {speedup('numpy')} | {gflops:.1f} | "
-                     f"{100 * gflops / peak:.0f}% | {gbs} | {mib('attnpy')} | {mib('torch')} |")
-    vs_torch = [r.results["times"]["torch"] / r.results["times"]["attnpy"] for r in rows
-                if "torch" in r.results["times"]]
-    geo = math.exp(sum(math.log(x) for x in vs_torch) / len(vs_torch))
-    slowest = min(zip(vs_torch, [r.label for r in rows if "torch" in r.results["times"]]))
-    lines += ["", f"Geometric-mean speed-up over torch: **{geo:.2f}x** over {len(vs_torch)} rows; "
-              f"smallest: {slowest[0]:.2f}x ({slowest[1]})."]
+        lines.append(f"| {r.label} | {cell('attnpy')} | "
+                     + " | ".join(cell(p) for p in TABLE_PEERS) + " | "
+                     + " | ".join(speedup(p) for p in TABLE_PEERS)
+                     + f" | {gflops:.1f} | {100 * gflops / peak:.0f}% | {gbs} | "
+                     f"{mib('attnpy')} | {mib('torch')} |")
+    geos = {p: geomean(rows, p) for p in ("torch", "ort", "jax")}
+    geo, n, (low, low_row) = geos["torch"]
+    lines += ["", f"Geometric-mean speed-up over torch: **{geo:.2f}x** over {n} rows; "
+              f"smallest: {low:.2f}x ({low_row})."]
+    for p in ("ort", "jax"):        # the same, over the rows each peer ran
+        if geos[p] is None:
+            lines.append(f"Geometric-mean speed-up over {LONG_NAMES[p]}: not measured "
+                         f"(the peer did not run).")
+        else:
+            g, n, (low, low_row) = geos[p]
+            lines.append(f"Geometric-mean speed-up over {LONG_NAMES[p]}: **{g:.2f}x** over {n} "
+                         f"rows; smallest: {low:.2f}x ({low_row}).")
     mem_rows = [r for r in rows if r.label.endswith(" mem")]
     for r in mem_rows:
         B, H, L, D = r.shape
@@ -413,12 +560,14 @@ def write_outputs(rows, machine, peak, out, quick):
     import json
     (out / "results.json").write_text(json.dumps(
         {"machine": machine, "fma_peak_gflops": peak, "geomean_vs_torch": geo,
+         "geomean_vs_ort": geos["ort"] and geos["ort"][0],
+         "geomean_vs_jax": geos["jax"] and geos["jax"][0],
          "rows": [dict(label=r.label, kind=r.kind, shape=list(r.shape), causal=r.causal,
                        need_weights=r.need_weights, dtype=r.dtype, flops=r.flops,
                        seconds=r.results["times"], timed_calls=r.results["reps"],
                        peak_rss_growth_mib=r.results["memory"]) for r in rows]}, indent=1))
     _plot(rows, out / "results.png", geo)
-    return geo
+    return {p: g and g[0] for p, g in geos.items()}
 
 
 def _plot(rows, path, geo):
@@ -431,23 +580,29 @@ def _plot(rows, path, geo):
     labels = [r.label for r in rows]
     fig, ax = plt.subplots(figsize=(10, 0.32 * len(rows) + 1.5), constrained_layout=True)
     y = range(len(rows))
-    for off, peer, color in ((-0.2, "torch", "#d62728"), (0.2, "numpy", "#1f77b4")):
+    colors = {"torch": "#d62728", "numpy": "#1f77b4", "ort": "#2ca02c", "jax": "#9467bd"}
+    shown = [p for p in TABLE_PEERS if any(p in r.results["times"] for r in rows)]
+    height = 0.8 / len(shown)
+    for j, peer in enumerate(shown):
+        off = (j - (len(shown) - 1) / 2) * height
         vals = [r.results["times"][peer] / r.results["times"]["attnpy"]
                 if peer in r.results["times"] else 0 for r in rows]
-        ax.barh([i + off for i in y], vals, height=0.38, color=color, label=f"vs {peer}")
+        ax.barh([i + off for i in y], vals, height=height * 0.95, color=colors[peer],
+                label=f"vs {LONG_NAMES[peer]}")
     ax.axvline(1.0, color="black", lw=1)
     ax.set_xscale("log")
     from matplotlib.ticker import FixedLocator, NullLocator
     top = max(max(r.results["times"][p] / r.results["times"]["attnpy"]
-                  for p in ("torch", "numpy") if p in r.results["times"]) for r in rows)
-    ticks = [t for t in (0.5, 1, 1.5, 2, 3, 5, 8, 12, 20) if t <= top * 1.2]
+                  for p in shown if p in r.results["times"]) for r in rows)
+    ticks = [t for t in (0.5, 1, 1.5, 2, 3, 5, 8, 12, 20, 50, 100, 200) if t <= top * 1.2]
     ax.xaxis.set_major_locator(FixedLocator(ticks))
     ax.xaxis.set_minor_locator(NullLocator())
     ax.set_xticklabels([f"{t:g}x" for t in ticks])
     ax.set_yticks(list(y), labels, fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel("attnpy speed-up (peer time / attnpy time), log scale")
-    ax.set_title(f"attnpy vs torch and NumPy on the CPU (geometric mean vs torch {geo:.2f}x)")
+    who = ", ".join(LONG_NAMES[p] for p in shown[:-1]) + f" and {LONG_NAMES[shown[-1]]}"
+    ax.set_title(f"attnpy vs {who} on the CPU (geometric mean vs torch {geo:.2f}x)")
     ax.legend(loc="lower right")
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -472,6 +627,7 @@ def main(argv=None):
     import attnpy
     torch.set_num_threads(args.threads)
     attnpy.set_num_threads(args.threads)
+    extra = load_extra_peers(args.threads)      # ORT and JAX, where installed
     budget = args.budget or (0.05 if args.quick else 1.5)
     global SETTLE
     if args.quick:
@@ -479,15 +635,18 @@ def main(argv=None):
 
     iters = 2_000_000 if args.quick else 50_000_000
     peak = max(attnpy._core.fma_peak(args.threads, iters) for _ in range(3))
-    machine = machine_description(np, torch, attnpy, peak, args.threads)
+    machine = machine_description(np, torch, attnpy, peak, args.threads, extra)
     for k, v in machine.items():
         print(f"{k}: {v}")
     print()
     rows = matrix(args.quick)
-    print(f"{'row':42s} {'attnpy':>10s} {'torch':>10s} {'NumPy':>10s} {'vs torch':>9s} "
-          f"{'vs NumPy':>9s} {'GFLOP/s':>8s} {'peak%':>6s} {'MiB':>7s}")
+    names = [PEER_NAMES[p] for p in TABLE_PEERS]
+    print(f"{'row':42s} {'attnpy':>10s} " + " ".join(f"{n:>10s}" for n in names) + " "
+          + " ".join(f"{'vs ' + n:>9s}" for n in names)
+          + f" {'GFLOP/s':>8s} {'peak%':>6s} {'MiB':>7s}")
     for row in rows:
-        calls = make_calls(row, np, torch, attnpy)
+        calls = make_calls(row, np, torch, attnpy, extra)
+        check_peers(row, calls, np)
         times, reps = time_row(row, calls, budget)
         memory = {name: peak_extra_mib(fn) for name, fn in calls.items()
                   if name in ("attnpy", "torch")}
@@ -497,13 +656,16 @@ def main(argv=None):
         sp = lambda n: f"{times[n] / a:8.2f}x" if n in times else f"{'—':>9s}"
         tm = lambda n: f"{fmt_time(times[n]):>10s}" if n in times else f"{'—':>10s}"
         mem = memory.get("attnpy")
-        print(f"{row.label:42s} {tm('attnpy')} {tm('torch')} {tm('numpy')} {sp('torch')} "
-              f"{sp('numpy')} {g:8.1f} {100 * g / peak:5.0f}% "
+        print(f"{row.label:42s} {tm('attnpy')} " + " ".join(tm(p) for p in TABLE_PEERS) + " "
+              + " ".join(sp(p) for p in TABLE_PEERS) + f" {g:8.1f} {100 * g / peak:5.0f}% "
               f"{(f'{mem:7.1f}' if mem is not None else '      —')}", flush=True)
         del calls
         gc.collect()
-    geo = write_outputs(rows, machine, peak, args.out, args.quick)
-    print(f"\ngeometric-mean speed-up over torch: {geo:.2f}x")
+    geos = write_outputs(rows, machine, peak, args.out, args.quick)
+    print()
+    for p in ("torch", "ort", "jax"):
+        print(f"geometric-mean speed-up over {LONG_NAMES[p]}: "
+              + (f"{geos[p]:.2f}x" if geos[p] is not None else "not measured"))
     print(f"wrote {args.out / 'results.md'} and {args.out / 'results.png'}")
     return 0
 

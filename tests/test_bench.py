@@ -3,6 +3,7 @@
 Not a performance test: times are never asserted. It keeps bench/bench.py
 from rotting as the API changes.
 """
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +22,12 @@ def test_quick_benchmark_writes_results(tmp_path):
     table = (tmp_path / "results.md").read_text()
     assert "measured fp32 FMA peak" in table
     assert "Geometric-mean speed-up over torch" in table
+    # the ONNX Runtime and JAX columns are there, with dashes where a peer did not run
+    assert "| ORT | JAX |" in table and "| vs ORT | vs JAX |" in table
+    for peer in ("ONNX Runtime", "JAX"):
+        assert f"Geometric-mean speed-up over {peer}" in table, peer
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert {"geomean_vs_torch", "geomean_vs_ort", "geomean_vs_jax"} <= results.keys()
     for label in ("B=1 H=1 L=8 D=4", "causal", "+w", "f64", "MHA", "mem", "bwd B=", "bwd MHA"):
         assert label in table, label
     assert (tmp_path / "results.png").stat().st_size > 10_000
