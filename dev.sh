@@ -7,7 +7,8 @@
 #                      then 150 s of fuzzing the binding (fuzz/), the other platforms
 #                      (tests/platforms/run.sh: ARM64 under qemu, Windows under wine,
 #                      the MSVC path, clang) and the wheel (bash dev.sh wheel)
-#   bash dev.sh bench  set everything up, run the benchmark (writes bench/results.md, .png)
+#   bash dev.sh bench  set everything up, add the benchmark's JAX peer (requirements-bench.txt),
+#                      run the benchmark (writes bench/results.md, .png)
 #   bash dev.sh notebooks  set everything up, run the notebooks and keep their outputs
 #   bash dev.sh fuzz [SECONDS]  set everything up, fuzz the binding (default 600 s)
 #   bash dev.sh platforms [STEP...]  set everything up, check the other platforms
@@ -198,6 +199,8 @@ case "${1:-}" in
         ;;
     bench)
         setup
+        # JAX, a peer of the benchmark only (ONNX Runtime comes with setup)
+        "$VENV/bin/python" -m pip install -q -r requirements-bench.txt
         "$VENV/bin/python" bench/bench.py "${@:2}"
         ;;
     *)
