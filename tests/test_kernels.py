@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import attnpy
+from attnpy import _core
 import test_sdpa as parity
 from reference import sdpa_reference
 
@@ -256,3 +257,22 @@ def test_backward_under_kernel(kernel_and_threads, dtype, name, kw, qs, ks, Ev):
     for mine, theirs in ((g.query, tq), (g.key, tk), (g.value, tv)):
         assert mine.shape == theirs.shape
         np.testing.assert_allclose(mine, theirs.grad.numpy(), **tol)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_linear_layer_with_no_inputs_gives_its_bias(kernel, dtype):
+    """K = 0: y = b exactly, whatever the workspace held before (the fuzzer
+    found a kernel that left y as the previous call's leftovers)."""
+    rng = np.random.default_rng(7)
+    attnpy.set_kernel(kernel)
+    try:
+        for _ in range(5):
+            x = rng.standard_normal((2, 200, 300)).astype(dtype)
+            w = rng.standard_normal((65, 300)).astype(dtype)
+            _core.linear(x, w, np.zeros(65, dtype))  # leaves its workspace dirty
+            b = rng.standard_normal(65).astype(dtype)
+            y = _core.linear(np.zeros((4, 1, 0), dtype), np.zeros((65, 0), dtype), b)
+            np.testing.assert_array_equal(y, np.broadcast_to(b, (4, 1, 65)))
+    finally:
+        attnpy.set_kernel("auto")
