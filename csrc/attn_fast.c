@@ -13,6 +13,24 @@
 #define BR ATTN_FAST_BR /* query rows per tile */
 #define BC 128          /* keys per tile */
 
+/* Linear layers (attn_fast.inc): W^T is packed LIN_KC rows by LIN_LO columns
+   at a time; workspaces are sized for the widest copy's MR and vectors. */
+#define LIN_LO ATTN_LINEAR_COLS
+#define LIN_KC 128
+#define LIN_MR_MAX 8
+#define LIN_VLEN_MAX 16
+
+/* Are x's rows read where they lie (contiguous columns, a whole number of
+   elements between rows and batches)? Otherwise each block is copied. */
+#if ATTN_HAVE_FAST
+static int attn_linear_x_in_place(const attn_linear_args *p)
+{
+    const int64_t es = p->dtype == ATTN_FLOAT64 ? (int64_t)sizeof(double) : (int64_t)sizeof(float);
+    return p->x.col == es && p->x.row % es == 0 && p->x.batch % es == 0 &&
+           (uintptr_t)p->x.data % (uintptr_t)es == 0;
+}
+#endif
+
 /*
  * Each instruction set, each element type. VLEN: elements per vector, MR:
  * rows per microkernel tile (more registers, more rows).
@@ -34,6 +52,15 @@
 #define ATTN_ARM64 1
 #else
 #define ATTN_ARM64 0
+#endif
+
+/* __builtin_shufflevector: clang, and GCC from version 12 (-DATTN_HAVE_SHUFFLE=0
+   builds the element-by-element fallback, for its tests) */
+#ifdef ATTN_HAVE_SHUFFLE
+#elif defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
+#define ATTN_HAVE_SHUFFLE 1
+#else
+#define ATTN_HAVE_SHUFFLE 0
 #endif
 
 #define ATTN_STR_(x) #x
@@ -115,12 +142,15 @@ size_t attn_fast_workspace(const attn_sdpa_args *a)
     return (BR * E + E * BC + BC * Evp + BR * BC + BR * Evp) * elem;
 }
 
-size_t attn_fast_linear_workspace(const attn_linear_args *p)
+size_t attn_fast_linear_workspace(const attn_linear_args *p, int64_t block_rows)
 {
-    /* Xt (K x BC), Wp (64 x K), Y (64 x BC) */
-    size_t K = (size_t)p->K;
+    /* Wt (kc x LIN_LO), tmp (one tile), Xp (the block's rows x kc, or one
+       tile's rows when x is read in place) */
+    size_t kc = (size_t)(p->K < LIN_KC ? (p->K > 0 ? p->K : 1) : LIN_KC);
+    size_t rows = (size_t)attn_round_up(block_rows < p->M ? block_rows : p->M, LIN_MR_MAX);
+    if (attn_linear_x_in_place(p)) rows = LIN_MR_MAX;
     size_t elem = p->dtype == ATTN_FLOAT64 ? sizeof(double) : sizeof(float);
-    return (K * BC + 64 * K + 64 * BC) * elem;
+    return (kc * LIN_LO + LIN_MR_MAX * 2 * LIN_VLEN_MAX + rows * kc) * elem;
 }
 
 /* One name per (instruction set, element type): pick the function (of the
@@ -226,7 +256,11 @@ double attn_fma_peak_gflops(int threads, int64_t iters)
          picks a tiled kernel (attn_kernel_supported), so these never run */
 
 size_t attn_fast_workspace(const attn_sdpa_args *a) { (void)a; return 0; }
-size_t attn_fast_linear_workspace(const attn_linear_args *p) { (void)p; return 0; }
+size_t attn_fast_linear_workspace(const attn_linear_args *p, int64_t block_rows)
+{
+    (void)p, (void)block_rows;
+    return 0;
+}
 size_t attn_fast_backward_workspace(const attn_sdpa_args *a) { (void)a; return 0; }
 
 void attn_fast_linear_block(attn_kernel kernel, const attn_linear_args *p, int64_t n,

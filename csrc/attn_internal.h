@@ -106,8 +106,12 @@ size_t attn_fast_workspace(const attn_sdpa_args *a); /* bytes per thread */
 int attn_fast_rows(attn_kernel kernel, const attn_sdpa_args *a, const attn_head *hd,
                    int64_t i0, int64_t nr, void *workspace);
 
-#define ATTN_LINEAR_BR 128 /* rows per linear work item (the fast kernels' BC) */
-size_t attn_fast_linear_workspace(const attn_linear_args *p); /* bytes per thread */
+/* A linear layer's work items: at most ATTN_LINEAR_BR rows (fewer when that
+   leaves threads idle) by ATTN_LINEAR_COLS output columns (a multiple of
+   every fast kernel's tile width). */
+#define ATTN_LINEAR_BR 512
+#define ATTN_LINEAR_COLS 256
+size_t attn_fast_linear_workspace(const attn_linear_args *p, int64_t block_rows); /* per thread */
 void attn_fast_linear_block(attn_kernel kernel, const attn_linear_args *p, int64_t n,
                             int64_t l0, int64_t nr, int64_t o0, int64_t no, void *workspace);
 

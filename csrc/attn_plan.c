@@ -68,8 +68,9 @@ static size_t attn_cache_lines(size_t bytes) { return (bytes + 63) / 64 * 64; }
  * tuner (a table measured per CPU and shape, an environment override, ...)
  * may change plan->threads (1 .. attn_get_num_threads()), or switch a tiled
  * plan to the reference kernel with attn_plan_use_reference(). It must not
- * change block_rows or the workspace sizes of a tiled plan: the kernels are
- * compiled for ATTN_FAST_BR / ATTN_LINEAR_BR rows. Today: the defaults stand.
+ * change block_rows or the workspace sizes of a tiled plan: the attention
+ * kernels are compiled for ATTN_FAST_BR rows, and a linear plan's workspace
+ * is sized for its block_rows. Today: the defaults stand.
  * ============================================================
  */
 static void attn_plan_tune(attn_plan *plan, const void *args)
@@ -234,25 +235,25 @@ void attn_plan_backward(const attn_sdpa_grad_args *g, int64_t nproblems, attn_pl
 void attn_plan_linear(const attn_linear_args *p, attn_plan *plan)
 {
     attn_reason why = attn_plan_start(plan, ATTN_OP_LINEAR);
-    /* items: (batch, block of ATTN_LINEAR_BR rows, group of output columns),
-       for both kernels. Columns are split into as few groups as keep every
-       thread busy: each item packs its rows once, so fewer groups is less
-       packing. */
-    int64_t row_blocks = (p->M + ATTN_LINEAR_BR - 1) / ATTN_LINEAR_BR;
-    int64_t row_items = p->N * row_blocks;
+    /* items: (batch, block of rows, group of ATTN_LINEAR_COLS output
+       columns), for both kernels. An item packs its slice of W^T once for
+       all its rows, so blocks are as tall as ATTN_LINEAR_BR allows, and
+       halved (down to 64 rows) while there are fewer than 2 items per
+       thread. */
     double flops = 2.0 * (double)p->N * (double)p->M * (double)p->K * (double)p->O;
     plan->threads = attn_threads_for(flops);
-    /* enough column groups for 2 items per thread, each a multiple of 64 wide */
-    int64_t groups = row_items > 0 ? (2 * plan->threads + row_items - 1) / row_items : 1;
-    int64_t max_groups = (p->O + 63) / 64;
-    plan->col_groups = groups < 1 ? 1 : groups > max_groups ? max_groups : groups;
+    plan->col_groups = (p->O + ATTN_LINEAR_COLS - 1) / ATTN_LINEAR_COLS;
     if (plan->col_groups < 1) plan->col_groups = 1;
-    plan->group_width = attn_round_up((p->O + plan->col_groups - 1) / plan->col_groups, 64);
-    plan->block_rows = plan->ref_block_rows = ATTN_LINEAR_BR;
+    plan->group_width = ATTN_LINEAR_COLS;
+    int64_t rows = ATTN_LINEAR_BR;
+    while (rows > 64 && p->N * ((p->M + rows - 1) / rows) * plan->col_groups < 2 * plan->threads)
+        rows /= 2;
+    int64_t row_blocks = (p->M + rows - 1) / rows;
+    plan->block_rows = plan->ref_block_rows = rows;
     plan->blocks[0] = plan->ref_blocks = row_blocks;
-    plan->items = plan->ref_items = row_items * plan->col_groups;
+    plan->items = plan->ref_items = p->N * row_blocks * plan->col_groups;
     if (plan->threads > plan->items) plan->threads = (int)plan->items;
-    plan->work_size = attn_cache_lines(attn_fast_linear_workspace(p));
+    plan->work_size = attn_cache_lines(attn_fast_linear_workspace(p, rows));
     plan->ref_work_size = 0; /* the reference kernel needs no workspace */
     attn_plan_finish(plan, why, p);
 }

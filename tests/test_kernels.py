@@ -198,14 +198,15 @@ def test_projections_under_kernel(kernel_and_threads):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
 def test_self_attention_projections_share_x(kernel_and_threads, dtype):
     """Self-attention (query is key is value) with enough rows computes the q,
-    k, v projections in one pass over x^T; cross-attention with equal copies
-    takes the separate path. Same sums in the same order: bit-identical."""
+    k, v projections in one product with the packed weight; cross-attention
+    with equal copies takes the separate path. Same sums in the same order:
+    bit-identical."""
     E, H = 96, 4
     mha = attnpy.MultiheadAttention(E, H, dtype=dtype, seed=5)
     rng = np.random.default_rng(12)
     for p in mha.parameters():
         p[...] = rng.standard_normal(p.shape) * 0.3
-    x = rng.standard_normal((4, 130, E)).astype(dtype)   # 4 x 2 row blocks of 128
+    x = rng.standard_normal((4, 130, E)).astype(dtype)   # 130 rows: a partial tile of rows
     shared = mha(x, trace=True)
     separate = mha(x, x.copy(), x.copy(), trace=True)
     for name in ("q", "k", "v", "output"):
@@ -276,3 +277,56 @@ def test_a_linear_layer_with_no_inputs_gives_its_bias(kernel, dtype):
             np.testing.assert_array_equal(y, np.broadcast_to(b, (4, 1, 65)))
     finally:
         attnpy.set_kernel("auto")
+
+
+def _layout(a, how, rng):
+    """a (..., r, c) as the kernel may meet it: stored as is, as a transposed
+    copy viewed back, or as every other column of a wider buffer."""
+    if how == "contiguous":
+        return a
+    if how == "transposed":
+        return np.ascontiguousarray(np.swapaxes(a, -1, -2)).swapaxes(-1, -2)
+    wide = rng.standard_normal(a.shape[:-1] + (2 * a.shape[-1],)).astype(a.dtype)
+    wide[..., ::2] = a
+    return wide[..., ::2]
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+def test_linear_layouts_and_tiles(kernel, dtype):
+    """_core.linear on every kernel against float64 NumPy: x, W and out each
+    contiguous, transposed or strided (x is read in place or copied, W^T is
+    packed from rows or from columns, out is stored by vectors or element by
+    element); K over several passes of 128 and O over several packed slices
+    of 256 columns, with partial tiles of rows and columns; bias and
+    accumulate; 1 and 3 threads."""
+    rng = np.random.default_rng(21)
+    attnpy.set_kernel(kernel)
+    try:
+        for (N, M, K, O) in ((2, 13, 300, 270), (1, 70, 129, 33), (3, 9, 1, 257)):
+            for how_x, how_w, how_y in (("contiguous", "contiguous", "contiguous"),
+                                        ("transposed", "transposed", "strided"),
+                                        ("strided", "contiguous", "transposed"),
+                                        ("contiguous", "strided", "contiguous")):
+                x64 = rng.standard_normal((N, M, K))
+                w64 = rng.standard_normal((O, K))
+                b64 = rng.standard_normal(O)
+                y0 = rng.standard_normal((N, M, O))
+                x = _layout(x64.astype(dtype), how_x, rng)
+                w = _layout(w64.astype(dtype), how_w, rng)
+                b = b64.astype(dtype)
+                for threads in (1, 3):
+                    attnpy.set_num_threads(threads)
+                    out = _layout(y0.astype(dtype), how_y, rng)
+                    _core.linear(x, w, b, out=out, accumulate=True)
+                    want = y0.astype(dtype).astype(np.float64) + b64.astype(dtype) + \
+                        x.astype(np.float64) @ w.astype(np.float64).T
+                    tol = dict(rtol=2e-5, atol=2e-5 * np.sqrt(K)) if dtype == np.float32 else \
+                        dict(rtol=1e-12, atol=1e-12 * np.sqrt(K))
+                    np.testing.assert_allclose(out, want, **tol, err_msg=f"{how_x} {how_w} {how_y}")
+                    y = _core.linear(x, w)
+                    np.testing.assert_allclose(y, x.astype(np.float64) @ w.astype(np.float64).T,
+                                               **tol, err_msg=f"{how_x} {how_w} no bias")
+    finally:
+        attnpy.set_kernel("auto")
+        attnpy.set_num_threads(0)
