@@ -20,6 +20,10 @@
 #define LIN_MR_MAX 8
 #define LIN_VLEN_MAX 16
 
+/* Terms of the sum per pass over a tile: LIN_KC, fewer for a short K, and
+   one (of nothing) when K = 0, so that a pass still writes y = b. */
+static inline int64_t attn_linear_kc(int64_t K) { return K < LIN_KC ? (K > 0 ? K : 1) : LIN_KC; }
+
 /* Are x's rows read where they lie (contiguous columns, a whole number of
    elements between rows and batches)? Otherwise each block is copied. */
 #if ATTN_HAVE_FAST
@@ -146,7 +150,7 @@ size_t attn_fast_linear_workspace(const attn_linear_args *p, int64_t block_rows)
 {
     /* Wt (kc x LIN_LO), tmp (one tile), Xp (the block's rows x kc, or one
        tile's rows when x is read in place) */
-    size_t kc = (size_t)(p->K < LIN_KC ? (p->K > 0 ? p->K : 1) : LIN_KC);
+    size_t kc = (size_t)attn_linear_kc(p->K);
     size_t rows = (size_t)attn_round_up(block_rows < p->M ? block_rows : p->M, LIN_MR_MAX);
     if (attn_linear_x_in_place(p)) rows = LIN_MR_MAX;
     size_t elem = p->dtype == ATTN_FLOAT64 ? sizeof(double) : sizeof(float);
