@@ -119,10 +119,10 @@ static inline char *attn_at(char *base, int64_t offset)
  */
 static void attn_locate(const attn_sdpa_args *a, int64_t p, attn_head *hd)
 {
-    enum { Q, K, V, M, M2, OUT, W, SC, LG, DM, DR, NT };
-    const attn_view *views[NT] = {&a->q, &a->k, &a->v, &a->mask, &a->mask2, &a->out,
-                                  &a->weights, &a->scores, &a->logits, &a->dropout_mask,
-                                  &a->dropped};
+    enum { Q, K, V, M, M2, AL, OUT, W, SC, LG, DM, DR, NT };
+    const attn_view *views[NT] = {&a->q, &a->k, &a->v, &a->mask, &a->mask2, &a->alibi,
+                                  &a->out, &a->weights, &a->scores, &a->logits,
+                                  &a->dropout_mask, &a->dropped};
     int64_t h = p % a->num_heads, b = p / a->num_heads;
     int64_t h_kv = h / (a->num_heads / a->num_kv_heads);
     int64_t off[NT];
@@ -138,6 +138,7 @@ static void attn_locate(const attn_sdpa_args *a, int64_t p, attn_head *hd)
     hd->v = attn_at(a->v.data, off[V]);
     hd->mask = a->mask_kind == ATTN_MASK_NONE ? NULL : a->mask.data + off[M];
     hd->mask2 = a->mask2_kind == ATTN_MASK_NONE ? NULL : a->mask2.data + off[M2];
+    hd->alibi = a->alibi.data ? (const double *)(a->alibi.data + off[AL]) : NULL;
     hd->out = attn_at(a->out.data, off[OUT]);
     hd->weights = attn_at(a->weights.data, off[W]);
     hd->scores = attn_at(a->scores.data, off[SC]);
@@ -169,7 +170,10 @@ static int attn_problem_valid(const attn_sdpa_args *a)
            a->extra_keys <= a->S && a->q.data && a->k.data && a->v.data &&
            (a->mask_kind == ATTN_MASK_NONE || a->mask.data) &&
            (a->mask2_kind == ATTN_MASK_NONE || a->mask2.data) && a->dropout_p >= 0.0 &&
-           a->dropout_p <= 1.0 && (a->dtype == ATTN_FLOAT32 || a->dtype == ATTN_FLOAT64);
+           a->dropout_p <= 1.0 && a->query_offset >= 0 && a->query_offset <= ATTN_MAX_EXTENT &&
+           (!a->window || (a->window_left >= 0 && a->window_left <= ATTN_MAX_EXTENT &&
+                           a->window_right >= 0 && a->window_right <= ATTN_MAX_EXTENT)) &&
+           (a->dtype == ATTN_FLOAT32 || a->dtype == ATTN_FLOAT64);
 }
 #endif
 

@@ -101,7 +101,20 @@ typedef struct {
     int64_t num_kv_heads;               /* H: heads of key and value, divides Hq */
     int64_t L, S, E, Ev;                /* query rows, key rows, q/k width, v width */
     double scale;                       /* multiplies q k^T */
-    int is_causal;                      /* mask out key j > query i (top-left) */
+
+    /* Positions: query row i sits at position p = query_offset + i, key j at
+       position j. is_causal hides the keys j > p (query_offset = 0: torch's
+       top-left causal mask; S - L: bottom-right, decoding with a cache).
+       window (nonzero) hides the keys outside p - window_left .. p +
+       window_right (both >= 0). Both hide the extra keys too. */
+    int is_causal;
+    int64_t query_offset;
+    int window;
+    int64_t window_left, window_right;
+    /* ALiBi (Press et al.): when alibi.data != NULL, -slope * |p - j| is
+       added to the scaled scores of head h, slope the double at alibi.data +
+       h * alibi.head + the batch strides (row and col unused). */
+    attn_view alibi;
     attn_view q, k, v;                  /* inputs, read only */
 
     /* Two masks, both applied (MultiheadAttention's attn_mask and

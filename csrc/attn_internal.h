@@ -41,6 +41,7 @@ double attn_seconds(void);
 typedef struct {
     int64_t index; /* the problem's number: b * num_heads + h */
     const char *q, *k, *v, *mask, *mask2;
+    const double *alibi; /* this head's ALiBi slope, or NULL */
     char *out, *weights, *scores, *logits, *dropout_mask, *dropped;
 } attn_head;
 
@@ -52,11 +53,61 @@ static inline int attn_bool_hides(attn_mask_kind kind, const char *p)
     return 0;
 }
 
-/* Is key j hidden from query row i by the causal mask or a bool mask? */
+/*
+ * The keys query row i may see by position (is_causal, window): keys
+ * attn_key_begin(a, i) <= j < attn_key_end(a, i), none when begin >= end.
+ * Both are nondecreasing in i. The queries that may see key j by position:
+ * attn_query_begin(a, j) <= i < attn_query_end(a, j).
+ */
+static inline int64_t attn_key_begin(const attn_sdpa_args *a, int64_t i)
+{
+    const int64_t b = a->window ? a->query_offset + i - a->window_left : 0;
+    return b > 0 ? b : 0;
+}
+
+static inline int64_t attn_key_end(const attn_sdpa_args *a, int64_t i)
+{
+    const int64_t p = a->query_offset + i;
+    int64_t e = a->S;
+    if (a->is_causal && p + 1 < e) e = p + 1;
+    if (a->window && p + a->window_right + 1 < e) e = p + a->window_right + 1;
+    return e;
+}
+
+static inline int64_t attn_query_begin(const attn_sdpa_args *a, int64_t j)
+{
+    int64_t b = 0;
+    if (a->is_causal && j - a->query_offset > b) b = j - a->query_offset;
+    if (a->window && j - a->query_offset - a->window_right > b)
+        b = j - a->query_offset - a->window_right;
+    return b;
+}
+
+static inline int64_t attn_query_end(const attn_sdpa_args *a, int64_t j)
+{
+    const int64_t e = a->window ? j + a->window_left - a->query_offset + 1 : a->L;
+    return e < a->L ? e : a->L;
+}
+
+/* Does this call hide keys by position? */
+static inline int attn_has_positions(const attn_sdpa_args *a)
+{
+    return a->is_causal || a->window;
+}
+
+/* ALiBi's term for query row i, key j: -slope |p - j| (hd->alibi set) */
+static inline double attn_alibi(const attn_sdpa_args *a, const attn_head *hd, int64_t i,
+                                int64_t j)
+{
+    const int64_t d = a->query_offset + i - j;
+    return -*hd->alibi * (double)(d < 0 ? -d : d);
+}
+
+/* Is key j hidden from query row i by position (causal, window) or a bool mask? */
 static inline int attn_blocked(const attn_sdpa_args *a, const attn_head *hd, int64_t i,
                                int64_t j)
 {
-    if (a->is_causal && j > i) return 1;
+    if (attn_has_positions(a) && (j < attn_key_begin(a, i) || j >= attn_key_end(a, i))) return 1;
     if (j >= a->S - a->extra_keys) return 0; /* bias_k / zero key: never masked */
     return attn_bool_hides(a->mask_kind, hd->mask + i * a->mask.row + j * a->mask.col) ||
            attn_bool_hides(a->mask2_kind, hd->mask2 + i * a->mask2.row + j * a->mask2.col);

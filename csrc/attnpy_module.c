@@ -306,7 +306,7 @@ typedef struct {
     int required;
 } arg_spec;
 
-#define MAX_ARGS 16
+#define MAX_ARGS 20
 
 /*
  * Fill every spec from a vectorcall's arguments: nargs positional ones (the
@@ -437,6 +437,30 @@ static int to_seed(PyObject *obj, void *dest, const char *name)
     return 0;
 }
 
+/* window: None, or (left, right), two ints >= 0 within the core's extents */
+typedef struct {
+    int on;
+    int64_t left, right;
+} window_option;
+
+static int to_window(PyObject *obj, void *dest, const char *name)
+{
+    window_option *w = dest;
+    w->on = 0;
+    if (obj == Py_None) return 0;
+    if (!PyTuple_Check(obj) || PyTuple_GET_SIZE(obj) != 2 ||
+        to_count(PyTuple_GET_ITEM(obj, 0), &w->left, name) ||
+        to_count(PyTuple_GET_ITEM(obj, 1), &w->right, name) || w->left > ATTN_MAX_EXTENT ||
+        w->right > ATTN_MAX_EXTENT) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_ValueError, "%s must be None or a tuple of two ints in [0, 2**31)",
+                     name);
+        return -1;
+    }
+    w->on = 1;
+    return 0;
+}
+
 /* masks: a sequence of at most two (array, kind, name) triples. kind says
    what the array means: "attend" (bool, True = attend: SDPA's polarity),
    "ignore" (bool, True = masked out: MultiheadAttention's), "add" (float of
@@ -505,6 +529,9 @@ typedef struct {
     mask_list masks;
     int64_t extra_keys;
     int is_causal, enable_gqa;
+    int64_t query_offset;
+    window_option window;
+    PyArrayObject *alibi; /* float64 slopes, broadcastable to (..., Hq), or NULL */
     double dropout_p;
     uint64_t seed;
 } sdpa_options;
@@ -515,6 +542,9 @@ typedef struct {
     {"extra_keys", to_count, &(o).extra_keys, 0},                     \
     {"is_causal", to_bool, &(o).is_causal, 0},                        \
     {"enable_gqa", to_bool, &(o).enable_gqa, 0},                      \
+    {"query_offset", to_count, &(o).query_offset, 0},                 \
+    {"window", to_window, &(o).window, 0},                            \
+    {"alibi_slopes", to_array_or_none, &(o).alibi, 0},                \
     {"dropout_p", to_double, &(o).dropout_p, 0},                      \
     {"seed", to_seed, &(o).seed, 0}
 
@@ -586,6 +616,11 @@ static int sdpa_prepare(sdpa_call *c, PyArrayObject *q, PyArrayObject *k, PyArra
     if (o->extra_keys > S) {
         PyErr_Format(PyExc_ValueError, "extra_keys (%lld) exceeds the key rows S=%lld",
                      (long long)o->extra_keys, (long long)S);
+        return -1;
+    }
+    if (o->query_offset > ATTN_MAX_EXTENT) {
+        PyErr_Format(PyExc_ValueError, "query_offset must be in [0, 2**31); got %lld",
+                     (long long)o->query_offset);
         return -1;
     }
     if (!(o->dropout_p >= 0.0 && o->dropout_p <= 1.0)) {
@@ -661,6 +696,10 @@ static int sdpa_prepare(sdpa_call *c, PyArrayObject *q, PyArrayObject *k, PyArra
     a->Ev = Ev;
     a->scale = o->scale;
     a->is_causal = o->is_causal;
+    a->query_offset = o->query_offset;
+    a->window = o->window.on;
+    a->window_left = o->window.left;
+    a->window_right = o->window.right;
     a->extra_keys = o->extra_keys;
     a->dropout_p = o->dropout_p;
     a->dropout_seed = o->seed;
@@ -697,6 +736,29 @@ static int sdpa_prepare(sdpa_call *c, PyArrayObject *q, PyArrayObject *k, PyArra
         *kinds[i] = o->masks.kind[i];
         view_of(m, nd, views[i]);
     }
+
+    /* ALiBi's slopes: float64, one per (batch..., query head) */
+    if (o->alibi) {
+        PyArrayObject *sl = o->alibi;
+        if (PyArray_TYPE(sl) != NPY_DOUBLE || PyArray_ISBYTESWAPPED(sl) ||
+            !PyArray_ISALIGNED(sl)) {
+            PyErr_Format(PyExc_TypeError, "alibi_slopes must be an aligned float64 array; got %s",
+                         dtype_name(sl));
+            return -1;
+        }
+        const int nh = nd - 2; /* the output's dims before (L, Ev) */
+        int ok = PyArray_NDIM(sl) <= nh;
+        if (ok) pad_to(sl, nh, m_dims, strides[0]);
+        for (int d = 0; ok && d < nh; d++) ok = m_dims[d] == 1 || m_dims[d] == c->out_dims[d];
+        if (!ok) {
+            PyErr_Format(PyExc_ValueError, "alibi_slopes of shape %s does not broadcast to %s",
+                         fmt_shape(sl, s1, SHAPE_BUF), fmt_dims(c->out_dims, nh, s2, SHAPE_BUF));
+            return -1;
+        }
+        a->alibi.data = PyArray_BYTES(sl);
+        for (int d = 0; d < a->nbatch; d++) a->alibi.batch[d] = strides[0][d];
+        a->alibi.head = nh >= 1 ? strides[0][nh - 1] : 0;
+    }
     c->typenum = typenum;
     c->nd = nd;
     return 0;
@@ -711,6 +773,7 @@ static int sdpa_inputs(const sdpa_call *c, const sdpa_options *o, PyArrayObject 
     in[n] = c->k, names[n++] = "key";
     in[n] = c->v, names[n++] = "value";
     for (int i = 0; i < o->masks.n; i++) in[n] = o->masks.arr[i], names[n++] = o->masks.name[i];
+    if (o->alibi) in[n] = o->alibi, names[n++] = "alibi_slopes";
     return n;
 }
 
@@ -724,6 +787,7 @@ static int sdpa_inputs(const sdpa_call *c, const sdpa_options *o, PyArrayObject 
 static PyObject *sdpa_names[MAX_ARGS], *sdpa_backward_names[MAX_ARGS], *linear_names[MAX_ARGS];
 
 /* sdpa(query, key, value, *, scale, masks=(), extra_keys=0, is_causal=False,
+        query_offset=0, window=None, alibi_slopes=None,
         enable_gqa=False, dropout_p=0.0, seed=0, need_weights=True, trace=False,
         out=None) -> (output, weights or None, stages or None)
    stages: a dict; with trace, "scores", "logits", "dropout_mask" and
@@ -759,8 +823,8 @@ static PyObject *attnpy_sdpa(PyObject *Py_UNUSED(module), PyObject *const *args,
     /* the weights first: they are the large ones, and nothing is allocated yet */
     if (need_weights && !fits(nd, c.w_dims, typenum, WEIGHTS_OF_QK)) return NULL;
     if (out) {
-        PyArrayObject *in[5];
-        const char *names[5];
+        PyArrayObject *in[6];
+        const char *names[6];
         int n = sdpa_inputs(&c, &o, in, names);
         if (check_output(out, "out", typenum, nd, c.out_dims, in, names, n)) return NULL;
         Py_INCREF(out);
@@ -813,6 +877,7 @@ done:
 }
 
 /* sdpa_backward(grad_output, query, key, value, *, scale, masks=(), extra_keys=0,
+                 query_offset=0, window=None, alibi_slopes=None,
                  is_causal=False, enable_gqa=False, dropout_p=0.0, seed=0,
                  weights=None, trace=False, grads=None)
    -> (grad_query, grad_key, grad_value, grad_weights or None, grad_scores or None)
@@ -848,8 +913,8 @@ static PyObject *attnpy_sdpa_backward(PyObject *Py_UNUSED(module), PyObject *con
         return NULL;
     const int nd = c.nd, typenum = c.typenum;
     attn_sdpa_args *a = &c.a;
-    PyArrayObject *in[5], *read[2] = {dout, weights};
-    const char *in_names[5], *read_names[2] = {"grad_output", "weights"};
+    PyArrayObject *in[6], *read[2] = {dout, weights};
+    const char *in_names[6], *read_names[2] = {"grad_output", "weights"};
     int n_in = sdpa_inputs(&c, &o, in, in_names);
 
     if (check_shaped(dout, "grad_output", typenum, nd, c.out_dims) ||
@@ -1115,14 +1180,15 @@ static PyObject *attnpy_fail_alloc(PyObject *Py_UNUSED(module), PyObject *arg)
 static PyMethodDef attnpy_methods[] = {
     {"sdpa", (PyCFunction)(void (*)(void))attnpy_sdpa, METH_FASTCALL | METH_KEYWORDS,
      "sdpa(query, key, value, *, scale, masks=(), extra_keys=0, is_causal=False, "
-     "enable_gqa=False, dropout_p=0.0, seed=0, need_weights=True, trace=False, out=None)\n"
+     "enable_gqa=False, query_offset=0, window=None, alibi_slopes=None, dropout_p=0.0, "
+     "seed=0, need_weights=True, trace=False, out=None)\n"
      "--\n\nAttention on validated ndarrays; see attnpy.scaled_dot_product_attention. "
      "Returns (output, weights or None, trace dict or None)."},
     {"sdpa_backward", (PyCFunction)(void (*)(void))attnpy_sdpa_backward,
      METH_FASTCALL | METH_KEYWORDS,
      "sdpa_backward(grad_output, query, key, value, *, scale, masks=(), extra_keys=0, "
-     "is_causal=False, enable_gqa=False, dropout_p=0.0, seed=0, weights=None, trace=False, "
-     "grads=None)\n--\n\nThe backward pass. Returns (grad_query, grad_key, grad_value, "
+     "is_causal=False, enable_gqa=False, query_offset=0, window=None, alibi_slopes=None, "
+     "dropout_p=0.0, seed=0, weights=None, trace=False, grads=None)\n--\n\nThe backward pass. Returns (grad_query, grad_key, grad_value, "
      "grad_weights or None, grad_scores or None)."},
     {"linear", (PyCFunction)(void (*)(void))attnpy_linear, METH_FASTCALL | METH_KEYWORDS,
      "linear(x, weight, bias=None, *, out=None, accumulate=False)\n--\n\n"

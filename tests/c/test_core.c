@@ -30,6 +30,9 @@ typedef struct {
     int causal;
     int k_transposed; /* key stored as (B, H, E, S) and viewed as (B, H, S, E) */
     int kv_broadcast; /* key/value stored once, broadcast over B (stride 0) */
+    int offset;       /* query_offset: query i sits at position offset + i */
+    int window, wl, wr; /* a window: keys p - wl .. p + wr */
+    int alibi;        /* ALiBi slopes, one per (batch, head), stored (Hq, B) */
 } test_case;
 
 /* deterministic values in [-2, 2) */
@@ -39,9 +42,19 @@ static double uniform(unsigned *state)
     return 4.0 * (double)(*state >> 8) / (double)(1u << 24) - 2.0;
 }
 
+/* hidden by position (causal, window)? */
+static int pos_hidden(const test_case *c, int i, int j)
+{
+    int p = c->offset + i;
+    return (c->causal && j > p) || (c->window && (j < p - c->wl || j > p + c->wr));
+}
+
+/* ALiBi's slope of (b, h) */
+static double slope_of(int b, int h) { return 0.125 * (h + 1) + 0.0625 * b; }
+
 static int hidden(const test_case *c, int b, int h, int i, int j)
 {
-    if (c->causal && j > i) return 1;
+    if (pos_hidden(c, i, j)) return 1;
     if (c->mask == MASK_NONE) return 0;
     if (i == 0) return 1;
     if (c->mask == MASK_ADD) b = h = 0; /* the float mask is one (L, S) for all */
@@ -68,6 +81,8 @@ static void naive(const test_case *c, const double *q, const double *k, const do
                     s[j] = hidden(c, b, h, i, j) ? -INFINITY : scale * dot;
                     if (c->mask == MASK_ADD && !hidden(c, b, h, i, j))
                         s[j] += maskadd[(size_t)i * c->S + j];
+                    if (c->alibi && !hidden(c, b, h, i, j))
+                        s[j] -= slope_of(b, h) * fabs((double)(c->offset + i - j));
                     if (s[j] > m) m = s[j];
                 }
                 double sum = 0;
@@ -138,7 +153,7 @@ static void run_case(const test_case *c, int f32, int streaming)
             for (int i = 0; i < c->L; i++)
                 for (int j = 0; j < c->S; j++)
                     bmb[(((size_t)b * c->Hq + h) * c->L + i) * c->S + j] =
-                        !(c->mask != MASK_NONE && hidden(c, b, h, i, j) && !(c->causal && j > i));
+                        !(c->mask != MASK_NONE && hidden(c, b, h, i, j) && !pos_hidden(c, i, j));
 
     attn_sdpa_args a;
     memset(&a, 0, sizeof a);
@@ -150,6 +165,17 @@ static void run_case(const test_case *c, int f32, int streaming)
     a.L = c->L; a.S = c->S; a.E = c->E; a.Ev = c->Ev;
     a.scale = scale;
     a.is_causal = c->causal;
+    a.query_offset = c->offset;
+    a.window = c->window;
+    a.window_left = c->wl;
+    a.window_right = c->wr;
+    /* the slopes stored (Hq, B): strided, as a transposed NumPy array */
+    double *slopes = calloc((size_t)c->B * c->Hq + 1, sizeof(double));
+    for (int b = 0; b < c->B; b++)
+        for (int h = 0; h < c->Hq; h++) slopes[(size_t)h * c->B + b] = slope_of(b, h);
+    if (c->alibi)
+        a.alibi = (attn_view){.data = (char *)slopes, .batch = {(int64_t)sizeof(double)},
+                              .head = c->B * (int64_t)sizeof(double)};
     int64_t is = (int64_t)isz;
     a.q = (attn_view){.data = bq, .batch = {c->Hq * c->L * c->E * is}, .head = c->L * c->E * is,
                       .row = c->E * is, .col = is};
@@ -195,7 +221,7 @@ static void run_case(const test_case *c, int f32, int streaming)
                err_out, err_w, tol);
     }
     free(q); free(k); free(v); free(ma); free(ref_out); free(ref_w);
-    free(bq); free(bk); free(bv); free(bm); free(bmb); free(bo); free(bw);
+    free(bq); free(bk); free(bv); free(bm); free(bmb); free(bo); free(bw); free(slopes);
 }
 
 /*
@@ -560,23 +586,33 @@ int main(void)
 {
     static const test_case cases[] = {
         /* name                  B  Hq H  L   S    E   Ev  mask       causal kT bc */
-        {"one head",             1, 1, 1, 4,  4,   8,  8,  MASK_NONE, 0, 0, 0},
-        {"L != S, Ev != E",      2, 3, 3, 5,  9,   6,  4,  MASK_NONE, 0, 0, 0},
-        {"one token",            1, 2, 2, 1,  1,   3,  5,  MASK_NONE, 0, 0, 0},
-        {"causal L < S",         1, 2, 2, 3,  7,   4,  4,  MASK_NONE, 1, 0, 0},
-        {"causal L > S",         2, 1, 1, 9,  4,   4,  2,  MASK_NONE, 1, 0, 0},
-        {"bool mask",            2, 2, 2, 6,  70,  5,  3,  MASK_BOOL, 0, 0, 0},
-        {"float mask",           1, 3, 3, 6,  130, 4,  6,  MASK_ADD,  0, 0, 0},
-        {"bool mask + causal",   1, 2, 2, 8,  8,   4,  4,  MASK_BOOL, 1, 0, 0},
-        {"gqa 4 -> 2",           2, 4, 2, 5,  6,   8,  8,  MASK_NONE, 0, 0, 0},
-        {"mqa 3 -> 1",           1, 3, 1, 4,  5,   4,  4,  MASK_BOOL, 0, 0, 0},
-        {"transposed key",       2, 2, 2, 7,  65,  5,  5,  MASK_NONE, 0, 1, 0},
-        {"broadcast key/value",  3, 2, 2, 4,  5,   4,  3,  MASK_ADD,  0, 0, 1},
-        {"long keys",            1, 1, 1, 3,  300, 16, 8,  MASK_NONE, 1, 1, 0},
-        {"no keys",              1, 1, 1, 3,  0,   4,  4,  MASK_NONE, 0, 0, 0},
-        {"threads, causal",      2, 3, 3, 100, 150, 32, 16, MASK_NONE, 1, 0, 0},
-        {"threads, bool mask",   2, 2, 1, 70, 300, 24, 40, MASK_BOOL, 0, 1, 0},
-        {"threads, float mask",  1, 4, 2, 65, 129, 64, 64, MASK_ADD,  0, 0, 1},
+        {"one head",             1, 1, 1, 4,  4,   8,  8,  MASK_NONE, 0, 0, 0, 0, 0, 0, 0, 0},
+        {"L != S, Ev != E",      2, 3, 3, 5,  9,   6,  4,  MASK_NONE, 0, 0, 0, 0, 0, 0, 0, 0},
+        {"one token",            1, 2, 2, 1,  1,   3,  5,  MASK_NONE, 0, 0, 0, 0, 0, 0, 0, 0},
+        {"causal L < S",         1, 2, 2, 3,  7,   4,  4,  MASK_NONE, 1, 0, 0, 0, 0, 0, 0, 0},
+        {"causal L > S",         2, 1, 1, 9,  4,   4,  2,  MASK_NONE, 1, 0, 0, 0, 0, 0, 0, 0},
+        {"bool mask",            2, 2, 2, 6,  70,  5,  3,  MASK_BOOL, 0, 0, 0, 0, 0, 0, 0, 0},
+        {"float mask",           1, 3, 3, 6,  130, 4,  6,  MASK_ADD,  0, 0, 0, 0, 0, 0, 0, 0},
+        {"bool mask + causal",   1, 2, 2, 8,  8,   4,  4,  MASK_BOOL, 1, 0, 0, 0, 0, 0, 0, 0},
+        {"gqa 4 -> 2",           2, 4, 2, 5,  6,   8,  8,  MASK_NONE, 0, 0, 0, 0, 0, 0, 0, 0},
+        {"mqa 3 -> 1",           1, 3, 1, 4,  5,   4,  4,  MASK_BOOL, 0, 0, 0, 0, 0, 0, 0, 0},
+        {"transposed key",       2, 2, 2, 7,  65,  5,  5,  MASK_NONE, 0, 1, 0, 0, 0, 0, 0, 0},
+        {"broadcast key/value",  3, 2, 2, 4,  5,   4,  3,  MASK_ADD,  0, 0, 1, 0, 0, 0, 0, 0},
+        {"long keys",            1, 1, 1, 3,  300, 16, 8,  MASK_NONE, 1, 1, 0, 0, 0, 0, 0, 0},
+        {"no keys",              1, 1, 1, 3,  0,   4,  4,  MASK_NONE, 0, 0, 0, 0, 0, 0, 0, 0},
+        {"threads, causal",      2, 3, 3, 100, 150, 32, 16, MASK_NONE, 1, 0, 0, 0, 0, 0, 0, 0},
+        {"threads, bool mask",   2, 2, 1, 70, 300, 24, 40, MASK_BOOL, 0, 1, 0, 0, 0, 0, 0, 0},
+        {"threads, float mask",  1, 4, 2, 65, 129, 64, 64, MASK_ADD,  0, 0, 1, 0, 0, 0, 0, 0},
+        /* positions: name       B  Hq H  L   S    E   Ev  mask       causal kT bc offset window wl wr alibi */
+        {"bottom-right causal",  1, 2, 2, 5,  300, 8,  8,  MASK_NONE, 1, 0, 0, 295, 0, 0, 0, 0},
+        {"offset, L > BR",       1, 1, 1, 150, 400, 16, 8, MASK_NONE, 1, 0, 0, 250, 0, 0, 0, 0},
+        {"window (3, 0)",        2, 2, 1, 70, 70,  8,  4,  MASK_NONE, 1, 0, 0, 0, 1, 3, 0, 0},
+        {"window both sides",    1, 2, 2, 200, 260, 16, 16, MASK_NONE, 0, 1, 0, 30, 1, 70, 5, 0},
+        {"window past S",        1, 1, 1, 9,  20,  4,  4,  MASK_NONE, 0, 0, 0, 40, 1, 10, 2, 0},
+        {"window + bool mask",   1, 2, 2, 140, 150, 8, 8,  MASK_BOOL, 1, 0, 0, 10, 1, 64, 0, 0},
+        {"alibi",                2, 3, 3, 6,  9,   4,  4,  MASK_NONE, 0, 0, 0, 0, 0, 0, 0, 1},
+        {"alibi causal offset",  1, 4, 2, 130, 300, 16, 8, MASK_NONE, 1, 0, 1, 170, 0, 0, 0, 1},
+        {"alibi + float mask",   2, 2, 2, 65, 129, 8,  8,  MASK_ADD,  0, 0, 0, 0, 1, 20, 20, 1},
     };
     /* every kernel this CPU can run, on one thread and on three */
     const attn_kernel kernels[] = {ATTN_KERNEL_REFERENCE, ATTN_KERNEL_BASELINE, ATTN_KERNEL_AVX2,
