@@ -12,13 +12,17 @@ _Mask = Tuple[np.ndarray, Literal["attend", "ignore", "add"], str]
 
 def sdpa(query: np.ndarray, key: np.ndarray, value: np.ndarray, *, scale: float,
          masks: Sequence[_Mask] = ..., extra_keys: int = ..., is_causal: bool = ...,
-         enable_gqa: bool = ..., dropout_p: float = ..., seed: int = ...,
+         enable_gqa: bool = ..., query_offset: int = ...,
+         window: Optional[Tuple[int, int]] = ..., alibi_slopes: Optional[np.ndarray] = ...,
+         dropout_p: float = ..., seed: int = ...,
          need_weights: bool = ..., trace: bool = ...,
          out: Optional[np.ndarray] = ...) -> tuple: ...
 def ran_name(code: int) -> Tuple[str, str]: ...
 def sdpa_backward(grad_output: np.ndarray, query: np.ndarray, key: np.ndarray,
                   value: np.ndarray, *, scale: float, masks: Sequence[_Mask] = ...,
                   extra_keys: int = ..., is_causal: bool = ..., enable_gqa: bool = ...,
+                  query_offset: int = ..., window: Optional[Tuple[int, int]] = ...,
+                  alibi_slopes: Optional[np.ndarray] = ...,
                   dropout_p: float = ..., seed: int = ...,
                   weights: Optional[np.ndarray] = ..., trace: bool = ...,
                   grads: Optional[Tuple[Optional[np.ndarray], ...]] = ...) -> tuple: ...

@@ -47,7 +47,9 @@ class AttentionResult(_AttentionFields, _repr.Ran):
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0,
                                  is_causal=False, scale=None, enable_gqa=False, *,
-                                 need_weights=True, out=None) -> AttentionResult:
+                                 need_weights=True, out=None, attn_bias=None, query_offset=0,
+                                 window=None, alibi_slopes=None,
+                                 seed=None) -> AttentionResult:
     r"""Scaled dot-product attention, with the weight maps.
 
     Computes, for every batch index and head,
@@ -74,11 +76,17 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         float (same dtype as query): added to the scores, e.g. 0 / -inf from
         :func:`causal_mask`.
     dropout_p : float, default 0.0
-        Must be 0.0 here; dropout is available through the multi-head API.
+        Dropout on the weights, as torch: each (query, key) weight is zeroed
+        with probability ``dropout_p`` and the kept ones are scaled by
+        ``1 / (1 - dropout_p)``. The returned ``weights`` are the softmax
+        before dropout. Which keys are dropped is a function of ``seed`` and
+        the element's index only (the same on every kernel and thread count).
     is_causal : bool, default False
-        Apply the lower-triangular mask aligned top-left
-        (``ones(L, S).tril()``), as torch does. Cannot be combined with
-        ``attn_mask``.
+        Hide the keys after each query's position: query ``i`` (at position
+        ``query_offset + i``) sees keys ``j <= query_offset + i``. With
+        ``query_offset=0`` this is torch's top-left ``ones(L, S).tril()``.
+        Cannot be combined with ``attn_mask`` (as in torch); combines with
+        ``attn_bias``, ``window`` and ``alibi_slopes``.
     scale : float, optional
         Multiplies :math:`QK^T`. Default ``1 / sqrt(E)``.
     enable_gqa : bool, default False
@@ -90,6 +98,27 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         softmax and no ``L x S`` buffer is allocated at all.
     out : ndarray, shape (..., Hq, L, Ev), optional
         C-contiguous array of the output's dtype that receives the output.
+    attn_bias : ndarray, broadcastable to (..., Hq, L, S), optional
+        Float array of the query's dtype added to the scaled scores (after
+        ``scale``, as a float ``attn_mask``), e.g. T5's relative position
+        bias. Combines with ``attn_mask`` (a padding mask), ``is_causal``,
+        ``window`` and ``alibi_slopes``.
+    query_offset : int, default 0
+        Positions: key ``j`` sits at position ``j``, query ``i`` at
+        ``query_offset + i``. ``query_offset = S - L`` aligns the causal mask
+        bottom-right (decoding with a key/value cache). ``window`` and
+        ``alibi_slopes`` use the same positions.
+    window : (int, int), optional
+        ``(left, right)``, both >= 0: a query at position ``p`` sees only the
+        keys at positions ``p - left .. p + right``. Mistral's
+        ``sliding_window=w`` is ``window=(w - 1, 0)`` with ``is_causal=True``.
+        Keys out of reach are never scored: the cost is O(L (left + right)).
+    alibi_slopes : array_like, shape (Hq,) or broadcastable to (..., Hq), optional
+        ALiBi (Press et al.): ``-slope[h] * |pos_q - pos_k|`` is added to head
+        ``h``'s scaled scores, computed in the kernel (no L x S buffer). See
+        :func:`attnpy.alibi_slopes`. Taken as float64.
+    seed : int, optional
+        The dropout generator's seed; None draws a fresh one.
 
     Returns
     -------
@@ -119,12 +148,14 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     # fast paths first: this is the per-call overhead of every lesson-sized call
     if not type(query) is type(key) is type(value) is np.ndarray:
         query, key, value = _args.float_inputs((query, key, value), ("query", "key", "value"))
+    extra = None   # the keywords beyond torch's, for the core; None when all at defaults
     if not (type(dropout_p) is float or type(dropout_p) is int) or dropout_p != 0:
-        p = _args.real(dropout_p, "dropout_p", "a float")
-        if p != 0.0:
-            raise ValueError(f"dropout_p must be 0.0 here; got {dropout_p!r}. Dropout on the "
-                             f"attention weights is available through attnpy.MultiheadAttention "
-                             f"(dropout=..., seed=...)")
+        p, seed = _dropout_seed(dropout_p, seed, "forward")
+        if p:
+            extra = {"dropout_p": p, "seed": seed}
+    if not (type(query_offset) is int and query_offset == 0 and window is None
+            and alibi_slopes is None):
+        extra = {**(extra or {}), **_positions(query, query_offset, window, alibi_slopes)}
     if out is not None:
         if not isinstance(out, np.ndarray):
             raise TypeError(f"out must be a NumPy array; got {type(out).__name__}")
@@ -140,7 +171,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         scale = _args.scale_of(scale, query)
     need_weights = True if need_weights else False
     try:
-        if attn_mask is None and out is None and not enable_gqa:
+        if attn_mask is None and out is None and not enable_gqa and extra is None and \
+                attn_bias is None:
             # options at their defaults are left out: each keyword passed costs time
             if is_causal:
                 output, weights, _, ran = _core.sdpa(query, key, value, scale=scale, is_causal=True,
@@ -151,9 +183,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         else:
             output, weights, _, ran = _core.sdpa(
                 query, key, value, scale=scale,
-                masks=() if attn_mask is None else _masks(query, attn_mask, is_causal),
+                masks=_masks(query, attn_mask, is_causal, attn_bias),
                 is_causal=is_causal, enable_gqa=True if enable_gqa else False,
-                need_weights=need_weights, out=out)
+                need_weights=need_weights, out=out, **(extra or {}))
     except MemoryError as e:
         raise _out_of_memory(e, need_weights) from None
     result = _new_tuple(AttentionResult, (output, weights))  # no NamedTuple __new__: faster
@@ -168,15 +200,81 @@ def _out_of_memory(e, need_weights):
     return MemoryError(f"{e}{hint}")
 
 
-def _masks(query, attn_mask, is_causal):
-    """SDPA's attn_mask for the core: () or ((array, kind, "attn_mask"),)."""
-    if attn_mask is None:
-        return ()
-    if is_causal:
-        raise ValueError("attn_mask and is_causal=True cannot both be given (torch raises too); "
-                         "pass the causal mask in attn_mask (see attnpy.causal_mask) or use "
-                         "is_causal alone")
-    return (_args.mask(attn_mask, "attn_mask", _args.float_dtype(query), "attend"),)
+def _masks(query, attn_mask, is_causal, attn_bias=None):
+    """SDPA's attn_mask and attn_bias for the core: a tuple of (array, kind, name)."""
+    masks = ()
+    if attn_mask is not None:
+        if is_causal:
+            raise ValueError("attn_mask and is_causal=True cannot both be given (torch raises "
+                             "too); pass the causal mask in attn_mask (see attnpy.causal_mask) "
+                             "or use is_causal alone")
+        masks = (_args.mask(attn_mask, "attn_mask", _args.float_dtype(query), "attend"),)
+    if attn_bias is not None:
+        bias = _args.mask(attn_bias, "attn_bias", _args.float_dtype(query), "attend")
+        if bias[1] != "add":
+            raise TypeError(f"attn_bias must be a float array of the query's dtype "
+                            f"({_args.float_dtype(query)}), added to the scores; got bool "
+                            f"(a bool mask goes in attn_mask)")
+        masks += (bias,)
+    return masks
+
+
+def _positions(query, query_offset, window, alibi_slopes):
+    """The core's keywords for query_offset, window and alibi_slopes, checked."""
+    options = {}
+    if not (type(query_offset) is int and query_offset == 0):
+        if isinstance(query_offset, (bool, np.bool_)) or not isinstance(query_offset,
+                                                                        (int, np.integer)):
+            raise TypeError(f"query_offset must be an int; got {type(query_offset).__name__}")
+        if not 0 <= query_offset <= _args.MAX_EXTENT:
+            raise ValueError(f"query_offset must be in [0, 2**31); got {query_offset}")
+        options["query_offset"] = int(query_offset)
+    if window is not None:
+        try:
+            left, right = window
+        except (TypeError, ValueError):
+            raise TypeError(f"window must be None or a pair (left, right) of ints; got "
+                            f"{window!r}") from None
+        for side, n in (("left", left), ("right", right)):
+            if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer)):
+                raise TypeError(f"window's {side} side must be an int; got {type(n).__name__}")
+            if not 0 <= n <= _args.MAX_EXTENT:
+                raise ValueError(f"window's {side} side must be in [0, 2**31); got {n}")
+        options["window"] = (int(left), int(right))
+    if alibi_slopes is not None:
+        slopes = np.asarray(alibi_slopes)
+        if slopes.dtype.kind not in "fiu" or slopes.dtype.kind == "b":
+            raise TypeError(f"alibi_slopes must be a float array of shape (Hq,) or "
+                            f"broadcastable to (..., Hq); got dtype {slopes.dtype}")
+        # the slopes are Hq numbers: taken as float64 (a copy of Hq values at most)
+        slopes = slopes.astype(np.float64, copy=False)
+        if not np.all(np.isfinite(slopes)):
+            raise ValueError("alibi_slopes must be finite")
+        if query.ndim == 2 and slopes.size == 1 and slopes.ndim <= 1:
+            slopes = slopes.reshape(())      # one head, no head axis
+        if not slopes.flags.aligned:
+            slopes = slopes.copy()
+        options["alibi_slopes"] = slopes
+    return options
+
+
+def _dropout_seed(dropout_p, seed, who):
+    """(p, seed) for the core: dropout_p checked, seed drawn when None."""
+    p = _args.real(dropout_p, "dropout_p", "a float")
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1]; got {dropout_p!r}")
+    if p == 0.0:
+        return 0.0, 0
+    if seed is None:
+        if who == "backward":
+            raise ValueError("dropout_p > 0 in the backward needs the forward's seed "
+                             "(seed=...): the dropped keys are recomputed from it")
+        seed = int(np.random.SeedSequence().generate_state(1, np.uint64)[0])
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"seed must be an int or None; got {type(seed).__name__}")
+    if not 0 <= seed < 2**64:
+        raise ValueError(f"seed must be in [0, 2**64); got {seed}")
+    return p, int(seed)
 
 
 def causal_mask(L, S=None, *, align="top_left", dtype=np.float32):
@@ -279,7 +377,9 @@ class AttentionGradients(NamedTuple):
 
 def scaled_dot_product_attention_backward(grad_output, query, key, value, attn_mask=None,
                                           is_causal=False, scale=None, enable_gqa=False, *,
-                                          weights=None, trace=False) -> AttentionGradients:
+                                          weights=None, trace=False, attn_bias=None,
+                                          query_offset=0, window=None, alibi_slopes=None,
+                                          dropout_p=0.0, seed=None) -> AttentionGradients:
     r"""The backward pass of :func:`scaled_dot_product_attention`.
 
     With :math:`S = \mathrm{scale}\, Q K^T + M`, :math:`P = \mathrm{softmax}(S)`,
@@ -296,6 +396,11 @@ def scaled_dot_product_attention_backward(grad_output, query, key, value, attn_m
         The gradient of the loss with respect to the attention output.
     query, key, value, attn_mask, is_causal, scale, enable_gqa
         Exactly as given to the forward call.
+    attn_bias, query_offset, window, alibi_slopes, dropout_p, seed
+        Exactly as given to the forward call too (with ``dropout_p > 0``,
+        ``seed`` must be the forward's: the dropped keys are recomputed).
+        ``attn_bias`` gets no gradient here: its gradient is ``trace=True``'s
+        ``grad_scores`` summed over its broadcast dims.
     weights : ndarray, shape (..., Hq, L, S), optional
         The forward's weights. Without them the softmax is recomputed row by
         row (memory O(S) per thread, no L x S buffer); with them it is read.
@@ -323,9 +428,10 @@ def scaled_dot_product_attention_backward(grad_output, query, key, value, attn_m
     if weights is not None and not isinstance(weights, np.ndarray):
         weights = _args.convert(weights, "weights", _args.float_dtype(query))
     is_causal = True if is_causal else False
+    p, seed = _dropout_seed(dropout_p, seed, "backward")
     gq, gk, gv, gw, gs = _core.sdpa_backward(
         grad_output, query, key, value, scale=_args.scale_of(scale, query),
-        masks=() if attn_mask is None else _masks(query, attn_mask, is_causal),
-        is_causal=is_causal,
-        enable_gqa=bool(enable_gqa), weights=weights, trace=bool(trace))
+        masks=_masks(query, attn_mask, is_causal, attn_bias),
+        is_causal=is_causal, enable_gqa=bool(enable_gqa), weights=weights, trace=bool(trace),
+        dropout_p=p, seed=seed, **_positions(query, query_offset, window, alibi_slopes))
     return AttentionGradients(gq, gk, gv, BackwardTrace(gw, gs) if trace else None)

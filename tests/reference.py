@@ -38,7 +38,7 @@ import numpy as np
 __all__ = ["additive_mask", "softmax_rows", "weighted_sum", "expand_kv_heads",
            "sdpa_forward", "sdpa_reference", "sdpa_backward_reference",
            "mha_to_batch_first", "mha_from_batch_first", "mha_reference",
-           "mha_backward_reference", "self_attention_reference"]
+           "mha_backward_reference", "self_attention_reference", "position_mask"]
 
 
 def additive_mask(attn_mask, is_causal, L, S, true_attends=True):
@@ -57,6 +57,27 @@ def additive_mask(attn_mask, is_causal, L, S, true_attends=True):
     if m.dtype == np.bool_:
         return np.where(m == true_attends, 0.0, -np.inf)
     return m.astype(np.float64)
+
+
+def position_mask(L, S, *, is_causal=False, query_offset=0, window=None,
+                  alibi_slopes=None):
+    """What positions add to the scores, float64: (L, S), or (..., Hq, L, S)
+    with ALiBi's slopes (..., Hq). Query i sits at position query_offset + i,
+    key j at j; causal hides j > position, window (left, right) hides keys
+    outside position - left .. position + right (-inf), and ALiBi adds
+    -slope * |position - j|."""
+    pos = query_offset + np.arange(L)[:, None]
+    j = np.arange(S)[None, :]
+    hidden = np.zeros((L, S), dtype=bool)
+    if is_causal:
+        hidden |= j > pos
+    if window is not None:
+        hidden |= (j < pos - window[0]) | (j > pos + window[1])
+    mask = np.where(hidden, -np.inf, 0.0)
+    if alibi_slopes is not None:
+        slopes = np.asarray(alibi_slopes, dtype=np.float64)[..., None, None]
+        mask = mask - slopes * np.abs(pos - j)
+    return mask
 
 
 def masked_scores(scores, mask):

@@ -162,8 +162,8 @@ BATTERY = [
              query=lazy(arr, "q", (2, 4, 4, 8)), key=lazy(arr, "k", (2, 2, 5, 8)),
              value=lazy(arr, "v", (2, 4, 5, 6)), enable_gqa=True),
     # scalars
-    bad_sdpa("dropout_0.1", ValueError, ("dropout_p", "MultiheadAttention"), dropout_p=0.1),
-    bad_sdpa("dropout_1.0", ValueError, ("dropout_p", "MultiheadAttention"), dropout_p=1.0),
+    bad_sdpa("dropout_1.5", ValueError, ("dropout_p", "[0, 1]"), dropout_p=1.5),
+    bad_sdpa("dropout_neg", ValueError, ("dropout_p", "[0, 1]"), dropout_p=-0.1),
     bad_sdpa("dropout_str", TypeError, ("dropout_p",), dropout_p="x"),
     bad_sdpa("scale_str", TypeError, ("scale",), scale="x"),
     bad_sdpa("scale_list", TypeError, ("scale",), scale=lambda: [0.5]),
@@ -397,8 +397,8 @@ def test_a_dtype_numpy_does_not_know_is_named():
 # Regression: range errors did not show the value given (code review)
 def test_messages_show_the_value_given():
     q = np.zeros((2, 3))
-    with pytest.raises(ValueError, match=r"got 1\.0"):
-        attnpy.scaled_dot_product_attention(q, q, q, dropout_p=1.0)
+    with pytest.raises(ValueError, match=r"got 1\.5"):
+        attnpy.scaled_dot_product_attention(q, q, q, dropout_p=1.5)
     layer = attnpy.MultiheadAttention(4, 1)
     layer.dropout = 2.0   # as if set by hand: the core still checks it
     with pytest.raises(ValueError, match=r"got 2\b"):

@@ -268,7 +268,7 @@ def sdpa_calls(draw):
     kwargs = dict(attn_mask=mask, is_causal=rng.random() < (0.25 if mask is None else 0.03),
                   scale=scale, enable_gqa=gqa, need_weights=draw(st.booleans()))
     if rng.random() < 0.03:
-        kwargs["dropout_p"] = draw(st.sampled_from([0.1, "x"]))
+        kwargs["dropout_p"] = draw(st.sampled_from([1.5, "x"]))   # 0 < p <= 1 is valid
     r = rng.random()
     out_kind = "none" if r < 0.7 else "good" if r < 0.85 else draw(
         st.sampled_from(["dtype", "shape", "F", "readonly", "alias", "list"]))
@@ -288,7 +288,7 @@ def sdpa_expectations(args, kwargs):
     dp = kwargs.get("dropout_p", 0.0)
     if isinstance(dp, str):
         errors.append((TypeError, "dropout_p"))
-    elif dp != 0:
+    elif not 0 <= dp <= 1:
         errors.append((ValueError, "dropout_p"))
     scale = kwargs["scale"]
     if isinstance(scale, (str, complex)):
