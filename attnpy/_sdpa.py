@@ -14,7 +14,7 @@ from . import _args, _core, _repr
 _new_tuple = tuple.__new__
 
 __all__ = ["AttentionResult", "AttentionGradients", "BackwardTrace", "scaled_dot_product_attention",
-           "scaled_dot_product_attention_backward", "causal_mask"]
+           "scaled_dot_product_attention_backward", "causal_mask", "alibi_slopes"]
 
 
 class _AttentionFields(NamedTuple):
@@ -322,6 +322,33 @@ def causal_mask(L, S=None, *, align="top_left", dtype=np.float32):
     j = np.arange(S)[None, :]
     mask[j > i + offset] = -np.inf
     return mask
+
+
+def alibi_slopes(num_heads):
+    """The ALiBi slopes of Press et al. (2022) for ``num_heads`` heads.
+
+    For a power of two ``n``, head ``h`` (from 0) gets ``2**(-8 (h + 1) / n)``.
+    Otherwise (the recipe BLOOM uses) the ``n`` heads of the largest power of
+    two below ``num_heads`` get those, and the others every second slope of
+    ``2 n`` heads: ``2**(-4 (2 i + 1) / n)`` for ``i = 0, 1, ...``.
+
+    Parameters
+    ----------
+    num_heads : int
+        The number of query heads, >= 1.
+
+    Returns
+    -------
+    ndarray, shape (num_heads,), float64
+        Pass it as ``alibi_slopes=`` to :func:`scaled_dot_product_attention`.
+    """
+    H = _size("num_heads", num_heads)
+    if H < 1:
+        raise ValueError(f"num_heads must be >= 1; got {num_heads}")
+    n = 1 << (H.bit_length() - 1)                       # the largest power of two <= H
+    slopes = 2.0 ** (-8.0 * np.arange(1, n + 1) / n)
+    extra = 2.0 ** (-4.0 * np.arange(1, 2 * (H - n), 2) / n)
+    return np.concatenate([slopes, extra])
 
 
 def _size(name, n):

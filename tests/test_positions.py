@@ -195,3 +195,37 @@ def test_backward_dropout_needs_the_seed():
     q = np.zeros((1, 1, 2, 2))
     with pytest.raises(ValueError, match="needs the forward's seed"):
         attnpy.scaled_dot_product_attention_backward(q, q, q, q, dropout_p=0.5)
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("H", [1, 2, 3, 4, 6, 8, 12, 16, 20, 32])
+def test_alibi_slopes_match_bloom(H):
+    from transformers.models.bloom.modeling_bloom import build_alibi_tensor
+    S = 5
+    alibi = build_alibi_tensor(torch.ones(1, S), H, torch.float64)   # (H, 1, S): slope * j
+    hf_slopes = alibi[:, 0, 1].numpy()
+    # BLOOM computes its slopes in float32 (then casts): float32's rounding
+    np.testing.assert_allclose(attnpy.alibi_slopes(H), hf_slopes, rtol=1e-6)
+
+
+@pytest.mark.torch
+def test_alibi_causal_gives_bloom_weights():
+    # BLOOM adds slope * j (not -slope |i - j|); under a causal mask the two
+    # differ by slope * i per row, which the softmax does not see
+    from transformers.models.bloom.modeling_bloom import build_alibi_tensor
+    H, L = 6, 24
+    q, k, v = _qkv((1, H, L, 8), L, 8, np.float64)
+    alibi = build_alibi_tensor(torch.ones(1, L), H, torch.float64).numpy()[None]  # (1, H, 1, L)
+    m = np.where(np.tril(np.ones((L, L), bool)), 0.0, -np.inf) + alibi
+    ref = sdpa_forward(q, k, v, attn_mask=m)
+    out, w = attnpy.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                 alibi_slopes=attnpy.alibi_slopes(H))
+    np.testing.assert_allclose(w, ref["weights"], atol=1e-13)
+    np.testing.assert_allclose(out, ref["out"], atol=1e-13)
+
+
+def test_alibi_slopes_errors():
+    with pytest.raises(ValueError, match="num_heads must be >= 1"):
+        attnpy.alibi_slopes(0)
+    with pytest.raises(TypeError, match="num_heads must be an int"):
+        attnpy.alibi_slopes(2.0)
