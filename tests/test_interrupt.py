@@ -77,7 +77,15 @@ def test_jupyter_interrupt_kernel():
         setup = ("import numpy as np, attnpy\n"
                  "q = np.random.default_rng(0).standard_normal((1, 16, 16384, 64), np.float32)\n")
         assert kc.execute_interactive(setup, timeout=60)["content"]["status"] == "ok"
-        msg_id = kc.execute("attnpy.scaled_dot_product_attention(q, q, q, need_weights=False)")
+        # The cell notes when KeyboardInterrupt reached it (CLOCK_MONOTONIC is
+        # one clock for every process on the machine), then lets it go on up:
+        # attnpy owns the time to the raise; IPython's traceback formatting
+        # and the reply's trip over ZeroMQ come after it and are not ours.
+        cell = ("try:\n"
+                "    attnpy.scaled_dot_product_attention(q, q, q, need_weights=False)\n"
+                "except KeyboardInterrupt:\n"
+                "    import time; t_raised = time.monotonic(); raise\n")
+        msg_id = kc.execute(cell)
         time.sleep(1.5)
         sent = time.monotonic()
         km.interrupt_kernel()
@@ -85,11 +93,15 @@ def test_jupyter_interrupt_kernel():
             reply = kc.get_shell_msg(timeout=120)
             if reply["parent_header"].get("msg_id") == msg_id:
                 break
-        latency = time.monotonic() - sent
-        print(f"\njupyter: the kernel answered {latency:.3f} s after interrupt_kernel()")
+        answered = time.monotonic() - sent
         assert reply["content"]["status"] == "error"
         assert reply["content"]["ename"] == "KeyboardInterrupt"
-        assert latency < LATENCY, f"the kernel answered {latency:.2f} s after the interrupt"
+        probe = kc.execute_interactive("", user_expressions={"t": "t_raised"}, timeout=60)
+        raised = float(probe["content"]["user_expressions"]["t"]["data"]["text/plain"]) - sent
+        print(f"\njupyter: KeyboardInterrupt {raised:.3f} s after interrupt_kernel(), "
+              f"the reply {answered:.3f} s after it")
+        assert raised < LATENCY, f"KeyboardInterrupt came {raised:.2f} s after the interrupt"
+        assert answered < 10 * LATENCY, f"the kernel answered {answered:.2f} s after the interrupt"
         # the kernel is still usable: no restart needed
         check = ("r = attnpy.scaled_dot_product_attention(q[..., :8, :], q[..., :8, :], q[..., :8, :])\n"
                  "assert np.isfinite(r.output).all()\n")
