@@ -18,12 +18,14 @@ from ._config import (get_kernel, get_num_threads, set_kernel, set_num_threads,
                       supported_kernels, use_kernel)
 from ._mha import (MultiheadAttention, MultiheadAttentionGradients, MultiheadAttentionResult,
                    Trace, self_attention)
+from ._positions import KVCache, RoPE, relative_position_bucket, rope, sinusoidal_positions
 from ._sdpa import (AttentionGradients, AttentionResult, BackwardTrace, alibi_slopes, causal_mask,
                     scaled_dot_product_attention, scaled_dot_product_attention_backward)
 
-__all__ = ["AttentionGradients", "AttentionResult", "BackwardTrace", "MultiheadAttention",
-           "MultiheadAttentionGradients", "MultiheadAttentionResult", "Trace",
-           "alibi_slopes", "causal_mask", "get_kernel", "get_num_threads", "scaled_dot_product_attention",
-           "scaled_dot_product_attention_backward",
-           "self_attention", "set_kernel", "set_num_threads", "supported_kernels", "use_kernel"]
+__all__ = ["AttentionGradients", "AttentionResult", "BackwardTrace", "KVCache",
+           "MultiheadAttention", "MultiheadAttentionGradients", "MultiheadAttentionResult",
+           "RoPE", "Trace", "alibi_slopes", "causal_mask", "get_kernel", "get_num_threads",
+           "relative_position_bucket", "rope", "scaled_dot_product_attention",
+           "scaled_dot_product_attention_backward", "self_attention", "set_kernel",
+           "set_num_threads", "sinusoidal_positions", "supported_kernels", "use_kernel"]
 __version__ = "0.1.0"

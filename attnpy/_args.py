@@ -114,6 +114,26 @@ def real(x, name, expect):
         raise TypeError(f"{name} must be {expect}; got {type(x).__name__}") from None
 
 
+def dtype_arg(dtype):
+    """A dtype= argument: float32 or float64, as a np.dtype."""
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"dtype must be float32 or float64; got {dtype!r}") from None
+    if dt not in (np.float32, np.float64):
+        raise TypeError(f"dtype must be float32 or float64; got {dt}")
+    return dt
+
+
+def position(n, name):
+    """An int in [0, 2**31): a position, an offset or a window side."""
+    if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer)):
+        raise TypeError(f"{name} must be an int; got {type(n).__name__}")
+    if not 0 <= n <= MAX_EXTENT:
+        raise ValueError(f"{name} must be in [0, 2**31); got {n}")
+    return int(n)
+
+
 def default_scale(E):
     """1/sqrt(E): inf for E = 0, where the core scores 0 whatever the scale."""
     return 1.0 / math.sqrt(E) if E > 0 else math.inf

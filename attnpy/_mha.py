@@ -211,16 +211,6 @@ def _check_int(name, n, minimum=1):
     return int(n)
 
 
-def _float_dtype(dtype):
-    try:
-        dt = np.dtype(dtype)
-    except TypeError:
-        raise TypeError(f"dtype must be float32 or float64; got {dtype!r}") from None
-    if dt not in (np.float32, np.float64):
-        raise TypeError(f"dtype must be float32 or float64; got {dt}")
-    return dt
-
-
 # ---------------------------------------------------------------------------
 # MultiheadAttention
 
@@ -308,7 +298,7 @@ class MultiheadAttention:
         self.add_bias_kv = bool(add_bias_kv)
         self.add_zero_attn = bool(add_zero_attn)
         self.batch_first = bool(batch_first)
-        self.dtype = _float_dtype(dtype)
+        self.dtype = _args.dtype_arg(dtype)
         self.head_dim = self.embed_dim // self.num_heads
         self._qkv_same_embed_dim = self.kdim == self.embed_dim and self.vdim == self.embed_dim
         self.training = False

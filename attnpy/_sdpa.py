@@ -223,24 +223,15 @@ def _positions(query, query_offset, window, alibi_slopes):
     """The core's keywords for query_offset, window and alibi_slopes, checked."""
     options = {}
     if not (type(query_offset) is int and query_offset == 0):
-        if isinstance(query_offset, (bool, np.bool_)) or not isinstance(query_offset,
-                                                                        (int, np.integer)):
-            raise TypeError(f"query_offset must be an int; got {type(query_offset).__name__}")
-        if not 0 <= query_offset <= _args.MAX_EXTENT:
-            raise ValueError(f"query_offset must be in [0, 2**31); got {query_offset}")
-        options["query_offset"] = int(query_offset)
+        options["query_offset"] = _args.position(query_offset, "query_offset")
     if window is not None:
         try:
             left, right = window
         except (TypeError, ValueError):
             raise TypeError(f"window must be None or a pair (left, right) of ints; got "
                             f"{window!r}") from None
-        for side, n in (("left", left), ("right", right)):
-            if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer)):
-                raise TypeError(f"window's {side} side must be an int; got {type(n).__name__}")
-            if not 0 <= n <= _args.MAX_EXTENT:
-                raise ValueError(f"window's {side} side must be in [0, 2**31); got {n}")
-        options["window"] = (int(left), int(right))
+        options["window"] = (_args.position(left, "window's left side"),
+                             _args.position(right, "window's right side"))
     if alibi_slopes is not None:
         slopes = np.asarray(alibi_slopes)
         if slopes.dtype.kind not in "fiu" or slopes.dtype.kind == "b":
@@ -306,12 +297,7 @@ def causal_mask(L, S=None, *, align="top_left", dtype=np.float32):
     L, S = _size("L", L), _size("S", S)
     if align not in ("top_left", "bottom_right"):
         raise ValueError(f"align must be 'top_left' or 'bottom_right'; got {align!r}")
-    try:
-        dtype = np.dtype(dtype)
-    except TypeError:
-        raise TypeError(f"dtype must be float32 or float64; got {dtype!r}") from None
-    if dtype not in (np.float32, np.float64):
-        raise TypeError(f"dtype must be float32 or float64; got {dtype}")
+    dtype = _args.dtype_arg(dtype)
     if L * S * dtype.itemsize >= 2**63:
         raise ValueError(f"L x S = {L} x {S} is too large for one array of {dtype}")
     mask = np.zeros((L, S), dtype=dtype)   # first: too large is a MemoryError before any index
