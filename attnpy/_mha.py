@@ -15,7 +15,7 @@ from typing import Optional
 
 import numpy as np
 
-from . import _args, _core, _repr
+from . import _args, _core, _positions, _repr
 
 __all__ = ["MultiheadAttention", "MultiheadAttentionGradients", "MultiheadAttentionResult",
            "Trace", "self_attention"]
@@ -35,9 +35,17 @@ class Trace:
     q : ndarray, shape (N, H, L, D)
         Projected queries, split into heads (``query @ W_q.T + b_q``).
     k : ndarray, shape (N, Hkv, S', D)
-        Projected keys, with the bias_k and zero rows when enabled.
+        Projected keys, with the bias_k and zero rows when enabled. With a
+        ``kv_cache``: this call's ``T`` new keys only, ``(N, Hkv, T, D)``,
+        while the maps below span the whole cache (``S' = len(cache)``).
     v : ndarray, shape (N, Hkv, S', D)
         Projected values, likewise.
+    q_rotated : ndarray, shape (N, H, L, D), or None
+        With ``rope``: the queries after the rotary embedding, what the
+        scores are made of. None without rope.
+    k_rotated : ndarray, shape (N, Hkv, S', D), or None
+        Likewise the keys (with a cache, the new keys: the cache holds them
+        rotated).
     scores : ndarray, shape (N, H, L, S')
         Raw ``q @ k.T`` per head: unscaled, unmasked.
     logits : ndarray, shape (N, H, L, S')
@@ -60,6 +68,8 @@ class Trace:
     q: np.ndarray
     k: np.ndarray
     v: np.ndarray
+    q_rotated: Optional[np.ndarray]
+    k_rotated: Optional[np.ndarray]
     scores: np.ndarray
     logits: np.ndarray
     weights: np.ndarray
@@ -195,6 +205,7 @@ def _make_trace(raw, num_heads, num_kv_heads, unbatched):
         q=_split(raw["q"], num_heads),
         k=_split(raw["k"], num_kv_heads),
         v=_split(raw["v"], num_kv_heads),
+        q_rotated=raw.get("q_rotated"), k_rotated=raw.get("k_rotated"),
         scores=raw["scores"], logits=raw["logits"], weights=raw["weights"],
         dropout_mask=raw["dropout_mask"], dropped_weights=raw["dropped_weights"],
         head_outputs=_split(raw["concat"], num_heads),
@@ -253,6 +264,13 @@ class MultiheadAttention:
         The dtype of the parameters and of the computation.
     seed : int, optional
         Seeds the initialisation and the dropout masks.
+    rope : attnpy.RoPE, optional
+        Rotary position embeddings on the projected queries and keys of
+        every head (Llama, Qwen2, Mistral); the trace then shows
+        ``q_rotated`` and ``k_rotated``. Positions are ``0 .. L-1`` for the
+        queries and ``0 .. S-1`` for the keys, or after a ``kv_cache``'s
+        ``n`` tokens ``n .. n+T-1``. Not with ``add_bias_kv`` or
+        ``add_zero_attn`` (appended keys have no position).
 
     Notes
     -----
@@ -273,7 +291,7 @@ class MultiheadAttention:
 
     def __init__(self, embed_dim, num_heads, dropout=0.0, bias=True, add_bias_kv=False,
                  add_zero_attn=False, kdim=None, vdim=None, batch_first=True,
-                 num_kv_heads=None, dtype=np.float32, seed=None):
+                 num_kv_heads=None, dtype=np.float32, seed=None, rope=None):
         self.embed_dim = _check_int("embed_dim", embed_dim)
         self._id = uuid.uuid4().hex  # ties a traced result to its layer, across pickles
         self.num_heads = _check_int("num_heads", num_heads)
@@ -300,6 +318,16 @@ class MultiheadAttention:
         self.batch_first = bool(batch_first)
         self.dtype = _args.dtype_arg(dtype)
         self.head_dim = self.embed_dim // self.num_heads
+        if rope is not None:
+            if not isinstance(rope, _positions.RoPE):
+                raise TypeError(f"rope must be None or an attnpy.RoPE; got {type(rope).__name__}")
+            if rope.rotary_dim is not None and rope.rotary_dim > self.head_dim:
+                raise ValueError(f"rope's rotary_dim ({rope.rotary_dim}) must be at most the "
+                                 f"head width embed_dim // num_heads = {self.head_dim}")
+            if self.add_bias_kv or self.add_zero_attn:
+                raise ValueError("rope cannot go with add_bias_kv or add_zero_attn: the "
+                                 "appended keys have no position")
+        self.rope = rope
         self._qkv_same_embed_dim = self.kdim == self.embed_dim and self.vdim == self.embed_dim
         self.training = False
         self._rng = np.random.default_rng(seed)
@@ -417,6 +445,7 @@ class MultiheadAttention:
         return (f"MultiheadAttention(embed_dim={self.embed_dim}, num_heads={self.num_heads}, "
                 f"num_kv_heads={self.num_kv_heads}, dropout={self.dropout}, "
                 f"batch_first={self.batch_first}, dtype={self.dtype}, "
+                f"{'' if self.rope is None else f'rope={self.rope}, '}"
                 f"{'training' if self.training else 'eval'})")
 
     def _projections(self):
@@ -444,7 +473,8 @@ class MultiheadAttention:
     # -- forward --------------------------------------------------------------
 
     def __call__(self, query, key=None, value=None, key_padding_mask=None, need_weights=True,
-                 attn_mask=None, average_attn_weights=False, is_causal=False, trace=False):
+                 attn_mask=None, average_attn_weights=False, is_causal=False, trace=False,
+                 kv_cache=None):
         """Attend from ``query`` to ``key``/``value``.
 
         Parameters
@@ -468,17 +498,27 @@ class MultiheadAttention:
             as given) and raises without one.
         trace : bool, default False
             Also return every stage (see :class:`Trace`).
+        kv_cache : attnpy.KVCache, optional
+            Self-attention decoding: the ``T`` tokens of ``query`` (``key``
+            and ``value`` not given) append their projected keys and values
+            to the cache, ``(N, num_kv_heads, max_len, D)`` of the layer's
+            dtype, and attend causally to every cached token (bottom-right:
+            ``query_offset = len(cache) - T``); weights ``(N, H, T,
+            len(cache))``. No ``attn_mask`` or ``key_padding_mask`` with it;
+            ``backward`` raises NotImplementedError on its results.
 
         Returns
         -------
         MultiheadAttentionResult
         """
         dtype = self.dtype
+        if kv_cache is not None:
+            self._check_cache(kv_cache, query, key, value, attn_mask, key_padding_mask)
         query = _as_input(query, "query", dtype)
         key = query if key is None else _as_input(key, "key", dtype)
         value = key if value is None else _as_input(value, "value", dtype)
         fused = self._fused_projection(query, key, value)   # before any view is taken
-        if is_causal and attn_mask is None:
+        if is_causal and attn_mask is None and kv_cache is None:
             raise ValueError("is_causal=True is a hint that needs attn_mask (as in torch); pass "
                              "attn_mask=attnpy.causal_mask(L, S)")
 
@@ -504,6 +544,9 @@ class MultiheadAttention:
         N, L, _ = query.shape
         S = key.shape[1]
         H = self.num_heads
+        if kv_cache is not None and kv_cache.keys.shape[0] != N:
+            raise ValueError(f"kv_cache holds a batch of {kv_cache.keys.shape[0]}; query has "
+                             f"{N}")
 
         if key_padding_mask is not None:
             key_padding_mask = np.asarray(key_padding_mask) if not isinstance(
@@ -537,14 +580,15 @@ class MultiheadAttention:
                                _args.mask(key_padding_mask, "key_padding_mask", dtype, "ignore"))
                    if m],
             scale=_args.default_scale(self.head_dim), is_causal=False,
-            dropout_p=dropout_p, seed=seed, need_weights=need_weights, trace=trace)
+            dropout_p=dropout_p, seed=seed, need_weights=need_weights, trace=trace,
+            rope=self.rope, cache=kv_cache)
 
         context = None
         if trace:
             # the layer by its id, not by reference: a pickled or deep-copied
             # result still belongs to this layer (and does not carry it along)
             context = dict(layer_id=self._id, query=query, key=key, value=value, raw=raw,
-                           unbatched=unbatched, N=N, L=L)
+                           unbatched=unbatched, N=N, L=L, cached=kv_cache is not None)
         if weights is not None and average_attn_weights:
             weights = weights.mean(axis=1)
         if unbatched:
@@ -558,6 +602,28 @@ class MultiheadAttention:
             trace=_make_trace(raw, H, self.num_kv_heads, unbatched), _context=context, _ran=ran)
 
     forward = __call__
+
+    def _check_cache(self, cache, query, key, value, attn_mask, key_padding_mask):
+        if not isinstance(cache, _positions.KVCache):
+            raise TypeError(f"kv_cache must be None or an attnpy.KVCache; got "
+                            f"{type(cache).__name__}")
+        if (key is not None and key is not query) or (value is not None and value is not query):
+            raise ValueError("kv_cache is for self-attention decoding: pass the new tokens as "
+                             "query alone (key=None, value=None)")
+        for name, m in (("attn_mask", attn_mask), ("key_padding_mask", key_padding_mask)):
+            if m is not None:
+                raise ValueError(f"{name} cannot go with kv_cache: the cache attends causally "
+                                 f"to every cached token")
+        if self.add_bias_kv or self.add_zero_attn:
+            raise ValueError("kv_cache cannot go with add_bias_kv or add_zero_attn")
+        want = (self.num_kv_heads, self.head_dim, self.embed_dim // self.num_heads)
+        got = (cache.keys.shape[1], cache.keys.shape[3], cache.values.shape[3])
+        if cache.dtype != self.dtype:
+            raise TypeError(f"kv_cache holds {cache.dtype} but the layer computes in "
+                            f"{self.dtype}")
+        if got != want:
+            raise ValueError(f"kv_cache must have num_kv_heads = {want[0]} and head_dim = "
+                             f"value_dim = {want[1]} (this layer's); got {got}")
 
     def backward(self, result, grad_output):
         """Gradients of a loss with respect to the inputs and every parameter.
@@ -586,6 +652,9 @@ class MultiheadAttention:
                              "needs the forward's projections and weights")
         if ctx["layer_id"] != self._id:
             raise ValueError("result comes from another layer's forward pass")
+        if ctx.get("cached"):
+            raise NotImplementedError("backward of a call with kv_cache: the cached keys and "
+                                      "values come from earlier calls; train without the cache")
         grad_output = _as_input(grad_output, "grad_output", self.dtype)
         if grad_output.shape != result.output.shape:
             raise ValueError(f"grad_output must have the output's shape {result.output.shape}; "
@@ -715,12 +784,15 @@ def _check_sizes(N, L, S2, H, dtype, want_maps, lengths):
 
 
 def _layer_forward(query, key, value, proj, fused, H, Hkv, bias_kv, add_zero_attn, w_out, b_out,
-                   *, masks, scale, is_causal, dropout_p, seed, need_weights, trace):
+                   *, masks, scale, is_causal, dropout_p, seed, need_weights, trace,
+                   rope=None, cache=None):
     """The layer on (N, L, qdim), (N, S, kdim), (N, S, vdim) inputs.
 
     proj = (w_q, w_k, w_v, b_q, b_k, b_v), each weight (out, in) as torch
-    stores it; fused = (w, b) when one product makes q, k and v. Returns
-    (output, weights or None, raw stages or None).
+    stores it; fused = (w, b) when one product makes q, k and v; rope turns
+    the projected q and k; cache (self-attention) takes the new keys and
+    values and the attention spans it. Returns (output, weights or None, raw
+    stages or None).
     """
     w_q, w_k, w_v, b_q, b_k, b_v = proj
     dtype = query.dtype
@@ -750,21 +822,35 @@ def _layer_forward(query, key, value, proj, fused, H, Hkv, bias_kv, add_zero_att
         if add_zero_attn:
             k[:, -1], v[:, -1] = 0, 0
 
-    # 2. attention per head, on views; the heads' outputs land side by side
-    concat = np.empty((N, L, H * Dv), dtype)
+    # 2. positions: the rotary embedding turns each head's q and k (new
+    # arrays); a cache takes the new keys and values and gives back all
+    qh, kh, vh = _split(q, H), _split(k, Hkv), _split(v, Hkv)
+    start = 0 if cache is None else len(cache)
+    rotated = None
+    if rope is not None:
+        pos_q, pos_k = start + np.arange(L), start + np.arange(S)
+        qh, kh = rope(qh, pos_q), rope(kh, pos_k)
+        rotated = dict(q_rotated=qh, k_rotated=kh, _rope=(rope, pos_q, pos_k))
     options = dict(scale=scale, masks=masks, extra_keys=extra, is_causal=is_causal,
                    enable_gqa=Hkv != H, dropout_p=dropout_p, seed=seed)
-    _, weights, staged, ran = _core.sdpa(_split(q, H), _split(k, Hkv), _split(v, Hkv),
-                                         need_weights=need_weights or trace, trace=trace,
-                                         out=_split(concat, H), **options)
+    if cache is not None:
+        _check_sizes(N, L, start + S, H, dtype, need_weights or trace, (start + S,))
+        kh, vh = cache.append(kh, vh)
+        options.update(is_causal=True, query_offset=start)
 
-    # 3. output projection
+    # 3. attention per head, on views; the heads' outputs land side by side
+    concat = np.empty((N, L, H * Dv), dtype)
+    _, weights, staged, ran = _core.sdpa(qh, kh, vh, need_weights=need_weights or trace,
+                                         trace=trace, out=_split(concat, H), **options)
+
+    # 4. output projection
     out = concat if w_out is None else _core.linear(concat, w_out, b_out)
     raw = None
     if trace:
         # what the backward needs too: the options and the head counts
         raw = dict(q=q, k=k, v=v, weights=weights, concat=concat, output=out, **staged,
-                   _options=options, _heads=(H, Hkv), _qkv=qkv if fused is not None else None)
+                   **(rotated or {}), _options=options, _heads=(H, Hkv),
+                   _qkv=qkv if fused is not None else None)
     if not need_weights:
         returned = None
     else:
@@ -810,7 +896,7 @@ def _layer_backward(query, key, value, proj, raw, grad_output, w_out, g_proj, g_
     dconcat = _core.linear(grad_output, w_out.T)
     _param_grads(concat, grad_output, g_wout, g_bout)
 
-    # 2. attention: each head's gradients into its columns of dq, dk, dv (of
+    # 2. attention (and the rotary embedding): each head's gradients into its columns of dq, dk, dv (of
     # one buffer when one product made q, k and v: then one product makes
     # in_proj_weight's gradient too)
     if qkv is not None and g_fused is not None:
@@ -820,10 +906,19 @@ def _layer_backward(query, key, value, proj, raw, grad_output, w_out, g_proj, g_
     else:
         dqkv = None
         dq, dk, dv = np.empty_like(q), np.empty(k.shape, q.dtype), np.empty(v.shape, q.dtype)
+    qh, kh = raw.get("q_rotated"), raw.get("k_rotated")
+    if qh is None:
+        qh, kh = _split(q, H), _split(k, Hkv)
+    dqh, dkh = _split(dq, H), _split(dk, Hkv)
     _core.sdpa_backward(
-        _split(dconcat, H), _split(q, H), _split(k, Hkv), _split(v, Hkv),
+        _split(dconcat, H), qh, kh, _split(v, Hkv),
         weights=raw["weights"] if ctx["dropout_p"] > 0 else None,
-        grads=(_split(dq, H), _split(dk, Hkv), _split(dv, Hkv)), **ctx)
+        grads=(dqh, dkh, _split(dv, Hkv)), **ctx)
+    if "_rope" in raw:
+        # the rotation's transpose is its inverse: turn the gradients back
+        rope, pos_q, pos_k = raw["_rope"]
+        rope(dqh, pos_q, inverse=True, out=dqh)
+        rope(dkh, pos_k, inverse=True, out=dkh)
 
     # bias_k, bias_v: the sums of the key / value gradients at row S
     if g_bias_kv is not None:
