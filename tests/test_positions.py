@@ -229,3 +229,23 @@ def test_alibi_slopes_errors():
         attnpy.alibi_slopes(0)
     with pytest.raises(TypeError, match="num_heads must be an int"):
         attnpy.alibi_slopes(2.0)
+
+
+@pytest.mark.parametrize("L,S,options", [(5, 7, dict(is_causal=True)),
+                                         (130, 130, dict(is_causal=True, window=(3, 0))),
+                                         (70, 200, dict(window=(10, 40), query_offset=50))])
+def test_a_key_hidden_by_position_ignores_the_bias(kernel, L, S, options):
+    """+inf and NaN in attn_bias where the position hides the key change
+    nothing: the key is out, on every kernel, tile and path."""
+    q, k, v = _qkv((1, 2, L, 16), S, 8, np.float32, seed=3)
+    hidden = np.isneginf(position_mask(L, S, **options))
+    bias = np.zeros((L, S), np.float32)
+    bias[hidden] = np.inf
+    bias[hidden & (np.add.outer(np.arange(L), np.arange(S)) % 3 == 0)] = np.nan
+    ref_out, ref_w = _expected(q, k, v, **options)
+    for need_weights in (True, False):
+        out, w = attnpy.scaled_dot_product_attention(q, k, v, attn_bias=bias,
+                                                     need_weights=need_weights, **options)
+        np.testing.assert_allclose(out, ref_out, atol=2e-5)
+        if need_weights:
+            np.testing.assert_allclose(w, ref_w, atol=2e-5)

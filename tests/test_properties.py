@@ -31,7 +31,7 @@ from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 
 import attnpy
-from reference import (additive_mask, mha_backward_reference, mha_from_batch_first,
+from reference import (additive_mask, position_mask, mha_backward_reference, mha_from_batch_first,
                        mha_reference, mha_to_batch_first, sdpa_backward_reference,
                        sdpa_reference, self_attention_reference)
 
@@ -269,11 +269,37 @@ def sdpa_calls(draw):
                   scale=scale, enable_gqa=gqa, need_weights=draw(st.booleans()))
     if rng.random() < 0.03:
         kwargs["dropout_p"] = draw(st.sampled_from([1.5, "x"]))   # 0 < p <= 1 is valid
+    if rng.random() < 0.35:
+        kwargs.update(draw(position_options(rng, np.shape(args["query"]), lead_q, L, S, wrong,
+                                            base)))
     r = rng.random()
     out_kind = "none" if r < 0.7 else "good" if r < 0.85 else draw(
         st.sampled_from(["dtype", "shape", "F", "readonly", "alias", "list"]))
     kernel = draw(st.sampled_from(["auto", "reference"]))
     return args, kwargs, out_kind, kernel, w_shape
+
+
+@st.composite
+def position_options(draw, rng, q_shape, lead_q, L, S, wrong, base):
+    """query_offset, window, alibi_slopes, attn_bias (issue 15): valid values,
+    and now and then an attn_bias of another dtype or shape."""
+    opts = {}
+    if draw(st.booleans()):
+        opts["query_offset"] = draw(st.integers(0, S + 3))
+    if draw(st.booleans()):
+        opts["window"] = (draw(st.integers(0, 4)), draw(st.integers(0, 4)))
+    if draw(st.booleans()):
+        heads = q_shape[-3:-2] if len(q_shape) >= 3 else ()
+        opts["alibi_slopes"] = rng.uniform(0, 1, heads if draw(st.booleans()) else ())
+    if draw(st.booleans()):
+        full = lead_q + (L, S) if wrong is None else (L, S)
+        keep = draw(st.integers(0, len(full)))
+        shape = tuple(1 if rng.random() < 0.3 else d for d in full[len(full) - keep:])
+        if rng.random() < 0.05:
+            shape = shape[:-1] + (S + 2,)
+        dt = base if rng.random() < 0.95 else draw(st.sampled_from([F32, F64, np.dtype(bool)]))
+        opts["attn_bias"] = rng.standard_normal(shape).astype(dt)
+    return opts
 
 
 def float_type(obj):
@@ -297,7 +323,7 @@ def sdpa_expectations(args, kwargs):
     # the dtype lists are converted to: the first float ndarray's
     cast_to = F64
     for a in (v, k, q):
-        if isinstance(a, np.ndarray) and a.dtype.kind == "f" and a.dtype.itemsize in (4, 8):
+        if isinstance(a, np.ndarray) and a.dtype in (F32, F64):   # native order, as _args
             cast_to = np.dtype(a.dtype.type)
     dts = {np.dtype(a.dtype.type) if isinstance(a, np.ndarray) else cast_to for a in (q, k, v)}
     if len(dts) > 1:
@@ -309,6 +335,11 @@ def sdpa_expectations(args, kwargs):
         errors.append((ValueError, "attn_mask"))
     if isinstance(mask, list) and np.asarray(mask).dtype.kind in "iu":
         errors.append((TypeError, "attn_mask"))
+    bias = kwargs.get("attn_bias")
+    if bias is not None and bias.dtype != np.bool_ and bias.dtype != dtype:
+        errors.append((TypeError, "attn_bias"))
+    if bias is not None and bias.dtype == np.bool_:
+        errors.append((TypeError, "attn_bias"))
     shapes = {n: np.shape(a) for n, a in args.items()}
     if any(len(s) < 2 for s in shapes.values()):
         errors += [(ValueError, n) for n, s in shapes.items() if len(s) < 2]
@@ -351,7 +382,33 @@ def sdpa_expectations(args, kwargs):
         if len(ms) > len(w_shape) or any(a != 1 and a != b for a, b in
                                          zip(ms[::-1], w_shape[::-1])):
             errors.append((ValueError, "attn_mask"))
+    if bias is not None:
+        bs = bias.shape
+        if len(bs) > len(w_shape) or any(a != 1 and a != b for a, b in
+                                         zip(bs[::-1], w_shape[::-1])):
+            errors.append((ValueError, "attn_bias"))
     return errors, dtype, out_shape, w_shape
+
+
+def reference_mask(args, kwargs):
+    """(attn_mask, is_causal) for the reference: as given, or with positions
+    or attn_bias one additive float64 mask (attn_mask + the positions, causal
+    among them, + the bias)."""
+    mask, is_causal = kwargs["attn_mask"], kwargs["is_causal"]
+    positions = {n: kwargs[n] for n in ("query_offset", "window", "alibi_slopes") if n in kwargs}
+    if not positions and "attn_bias" not in kwargs:
+        return mask, is_causal
+    L, S = np.shape(args["query"])[-2], np.shape(args["key"])[-2]
+    if len(np.shape(args["query"])) < 3 and "alibi_slopes" in positions:
+        positions["alibi_slopes"] = positions["alibi_slopes"].reshape(())   # no head axis
+    m = position_mask(L, S, is_causal=is_causal, **positions)
+    given = additive_mask(mask, False, L, S)
+    total = m + (0.0 if given is None else given) + np.asarray(kwargs.get("attn_bias", 0.0),
+                                                               np.float64)
+    # a key hidden by its position is out, whatever a float mask or the bias
+    # holds there (+inf and NaN too): the kernels never read it
+    with np.errstate(invalid="ignore"):
+        return np.where(np.isneginf(m), -np.inf, total), False
 
 
 def make_out(kind, args, dtype, out_shape):
@@ -388,7 +445,7 @@ def _prop_sdpa(call):
     out, out_errors = make_out(out_kind, args, dtype, out_shape)
     errors += out_errors
     note(f"errors expected: {errors}; kernel {kernel}")
-    inputs = list(args.values()) + [kwargs["attn_mask"]]
+    inputs = list(args.values()) + [kwargs["attn_mask"], kwargs.get("attn_bias")]
 
     def call_():
         with attnpy.use_kernel(kernel):
@@ -399,8 +456,9 @@ def _prop_sdpa(call):
         return
     scale = kwargs["scale"]
     scale = None if scale is None else float(scale)
+    mask, is_causal = reference_mask(args, kwargs)
     want_out, want_w, v = sdpa_reference(args["query"], args["key"], args["value"],
-                                         kwargs["attn_mask"], kwargs["is_causal"], scale,
+                                         mask, is_causal, scale,
                                          kwargs["enable_gqa"], with_values=True)
     assert res.output.dtype == dtype
     if out is not None:
@@ -463,7 +521,7 @@ def _prop_sdpa_backward(call):
             errors.append((TypeError, "grad_output"))
         if weights is not None and (weights.shape != w_shape or weights.dtype != dtype):
             errors.append((ValueError if weights.dtype == dtype else TypeError, "weights"))
-    inputs = list(args.values()) + [kwargs["attn_mask"], dout, weights]
+    inputs = list(args.values()) + [kwargs["attn_mask"], kwargs.get("attn_bias"), dout, weights]
 
     def call_():
         with attnpy.use_kernel(kernel):
@@ -475,11 +533,11 @@ def _prop_sdpa_backward(call):
         return
     scale = kwargs["scale"]
     scale = None if scale is None else float(scale)
+    mask, is_causal = reference_mask(args, kwargs)
     want = sdpa_backward_reference(dout, args["query"], args["key"], args["value"],
-                                   kwargs["attn_mask"], kwargs["is_causal"], scale,
-                                   kwargs["enable_gqa"])
-    _, P, v = sdpa_reference(args["query"], args["key"], args["value"], kwargs["attn_mask"],
-                             kwargs["is_causal"], scale, kwargs["enable_gqa"], with_values=True)
+                                   mask, is_causal, scale, kwargs["enable_gqa"])
+    _, P, v = sdpa_reference(args["query"], args["key"], args["value"], mask,
+                             is_causal, scale, kwargs["enable_gqa"], with_values=True)
     if np.isnan(P).any() or (~np.isfinite(v)).any() or (P[(P > 0) & (P < 1e-30)]).size:
         # non-finite forward values: the gradients are NaN/inf in places that
         # depend on summation order; check only that the finite ones agree
