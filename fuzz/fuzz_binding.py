@@ -43,8 +43,9 @@ import atheris  # noqa: E402
 # The float64 reference is the tests' one (tests/reference.py): one copy, so a
 # finding is never a bug of a second copy. It does not import attnpy.
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "tests"))
-from reference import (mha_from_batch_first, mha_reference, mha_to_batch_first,  # noqa: E402
-                       sdpa_backward_reference, sdpa_forward, self_attention_reference)
+from reference import (additive_mask, mha_from_batch_first, mha_reference,  # noqa: E402
+                       mha_to_batch_first, position_mask, sdpa_backward_reference, sdpa_forward,
+                       self_attention_reference)
 
 if os.environ.get("ATTNPY_FUZZ_GLOBAL_LIBFUZZER") == "1":
     # No preloaded libFuzzer (no ASan): load atheris's own libFuzzer with
@@ -497,7 +498,8 @@ def close(name, got, want, dtype, scale_of, what):
                       f"{got[tuple(i)]!r} vs {want[tuple(i)]!r} (tolerance {tol:.3g})")
 
 
-def check_sdpa_result(res, q, k, v, mask, is_causal, scale, gqa, need_weights, what):
+def check_sdpa_result(res, q, k, v, mask, is_causal, scale, gqa, need_weights, what,
+                      positions=None):
     out, w = res
     dt = np.asarray(q).dtype if isinstance(q, np.ndarray) else np.dtype(np.float64)
     if not isinstance(out, np.ndarray) or out.dtype not in FLOAT_DTYPES:
@@ -512,6 +514,15 @@ def check_sdpa_result(res, q, k, v, mask, is_causal, scale, gqa, need_weights, w
         return
     if max(q.shape[-2] * k.shape[-2], q.shape[-2] * q.shape[-1]) > MAX_WORK:
         return
+    if positions:
+        if not finite_moderate(positions.get("attn_bias")):
+            return
+        slopes = positions.get("alibi_slopes")
+        if slopes is not None and q.ndim < 3:
+            positions = dict(positions, alibi_slopes=np.asarray(slopes).reshape(()))
+        if is_causal:
+            positions = dict(positions, is_causal=True)
+        mask, is_causal = position_reference_mask(mask, positions, q.shape[-2], k.shape[-2]), False
     ref = sdpa_forward(q, k, v, mask, is_causal, scale, gqa)
     want_out, want_w, logits = ref["out"], ref["weights"], ref["logits"]
     if want_out.shape != out.shape:
@@ -611,6 +622,8 @@ def scenario_sdpa(fdp, private):
                 if fdp.ConsumeIntInRange(0, 3) == 0:
                     out = out.T if out.ndim > 1 else out[::-1]
     what = "_core.sdpa" if private else "scaled_dot_product_attention"
+    positions = {} if private or fdp.ConsumeIntInRange(0, 3) else \
+        pick_positions(fdp, qs, ks, ms, dtype, inputs)
     sizes = sdpa_sizes(q, k, v, gqa)
     if sizes and legit_but_huge((q, k, v, mask), *sizes, scale=scale,
                                 reference=nonzero(dropout)):
@@ -624,13 +637,56 @@ def scenario_sdpa(fdp, private):
         res = tuple(res[:2])
     else:
         res = call(inputs, what, attnpy.scaled_dot_product_attention, q, k, v, mask, dropout,
-                   is_causal, scale, enable_gqa, need_weights=need_weights, out=out)
+                   is_causal, scale, enable_gqa, need_weights=need_weights, out=out,
+                   **positions)
         if res is None or nonzero(dropout):
             return  # dropout: the reference knows no dropped keys (checked in the tests)
     if out is not None and res[0] is not out:
         raise Finding(f"{what}: out= given but the output is another array")
     check_sdpa_result(res, q, k, v, mask, bool(is_causal), scale, bool(enable_gqa),
-                      bool(need_weights), what)
+                      bool(need_weights), what, positions)
+
+
+def pick_positions(fdp, qs, ks, ms, dtype, inputs):
+    """query_offset, window, alibi_slopes, attn_bias (issue 15): mostly valid,
+    sometimes negative, huge, of the wrong type or shape."""
+    S = ks[-2] if len(ks) >= 2 else 1
+    opts = {}
+    if fdp.ConsumeBool():
+        r = fdp.ConsumeIntInRange(0, 15)
+        opts["query_offset"] = fdp.ConsumeIntInRange(0, S + 4) if r < 11 else \
+            [-1, 2**31, 2**70, 1.5, True][r - 11]
+    if fdp.ConsumeBool():
+        r = fdp.ConsumeIntInRange(0, 15)
+        opts["window"] = (pick_int(fdp, 0, 6), pick_int(fdp, 0, 6)) if r < 11 else \
+            [(-1, 0), (0,), 3, ("a", 0), (2**31, 0)][r - 11]
+    if fdp.ConsumeBool():
+        heads = qs[-3:-2] if len(qs) >= 3 else ()
+        r = fdp.ConsumeIntInRange(0, 15)
+        if r < 11:   # one slope per query head (a sane count), or one for all
+            n = heads[0] if heads and r % 2 and heads[0] <= 64 else 0
+            opts["alibi_slopes"] = 0.5 / np.arange(1, n + 1) if n else np.array(0.5)
+        else:
+            opts["alibi_slopes"] = [np.full((7,), 0.5), np.array([np.nan]), "x",
+                                    np.array(["a"]), [0.25]][r - 11]
+    if fdp.ConsumeBool():
+        opts["attn_bias"] = build_array(fdp, "attn_bias", ms, dtype, inputs)
+    return opts
+
+
+def position_reference_mask(mask, positions, L, S):
+    """The one additive float64 mask the reference sees: attn_mask, the
+    positions and the bias; a key hidden by its position is out (-inf)
+    whatever the mask or bias holds there."""
+    pos = {n: positions[n] for n in ("is_causal", "query_offset", "window", "alibi_slopes")
+           if n in positions}
+    m = position_mask(L, S, **pos)
+    given = additive_mask(mask, False, L, S)
+    bias = positions.get("attn_bias")
+    with np.errstate(invalid="ignore"):
+        total = m + (0.0 if given is None else given) + \
+            (0.0 if bias is None else bias.astype(np.float64))
+        return np.where(np.isneginf(m), -np.inf, total)
 
 
 def scenario_sdpa_backward(fdp, private):
