@@ -215,13 +215,19 @@ int attn_fast_backward_rows(attn_kernel kernel, const attn_sdpa_grad_args *g,
 int attn_fast_rows(attn_kernel kernel, const attn_sdpa_args *a, const attn_head *hd,
                    int64_t i0, int64_t nr, void *ws)
 {
+    /* which fast kernel: the weights map, a decoding step's few rows, or tiles */
+    const int use_weights = hd->weights != NULL, use_rows = !use_weights && attn_fast_use_rows(a);
     if (a->dtype == ATTN_FLOAT64) {
         int (*fn)(const attn_sdpa_args *, const attn_head *, int64_t, int64_t, double *) =
-            hd->weights ? ATTN_PICK(weights_rows, kernel, f64) : ATTN_PICK(flash_rows, kernel, f64);
+            use_weights ? ATTN_PICK(weights_rows, kernel, f64)
+            : use_rows  ? ATTN_PICK(decode_rows, kernel, f64)
+                        : ATTN_PICK(flash_rows, kernel, f64);
         return fn(a, hd, i0, nr, ws);
     }
     int (*fn)(const attn_sdpa_args *, const attn_head *, int64_t, int64_t, float *) =
-        hd->weights ? ATTN_PICK(weights_rows, kernel, f32) : ATTN_PICK(flash_rows, kernel, f32);
+        use_weights ? ATTN_PICK(weights_rows, kernel, f32)
+        : use_rows  ? ATTN_PICK(decode_rows, kernel, f32)
+                    : ATTN_PICK(flash_rows, kernel, f32);
     return fn(a, hd, i0, nr, ws);
 }
 

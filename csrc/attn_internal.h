@@ -157,6 +157,18 @@ size_t attn_fast_workspace(const attn_sdpa_args *a); /* bytes per thread */
 int attn_fast_rows(attn_kernel kernel, const attn_sdpa_args *a, const attn_head *hd,
                    int64_t i0, int64_t nr, void *workspace);
 
+/* A decoding step: so few query rows that the tiles (2 vectors of queries
+   wide) would mostly compute padding; q, k and v rows read in place when
+   their features are contiguous. attn_fast_rows then runs decode_rows. */
+#define ATTN_FAST_ROWS_MAX 4
+static inline int attn_fast_use_rows(const attn_sdpa_args *a)
+{
+    const int64_t elem = a->dtype == ATTN_FLOAT64 ? 8 : 4;
+    return a->L <= ATTN_FAST_ROWS_MAX && a->q.col == elem && a->k.col == elem &&
+           a->q.row % elem == 0 &&
+           a->v.col == elem && a->k.row % elem == 0 && a->v.row % elem == 0;
+}
+
 /* A linear layer's work items: at most ATTN_LINEAR_BR rows (fewer when that
    leaves threads idle) by ATTN_LINEAR_COLS output columns (a multiple of
    every fast kernel's tile width). */
