@@ -202,3 +202,33 @@ def test_property_large_magnitudes(call, kernel):
     np.testing.assert_allclose(r.output, ref_out, atol=tol, rtol=0)
     if need_weights:
         np.testing.assert_allclose(r.weights, ref_w, atol=tol, rtol=0)
+
+
+# ---------------------------------------------------------------------------
+# decoding (L <= 4 rows: decode_rows checks rule 6 after the fact)
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("L", [1, 3])
+def test_decode_rows_non_finite_values_as_the_reference(kernel, dtype, L):
+    rng = np.random.default_rng(L)
+    S, D = 300, 16
+    q = rng.standard_normal((2, L, D)).astype(dtype)
+    k = rng.standard_normal((2, S, D)).astype(dtype)
+    v = rng.standard_normal((2, S, D)).astype(dtype)
+    mask = np.ones((L, S), bool)
+    mask[:, 7] = False
+    v[0, 7] = np.nan                     # a hidden key's NaN value is never read
+    v[1, 200, 3] = np.inf                # an open key's inf value reaches the output
+    k[1, 250] *= 1e3                     # the others' weights underflow next to key 250
+    out = sdpa(q, k, v, attn_mask=mask, need_weights=False).output
+    with attnpy.use_kernel("reference"):
+        expected = sdpa(q, k, v, attn_mask=mask, need_weights=False).output
+    assert np.isfinite(out[0]).all()
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
+    # q . k overflowing T in one decoding row: the reference's answer
+    q2 = q.copy()
+    q2[0, 0] = big(dtype)
+    out = sdpa(q2, k, v, is_causal=True, query_offset=S - L, need_weights=False).output
+    with attnpy.use_kernel("reference"):
+        expected = sdpa(q2, k, v, is_causal=True, query_offset=S - L, need_weights=False).output
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
