@@ -21,6 +21,8 @@ Exercises (``exercises.EXERCISES`` has their signatures):
   split_heads(x, num_heads)            (N, L, E) -> (N, H, L, E / H)
   merge_heads(x)                       (N, H, L, D) -> (N, L, H * D)
   softmax_backward(weights, grad_weights)   the gradient of the softmax's input
+  rope(x, positions, base=10000.0)     rotary embedding, Llama's halves convention
+  kv_cache_step(q, k_cache, v_cache, k_new, v_new)   new queries over cache + new keys
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ._mha import MultiheadAttention, self_attention
+from ._positions import rope as _rope
 from ._sdpa import scaled_dot_product_attention, scaled_dot_product_attention_backward
 
 __all__ = ["EXERCISES", "CheckResult", "check"]
@@ -41,6 +44,11 @@ EXERCISES = {
     "split_heads": "split_heads(x, num_heads) -> (N, H, L, E // H) from x (N, L, E)",
     "merge_heads": "merge_heads(x) -> (N, L, H * D) from x (N, H, L, D)",
     "softmax_backward": "softmax_backward(weights, grad_weights) -> gradient of the scores",
+    "rope": "rope(x, positions, base=10000.0) -> x (L, D) rotated: feature i pairs with "
+            "i + D/2, turned by positions[l] * base**(-2i/D)",
+    "kv_cache_step": "kv_cache_step(q, k_cache, v_cache, k_new, v_new) -> (T, d_v): T new "
+                     "queries over the P cached and T new keys, new token t sees keys "
+                     "0 .. P + t",
 }
 
 
@@ -193,6 +201,74 @@ def _cases_softmax_backward(rng):
         yield (w, gw), g.trace.grad_scores, mistakes
 
 
+def _rope_numpy(x, positions, base, *, pair_halves=True, exponent=2.0, sign=1.0, swap=False):
+    """The rotary embedding with one convention changed: the checker's mistakes."""
+    L, D = x.shape
+    half = D // 2
+    theta = base ** (-exponent * np.arange(half) / D)
+    angle = sign * np.asarray(positions, np.float64)[:, None] * theta
+    cos, sin = (np.sin(angle), np.cos(angle)) if swap else (np.cos(angle), np.sin(angle))
+    a, b = (x[:, :half], x[:, half:]) if pair_halves else (x[:, 0::2], x[:, 1::2])
+    out = np.empty_like(x)
+    ra, rb = a * cos - b * sin, b * cos + a * sin
+    if pair_halves:
+        out[:, :half], out[:, half:] = ra, rb
+    else:
+        out[:, 0::2], out[:, 1::2] = ra, rb
+    return out
+
+
+def _cases_rope(rng):
+    for L, D, start, base in ((4, 8, 0, 10000.0), (5, 6, 3, 10000.0), (3, 16, 10, 500.0)):
+        x = rng.standard_normal((L, D))
+        positions = start + np.arange(L)
+        expected = _rope(x, positions, base=base)                # the core's rotation
+        mistakes = {
+            "features paired as (2i, 2i+1) (GPT-J's interleaved pairs); here feature i "
+            "pairs with i + D/2 (the two halves, Llama's rotate_half)":
+                _rope(x, positions, base=base, interleaved=True),
+            "turned the wrong way: x_a' = x_a cos - x_b sin, x_b' = x_b cos + x_a sin":
+                _rope(x, positions, base=base, inverse=True),
+            "frequencies base**(-i/D): the exponent is -2i/D (one frequency per pair)":
+                _rope_numpy(x, positions, base, exponent=1.0),
+            "sin and cos swapped":
+                _rope_numpy(x, positions, base, swap=True),
+            "positions ignored: token l turns by positions[l] * theta, not l * theta":
+                _rope(x, np.arange(L), base=base) if start else None,
+            "the positions are off by one: the first token of a sequence is at 0":
+                _rope(x, positions + 1, base=base),
+        }
+        yield (x, positions, base), expected, mistakes
+
+
+def _cases_kv_cache_step(rng):
+    for P, T, d, dv in ((5, 1, 4, 3), (6, 3, 4, 4), (4, 2, 8, 2)):
+        q = rng.standard_normal((T, d))
+        k_cache, v_cache = rng.standard_normal((P, d)), rng.standard_normal((P, dv))
+        k_new, v_new = rng.standard_normal((T, d)), rng.standard_normal((T, dv))
+        keys, values = np.concatenate([k_cache, k_new]), np.concatenate([v_cache, v_new])
+        # the core: bottom-right causal, query t at position P + t
+        out = scaled_dot_product_attention(q, keys, values, is_causal=True, query_offset=P).output
+        s = q @ keys.T / np.sqrt(d)
+        top_left = np.tril(np.ones((T, P + T), bool))
+        mistakes = {
+            "the cache is left out: the new queries attend to the new keys only":
+                _softmax(s[:, P:] + np.where(np.tril(np.ones((T, T), bool)), 0, -np.inf))
+                @ v_new,
+            "the new keys are left out: append k_new and v_new to the cache first (a token "
+            "attends to itself)": _softmax(s[:, :P]) @ v_cache,
+            "the causal mask is aligned top-left: new token t is at position P + t and "
+            "sees keys 0 .. P + t": _softmax(s + np.where(top_left, 0, -np.inf)) @ values,
+            "no causal mask among the new tokens: new token t must not see new tokens "
+            "after it": _softmax(s) @ values if T > 1 else None,
+            "the new keys are put before the cache: keys are kept in position order, the "
+            "cache first": scaled_dot_product_attention(
+                q, np.concatenate([k_new, k_cache]), np.concatenate([v_new, v_cache]),
+                is_causal=True, query_offset=P).output,
+        }
+        yield (q, k_cache, v_cache, k_new, v_new), out, mistakes
+
+
 CASES = {
     "softmax": _cases_softmax,
     "scaled_scores": _cases_scaled_scores,
@@ -201,6 +277,8 @@ CASES = {
     "split_heads": _cases_split_heads,
     "merge_heads": _cases_merge_heads,
     "softmax_backward": _cases_softmax_backward,
+    "rope": _cases_rope,
+    "kv_cache_step": _cases_kv_cache_step,
 }
 
 

@@ -40,9 +40,31 @@ def softmax_backward(w, g):
     return w * (g - (w * g).sum(-1, keepdims=True))
 
 
+def rope(x, positions, base=10000.0, *, pairs="halves", exponent=2.0, turn=1.0, shift=0):
+    """Written here from the RoFormer formula (with switches for the mistakes)."""
+    L, D = x.shape
+    theta = base ** (-exponent * np.arange(D // 2) / D)
+    angle = turn * (np.asarray(positions)[:, None] + shift) * theta
+    idx = np.arange(D).reshape(2, -1) if pairs == "halves" else np.arange(D).reshape(-1, 2).T
+    a, b = x[:, idx[0]], x[:, idx[1]]
+    out = np.empty_like(x)
+    out[:, idx[0]] = a * np.cos(angle) - b * np.sin(angle)
+    out[:, idx[1]] = b * np.cos(angle) + a * np.sin(angle)
+    return out
+
+
+def kv_cache_step(q, k_cache, v_cache, k_new, v_new, *, causal="bottom-right", cache=True):
+    keys = np.concatenate([k_cache, k_new]) if cache else k_new
+    values = np.concatenate([v_cache, v_new]) if cache else v_new
+    T, S = len(q), len(keys)
+    allowed = np.arange(S)[None, :] <= np.arange(T)[:, None] + (S - T if causal == "bottom-right"
+                                                                 else 0)
+    return softmax(np.where(allowed, scaled_scores(q, keys), -np.inf)) @ values
+
+
 CORRECT = dict(softmax=softmax, scaled_scores=scaled_scores, masking=masking,
                attention=attention, split_heads=split_heads, merge_heads=merge_heads,
-               softmax_backward=softmax_backward)
+               softmax_backward=softmax_backward, rope=rope, kv_cache_step=kv_cache_step)
 
 MISTAKES = [
     ("softmax", lambda s: np.exp(s) / np.exp(s).sum(-2, keepdims=True), "wrong axis"),
@@ -64,6 +86,15 @@ MISTAKES = [
     ("merge_heads", lambda x: x.reshape(x.shape[0], x.shape[2], -1), "merged in the wrong order"),
     ("softmax_backward", lambda w, g: w * g, "missing the -sum_j"),
     ("softmax_backward", lambda w, g: w * (g - (w * g).sum(0, keepdims=True)), "wrong axis"),
+    ("rope", lambda x, p, base=1e4: rope(x, p, base, pairs="interleaved"), "interleaved pairs"),
+    ("rope", lambda x, p, base=1e4: rope(x, p, base, turn=-1.0), "turned the wrong way"),
+    ("rope", lambda x, p, base=1e4: rope(x, p, base, exponent=1.0), "exponent is -2i/D"),
+    ("rope", lambda x, p, base=1e4: rope(x, p, base, shift=1), "off by one"),
+    ("rope", lambda x, p, base=1e4: rope(x, p, base)[:, ::-1], "wrong values"),
+    ("kv_cache_step", lambda *a: kv_cache_step(*a, cache=False), "the cache is left out"),
+    ("kv_cache_step", lambda q, kc, vc, kn, vn: softmax(scaled_scores(q, kc)) @ vc,
+     "the new keys are left out"),
+    ("kv_cache_step", lambda *a: kv_cache_step(*a, causal="top-left"), "aligned top-left"),
 ]
 
 
@@ -81,6 +112,26 @@ def test_mistakes_are_diagnosed(name, fn, words):
     result = exercises.check(name, fn)
     assert not result
     assert words in result.message, result.message
+
+
+def test_rope_positions_ignored_and_sin_cos_swapped_are_named():
+    ignored = exercises.check("rope", lambda x, p, base=1e4: rope(x, np.arange(len(x)), base))
+    assert "positions ignored" in ignored.message, ignored.message
+
+    def swapped(x, p, base=1e4):
+        L, D = x.shape
+        angle = np.asarray(p)[:, None] * base ** (-2 * np.arange(D // 2) / D)
+        a, b = x[:, :D // 2], x[:, D // 2:]
+        s, c = np.cos(angle), np.sin(angle)
+        return np.concatenate([a * c - b * s, b * c + a * s], axis=1)
+    assert "sin and cos swapped" in exercises.check("rope", swapped).message
+
+
+def test_kv_cache_step_without_causal_among_new_tokens_is_named():
+    def unmasked(q, kc, vc, kn, vn):
+        return softmax(scaled_scores(q, np.concatenate([kc, kn]))) @ np.concatenate([vc, vn])
+    result = exercises.check("kv_cache_step", unmasked)
+    assert "no causal mask among the new tokens" in result.message, result.message
 
 
 def test_other_failures_are_reported_not_raised():
