@@ -9,6 +9,8 @@
 #                      the MSVC path, clang) and the wheel (bash dev.sh wheel)
 #   bash dev.sh bench  set everything up, add the benchmark's JAX peer (requirements-bench.txt),
 #                      run the benchmark (writes bench/results.md, .png)
+#   bash dev.sh bench-positions [--quick]  set everything up, time windows, ALiBi,
+#                      attn_bias and decoding against torch (bench/positions.py)
 #   bash dev.sh notebooks  set everything up, run the notebooks and keep their outputs
 #   bash dev.sh fuzz [SECONDS]  set everything up, fuzz the binding (default 600 s)
 #   bash dev.sh platforms [STEP...]  set everything up, check the other platforms
@@ -203,8 +205,12 @@ case "${1:-}" in
         "$VENV/bin/python" -m pip install -q -r requirements-bench.txt
         "$VENV/bin/python" bench/bench.py "${@:2}"
         ;;
+    bench-positions)
+        setup
+        "$VENV/bin/python" bench/positions.py "${@:2}"
+        ;;
     *)
-        echo "usage: bash dev.sh demo|test|quick|notebooks|fuzz|bench|platforms|wheel [args...]" >&2
+        echo "usage: bash dev.sh demo|test|quick|notebooks|fuzz|bench|bench-positions|platforms|wheel [args...]" >&2
         exit 2
         ;;
 esac

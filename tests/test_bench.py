@@ -31,3 +31,14 @@ def test_quick_benchmark_writes_results(tmp_path):
     for label in ("B=1 H=1 L=8 D=4", "causal", "+w", "f64", "MHA", "mem", "bwd B=", "bwd MHA"):
         assert label in table, label
     assert (tmp_path / "results.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+@pytest.mark.torch
+def test_quick_positions_benchmark_prints_every_row():
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "positions.py"), "--quick"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith("cpu: ")
+    for label in ("window (", "ALiBi causal", "attn_bias (H, L, L)", "Llama-like", "GPT-2-like"):
+        assert label in proc.stdout, label
