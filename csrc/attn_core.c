@@ -218,20 +218,21 @@ static void attn_sdpa_item(void *ctx, int64_t item, int thread)
     /* the last query blocks first: under a causal mask they cost the most */
     int64_t blocks = plan->blocks[0], br = plan->block_rows;
     int64_t i0 = (blocks - 1 - item % blocks) * br, nr = a->L - i0 < br ? a->L - i0 : br;
-    attn_head hd;
-    attn_locate(a, item / blocks, &hd);
+    attn_head hd[ATTN_FAST_GROUP_MAX];
+    const int64_t nh = plan->heads_per_item;
+    for (int64_t h = 0; h < nh; h++) attn_locate(a, item / blocks * nh + h, &hd[h]);
     if (plan->kernel == ATTN_KERNEL_REFERENCE) {
         if (a->dtype == ATTN_FLOAT32) {
-            if (hd.weights) attn_reference_f32(a, &hd, i0, nr, work);
-            else attn_reference_streaming_f32(a, &hd, i0, nr, work);
+            if (hd->weights) attn_reference_f32(a, hd, i0, nr, work);
+            else attn_reference_streaming_f32(a, hd, i0, nr, work);
         } else {
-            if (hd.weights) attn_reference_f64(a, &hd, i0, nr, work);
-            else attn_reference_streaming_f64(a, &hd, i0, nr, work);
+            if (hd->weights) attn_reference_f64(a, hd, i0, nr, work);
+            else attn_reference_streaming_f64(a, hd, i0, nr, work);
         }
         return;
     }
     if (atomic_load_explicit(&job->overflow, memory_order_relaxed)) return; /* redone anyway */
-    if (attn_fast_rows(plan->kernel, a, &hd, i0, nr, work)) atomic_store(&job->overflow, 1);
+    if (attn_fast_rows(plan->kernel, a, hd, nh, i0, nr, work)) atomic_store(&job->overflow, 1);
 }
 
 int attn_sdpa(const attn_sdpa_args *a)

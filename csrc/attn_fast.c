@@ -6,6 +6,7 @@
  */
 #include "attn_internal.h"
 
+#include <assert.h>
 #include <float.h>
 #include <stdint.h>
 #include <string.h>
@@ -213,21 +214,24 @@ int attn_fast_backward_rows(attn_kernel kernel, const attn_sdpa_grad_args *g,
 }
 
 int attn_fast_rows(attn_kernel kernel, const attn_sdpa_args *a, const attn_head *hd,
-                   int64_t i0, int64_t nr, void *ws)
+                   int64_t nheads, int64_t i0, int64_t nr, void *ws)
 {
-    /* which fast kernel: the weights map, a decoding step's few rows, or tiles */
-    const int use_weights = hd->weights != NULL, use_rows = !use_weights && attn_fast_use_rows(a);
+    /* which fast kernel: a decoding step's few rows (the only one that takes
+       a group of heads), the weights map, or tiles */
+    const int use_rows = hd->weights == NULL && attn_fast_use_rows(a);
+    if (use_rows) {
+        return a->dtype == ATTN_FLOAT64
+                   ? ATTN_PICK(decode_rows, kernel, f64)(a, hd, nheads, i0, nr, ws)
+                   : ATTN_PICK(decode_rows, kernel, f32)(a, hd, nheads, i0, nr, ws);
+    }
+    assert(nheads == 1);
     if (a->dtype == ATTN_FLOAT64) {
         int (*fn)(const attn_sdpa_args *, const attn_head *, int64_t, int64_t, double *) =
-            use_weights ? ATTN_PICK(weights_rows, kernel, f64)
-            : use_rows  ? ATTN_PICK(decode_rows, kernel, f64)
-                        : ATTN_PICK(flash_rows, kernel, f64);
+            hd->weights ? ATTN_PICK(weights_rows, kernel, f64) : ATTN_PICK(flash_rows, kernel, f64);
         return fn(a, hd, i0, nr, ws);
     }
     int (*fn)(const attn_sdpa_args *, const attn_head *, int64_t, int64_t, float *) =
-        use_weights ? ATTN_PICK(weights_rows, kernel, f32)
-        : use_rows  ? ATTN_PICK(decode_rows, kernel, f32)
-                    : ATTN_PICK(flash_rows, kernel, f32);
+        hd->weights ? ATTN_PICK(weights_rows, kernel, f32) : ATTN_PICK(flash_rows, kernel, f32);
     return fn(a, hd, i0, nr, ws);
 }
 
@@ -289,9 +293,9 @@ int attn_fast_backward_rows(attn_kernel kernel, const attn_sdpa_grad_args *g,
 }
 
 int attn_fast_rows(attn_kernel kernel, const attn_sdpa_args *a, const attn_head *hd,
-                   int64_t i0, int64_t nr, void *ws)
+                   int64_t nheads, int64_t i0, int64_t nr, void *ws)
 {
-    (void)kernel, (void)a, (void)hd, (void)i0, (void)nr, (void)ws;
+    (void)kernel, (void)a, (void)hd, (void)nheads, (void)i0, (void)nr, (void)ws;
     return 1;
 }
 

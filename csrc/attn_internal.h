@@ -153,14 +153,17 @@ void attn_parallel_for(int64_t n, int max_threads,
 size_t attn_fast_workspace(const attn_sdpa_args *a); /* bytes per thread */
 /* attn_fast_rows and the backward's phase 0 return 1 (and may have written
    part of their rows) when the tile's arithmetic could overflow T: NaN
-   policy rule 6, the call is then the reference kernel's. */
+   policy rule 6, the call is then the reference kernel's. hd points to
+   nheads heads that share one key/value head (nheads > 1 only for
+   decoding rows, the plan's heads_per_item). */
 int attn_fast_rows(attn_kernel kernel, const attn_sdpa_args *a, const attn_head *hd,
-                   int64_t i0, int64_t nr, void *workspace);
+                   int64_t nheads, int64_t i0, int64_t nr, void *workspace);
 
 /* A decoding step: so few query rows that the tiles (2 vectors of queries
    wide) would mostly compute padding; q, k and v rows read in place when
    their features are contiguous. attn_fast_rows then runs decode_rows. */
 #define ATTN_FAST_ROWS_MAX 4
+#define ATTN_FAST_GROUP_MAX 32 /* heads per decoding item, at most */
 static inline int attn_fast_use_rows(const attn_sdpa_args *a)
 {
     const int64_t elem = a->dtype == ATTN_FLOAT64 ? 8 : 4;
@@ -228,6 +231,9 @@ typedef struct {
                                   backward's query-major loop), [1] the backward's
                                   key-major loop; 1 for the reference */
     int64_t col_groups, group_width; /* linear: output columns per item */
+    int64_t heads_per_item;    /* tiled decoding rows: query heads of one key/value
+                                  head per item (problems are numbered so that
+                                  they are consecutive); 1 otherwise */
     int64_t items;             /* items of the (first) parallel loop */
     int threads;               /* threads to run them on */
     size_t work_size;          /* workspace bytes per thread, a multiple of 64 */

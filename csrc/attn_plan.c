@@ -86,6 +86,7 @@ void attn_plan_use_reference(attn_plan *plan, attn_reason why)
     plan->block_rows = plan->ref_block_rows;
     plan->blocks[0] = plan->blocks[1] = plan->ref_blocks;
     plan->items = plan->ref_items;
+    plan->heads_per_item = 1;
     plan->work_size = plan->ref_work_size;
     plan->shared_size = 0;
     if (plan->threads > plan->items) plan->threads = (int)plan->items;
@@ -189,6 +190,20 @@ void attn_plan_sdpa(const attn_sdpa_args *a, int64_t nproblems, attn_plan *plan)
     /* small problems stay on the calling thread: waking others costs more */
     double flops = 2.0 * (double)nproblems * (double)a->L * (double)a->S * (double)(a->E + a->Ev);
     plan->threads = attn_threads_for(flops);
+    /* decoding rows with grouped heads: the query heads of one key/value
+       head in one item, so that each block of keys and values is read from
+       memory once for all of them; as many as leave 2 items per thread */
+    plan->heads_per_item = 1;
+    if (!a->weights.data && attn_fast_use_rows(a)) {
+        const int64_t group = a->num_heads / a->num_kv_heads;
+        for (int64_t hp = group; hp > 1; hp--) {
+            if (group % hp || hp > ATTN_FAST_GROUP_MAX || hp * a->L > ATTN_FAST_BR) continue;
+            if (nproblems / hp < 2 * (int64_t)plan->threads) continue;
+            plan->heads_per_item = hp;
+            break;
+        }
+        plan->items = nproblems / plan->heads_per_item * plan->blocks[0];
+    }
     if (plan->threads > plan->items) plan->threads = (int)plan->items;
     attn_plan_finish(plan, why, a);
 }
