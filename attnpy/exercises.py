@@ -23,6 +23,7 @@ Exercises (``exercises.EXERCISES`` has their signatures):
   softmax_backward(weights, grad_weights)   the gradient of the softmax's input
   rope(x, positions, base=10000.0)     rotary embedding, Llama's halves convention
   kv_cache_step(q, k_cache, v_cache, k_new, v_new)   new queries over cache + new keys
+  induction_score(weights, tokens)     per head: weight on the token after an earlier occurrence
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ import numpy as np
 from ._mha import MultiheadAttention, self_attention
 from ._positions import rope as _rope
 from ._sdpa import scaled_dot_product_attention, scaled_dot_product_attention_backward
+from .viz import induction_score as _induction_score
 
 __all__ = ["EXERCISES", "CheckResult", "check"]
 
@@ -49,6 +51,9 @@ EXERCISES = {
     "kv_cache_step": "kv_cache_step(q, k_cache, v_cache, k_new, v_new) -> (T, d_v): T new "
                      "queries over the P cached and T new keys, new token t sees keys "
                      "0 .. P + t",
+    "induction_score": "induction_score(weights, tokens) -> (H,): weights (H, L, L), tokens "
+                       "(L,) ints; over the queries i whose token occurred at some k < i, the "
+                       "mean of the weight on the keys k + 1",
 }
 
 
@@ -269,6 +274,45 @@ def _cases_kv_cache_step(rng):
         yield (q, k_cache, v_cache, k_new, v_new), out, mistakes
 
 
+def _induction_numpy(w, tokens, *, after=1, own=False, every_query=False):
+    """The induction score with one rule changed: the checker's mistakes."""
+    L = len(tokens)
+    out = np.zeros(w.shape[0])
+    for h in range(w.shape[0]):
+        scores = []
+        for i in range(L):
+            keys = {k + after for k in range(i + own) if tokens[k] == tokens[i] and k + after < L}
+            if keys or every_query:
+                scores.append(sum(w[h, i, j] for j in keys))
+        out[h] = np.mean(scores) if scores else 0.0
+    return out
+
+
+def _cases_induction_score(rng):
+    for H, T, causal, extra in ((2, 5, False, False), (3, 6, True, False), (2, 6, False, True)):
+        first = rng.choice(40, T, replace=False)
+        if extra:
+            first[T - 1] = first[1]           # a token seen twice before its repeat
+        tokens = np.concatenate([first, first])
+        L = 2 * T
+        logits = rng.standard_normal((H, L, L)) * 2
+        if causal:
+            logits = np.where(np.tril(np.ones((L, L), bool)), logits, -np.inf)
+        w = _softmax(logits)
+        mistakes = {
+            "off by one: this is the weight on the earlier occurrence itself; an induction "
+            "head attends to the token after it (key k + 1)":
+                _induction_numpy(w, tokens, after=0),
+            "off by one: this is the weight two tokens after the earlier occurrence; the "
+            "target is key k + 1": _induction_numpy(w, tokens, after=2),
+            "the query's own position counted as an earlier occurrence of its token: look "
+            "at k < i only": _induction_numpy(w, tokens, own=True),
+            "averaged over every query: only the queries whose token occurred before (the "
+            "repeated half) count": _induction_numpy(w, tokens, every_query=True),
+        }
+        yield (w, tokens), _induction_score(w, tokens), mistakes
+
+
 CASES = {
     "softmax": _cases_softmax,
     "scaled_scores": _cases_scaled_scores,
@@ -279,6 +323,7 @@ CASES = {
     "softmax_backward": _cases_softmax_backward,
     "rope": _cases_rope,
     "kv_cache_step": _cases_kv_cache_step,
+    "induction_score": _cases_induction_score,
 }
 
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["heatmap", "heads", "layers", "head_stats", "plot_head_stats", "rollout",
-           "head_view", "HeadView"]
+__all__ = ["heatmap", "heads", "layers", "head_stats", "induction_targets", "induction_score",
+           "plot_head_stats", "rollout", "head_view", "HeadView"]
 
 ANNOTATE_MAX = 12   # maps up to this many rows and columns get their values printed
 HATCH_MAX = 2000    # above this many masked cells, the grey overlay alone marks them
@@ -350,6 +350,73 @@ def head_stats(weights):
                 if L > 1 and S > 1 else np.zeros(w.shape[:-2]))
     first = w[..., 0].mean(-1) if S else np.zeros(w.shape[:-2])
     return {"entropy": entropy, "distance": distance, "previous": previous, "first": first}
+
+
+def induction_targets(tokens):
+    """Where an induction head looks: the token after each earlier occurrence.
+
+    Parameters
+    ----------
+    tokens : array_like of int, shape (..., L)
+
+    Returns
+    -------
+    ndarray of bool, shape (..., L, L)
+        ``targets[..., i, j]`` is True when ``j = k + 1`` for some ``k < i``
+        with ``tokens[k] == tokens[i]``: query ``i``'s token occurred at
+        ``k`` before, and an induction head copies what came next. So
+        ``j <= i``, and a row is all False when its token is new.
+    """
+    t = np.asarray(tokens)
+    if t.ndim < 1 or t.dtype.kind not in "iub":
+        raise TypeError(f"tokens must be an integer array of shape (..., L); got dtype "
+                        f"{t.dtype} and shape {t.shape}")
+    L = t.shape[-1]
+    same = t[..., :, None] == t[..., None, :]                 # (..., query i, earlier k)
+    earlier = np.tril(np.ones((L, L), bool), -1)              # k < i
+    occurred = same & earlier
+    targets = np.zeros(occurred.shape, bool)
+    targets[..., 1:] = occurred[..., :-1]                     # key j = k + 1
+    return targets
+
+
+def induction_score(weights, tokens):
+    """How much each head acts as an induction head on ``tokens``.
+
+    Parameters
+    ----------
+    weights : array_like, shape (..., H, L, L)
+        Self-attention maps over ``tokens``.
+    tokens : array_like of int, shape (L,) or (..., L)
+        The input ids; leading dims broadcast against the weights' dims
+        before ``H`` (a batch ``(N, L)`` with weights ``(N, H, L, L)``).
+
+    Returns
+    -------
+    ndarray, shape (..., H)
+        The mean, over the queries whose token occurred earlier (for a
+        repeated sequence: the repeated half), of the weight on the keys
+        :func:`induction_targets` marks. 1: a perfect induction head; 0
+        when no query's token occurred before.
+
+    See Also
+    --------
+    head_stats : its ``previous`` is the previous-token score, the other
+        half of the induction circuit.
+    """
+    w = np.asarray(weights, dtype=np.float64)
+    if w.ndim < 3 or w.shape[-1] != w.shape[-2]:
+        raise ValueError(f"weights must have shape (..., H, L, L); got {w.shape}")
+    targets = induction_targets(tokens)
+    if targets.shape[-1] != w.shape[-1]:
+        raise ValueError(f"tokens must have length L = {w.shape[-1]} (the weights' last axis); "
+                         f"got shape {np.shape(tokens)}")
+    targets = targets[..., None, :, :]                        # broadcast over heads
+    per_query = (w * targets).sum(-1)                         # (..., H, L)
+    counted = np.broadcast_to(targets.any(-1), per_query.shape)
+    n = counted.sum(-1)
+    total = np.where(counted, per_query, 0.0).sum(-1)
+    return np.divide(total, n, out=np.zeros(total.shape), where=n > 0)
 
 
 def plot_head_stats(weights, *, figsize=None):

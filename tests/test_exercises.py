@@ -62,9 +62,24 @@ def kv_cache_step(q, k_cache, v_cache, k_new, v_new, *, causal="bottom-right", c
     return softmax(np.where(allowed, scaled_scores(q, keys), -np.inf)) @ values
 
 
+def induction_score(weights, tokens, *, after=1, own=False, every_query=False):
+    """Written here from the definition, with masks instead of loops."""
+    t = np.asarray(tokens)
+    L = len(t)
+    i, k = np.arange(L)[:, None], np.arange(L)[None, :]
+    earlier = (t[:, None] == t[None, :]) & ((k <= i) if own else (k < i))   # (query i, key k)
+    targets = np.zeros((L, L), bool)
+    if after < L:
+        targets[:, after:] = earlier[:, :L - after]
+    counted = np.ones(L, bool) if every_query else targets.any(1)
+    per_query = (weights * targets).sum(-1)[:, counted]
+    return per_query.mean(-1) if counted.any() else np.zeros(len(weights))
+
+
 CORRECT = dict(softmax=softmax, scaled_scores=scaled_scores, masking=masking,
                attention=attention, split_heads=split_heads, merge_heads=merge_heads,
-               softmax_backward=softmax_backward, rope=rope, kv_cache_step=kv_cache_step)
+               softmax_backward=softmax_backward, rope=rope, kv_cache_step=kv_cache_step,
+               induction_score=induction_score)
 
 MISTAKES = [
     ("softmax", lambda s: np.exp(s) / np.exp(s).sum(-2, keepdims=True), "wrong axis"),
@@ -95,6 +110,12 @@ MISTAKES = [
     ("kv_cache_step", lambda q, kc, vc, kn, vn: softmax(scaled_scores(q, kc)) @ vc,
      "the new keys are left out"),
     ("kv_cache_step", lambda *a: kv_cache_step(*a, causal="top-left"), "aligned top-left"),
+    ("induction_score", lambda w, t: induction_score(w, t, after=0), "the earlier occurrence itself"),
+    ("induction_score", lambda w, t: induction_score(w, t, after=2), "two tokens after"),
+    ("induction_score", lambda w, t: induction_score(w, t, own=True), "own position counted"),
+    ("induction_score", lambda w, t: induction_score(w, t, every_query=True),
+     "averaged over every query"),
+    ("induction_score", lambda w, t: induction_score(w, t).sum(), "expected shape (2,)"),
 ]
 
 
