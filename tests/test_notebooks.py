@@ -29,7 +29,7 @@ from execute import execute  # noqa: E402  (notebooks/execute.py)
 NOTEBOOKS = ["01_self_attention.ipynb", "02_multi_head.ipynb", "03_masks.ipynb",
              "04_check_against_pytorch.ipynb", "05_inside_minilm.ipynb",
              "06_gradients.ipynb", "07_positions.ipynb", "08_decoding.ipynb",
-             "exercises.ipynb"]
+             "09_induction_heads.ipynb", "exercises.ipynb"]
 NEED_TORCH = {"03_masks.ipynb", "04_check_against_pytorch.ipynb", "05_inside_minilm.ipynb"}
 CLAIM = re.compile(r"^(.*): (True|False)$", re.M)
 
