@@ -5,6 +5,9 @@
 docs/heads.png        the demo's four heads (python -m attnpy demo)
 docs/minilm.png       all-MiniLM-L6-v2's 6 x 12 heads recomputed by attnpy
 docs/head_view.png    the interactive head view in headless chromium, a token hovered
+docs/induction_training.png, docs/induction_maps.png
+                      notebook 09's committed figures: the training curve and scores,
+                      the maps before and after (re-run the notebook to redraw them)
 """
 import os
 import shutil
@@ -83,13 +86,27 @@ def head_view_screenshot(maps, tokens):
         driver.quit()
 
 
+def notebook_figures(name, pictures):
+    """Copy a committed notebook's figures: pictures maps figure index -> file."""
+    import base64
+    import json
+    cells = json.loads((DOCS.parent / "notebooks" / name).read_text())["cells"]
+    pngs = [o["data"]["image/png"] for c in cells if c["cell_type"] == "code"
+            for o in c["outputs"] if "image/png" in o.get("data", {})]
+    for index, file in pictures.items():
+        (DOCS / file).write_bytes(base64.b64decode(pngs[index]))
+
+
 def main():
     demo_heads()
+    notebook_figures("09_induction_heads.ipynb",
+                     {0: "induction_training.png", 1: "induction_maps.png"})
     maps, tokens = minilm_maps("The cat sat on the mat because it was warm.")
     fig = viz.layers(maps, tokens, thumb=0.9)
     fig.savefig(DOCS / "minilm.png", dpi=80)
     head_view_screenshot(maps, tokens)
-    for name in ("heads.png", "minilm.png", "head_view.png"):
+    for name in ("heads.png", "minilm.png", "head_view.png", "induction_training.png",
+                 "induction_maps.png"):
         print(DOCS / name, (DOCS / name).stat().st_size, "bytes")
 
 
