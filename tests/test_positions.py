@@ -9,7 +9,7 @@ import attnpy
 from attnpy import _core
 
 from optional_torch import torch, F
-from reference import position_mask, sdpa_forward
+from reference import position_mask, sdpa_backward_reference, sdpa_forward
 
 TOL = {np.float32: 2e-5, np.float64: 1e-12}
 KERNELS = _core.supported_kernels()
@@ -78,6 +78,66 @@ def test_positions_match_reference(kernel, dtype, need_weights, L, S, options):
     np.testing.assert_allclose(out, ref_out, atol=TOL[dtype], rtol=TOL[dtype])
     if need_weights:
         np.testing.assert_allclose(w, ref_w, atol=TOL[dtype], rtol=0)
+
+
+# attn_bias over tiles with every pair open (128 keys x 128 queries in the
+# fast kernels), in each layout the kernels read differently: contiguous,
+# strided along the keys, keys down the rows (a transposed view), broadcast.
+def _bias_layout(layout, H, L, S, dtype):
+    rng = np.random.default_rng(5)
+    if layout == "contiguous":
+        return rng.standard_normal((H, L, S)).astype(dtype)
+    if layout == "every other key":
+        return rng.standard_normal((H, L, 2 * S)).astype(dtype)[..., ::2]
+    if layout == "transposed":
+        return np.swapaxes(rng.standard_normal((H, S, L)).astype(dtype), -1, -2)
+    if layout == "(L, S)":
+        return rng.standard_normal((L, S)).astype(dtype)
+    return rng.standard_normal((L, 1)).astype(dtype) + rng.standard_normal(S).astype(dtype)[
+        None, ::-1]                                            # a reversed view of (S,)
+
+
+BIAS_LAYOUTS = ["contiguous", "every other key", "transposed", "(L, S)", "(L, 1) + (S,)"]
+BIAS_OPTIONS = [dict(), dict(is_causal=True, query_offset=100),
+                dict(window=(150, 30), query_offset=60), dict(float_mask=True)]
+
+
+@pytest.mark.parametrize("need_weights", [True, False])
+@pytest.mark.parametrize("options", BIAS_OPTIONS, ids=["none", "causal", "window", "mask"])
+@pytest.mark.parametrize("layout", BIAS_LAYOUTS)
+def test_bias_on_whole_tiles_matches_reference(kernel, layout, options, need_weights):
+    options = dict(options)
+    H, L, S = 2, 300, 400
+    dtype = np.float32 if layout != "contiguous" else np.float64
+    q, k, v = _qkv((1, H, L, 16), S, 8, dtype, seed=3)
+    bias = _bias_layout(layout, H, L, S, dtype)
+    extra = None
+    if options.pop("float_mask", False):
+        extra = np.random.default_rng(6).standard_normal((L, S)).astype(dtype)
+        options["attn_mask"] = extra
+    out, w = attnpy.scaled_dot_product_attention(q, k, v, attn_bias=bias,
+                                                 need_weights=need_weights, **options)
+    total = bias.astype(np.float64) + (0.0 if extra is None else extra)
+    ref_out, ref_w = _expected(q, k, v, bias=total,
+                               **{n: options[n] for n in ("is_causal", "query_offset", "window")
+                                  if n in options})
+    np.testing.assert_allclose(out, ref_out, atol=TOL[dtype], rtol=TOL[dtype])
+    if need_weights:
+        np.testing.assert_allclose(w, ref_w, atol=TOL[dtype], rtol=0)
+
+
+@pytest.mark.parametrize("options", BIAS_OPTIONS[:3], ids=["none", "causal", "window"])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_bias_on_whole_tiles_backward_matches_reference(kernel, layout, options):
+    H, L, S = 2, 300, 400
+    q, k, v = _qkv((1, H, L, 16), S, 8, np.float64, seed=4)
+    bias = _bias_layout(layout, H, L, S, np.float64)
+    g = np.random.default_rng(7).standard_normal((1, H, L, 8))
+    grads = attnpy.scaled_dot_product_attention_backward(g, q, k, v, attn_bias=bias, **options)
+    m = position_mask(L, S, **options) + bias
+    expected = sdpa_backward_reference(g, q, k, v, attn_mask=m)
+    for mine, ref in zip((grads.query, grads.key, grads.value), expected):
+        np.testing.assert_allclose(mine, ref, atol=1e-10)
 
 
 def test_window_with_gqa_strides_and_bool_mask():

@@ -613,6 +613,9 @@ int main(void)
         {"alibi",                2, 3, 3, 6,  9,   4,  4,  MASK_NONE, 0, 0, 0, 0, 0, 0, 0, 1},
         {"alibi causal offset",  1, 4, 2, 130, 300, 16, 8, MASK_NONE, 1, 0, 1, 170, 0, 0, 0, 1},
         {"alibi + float mask",   2, 2, 2, 65, 129, 8,  8,  MASK_ADD,  0, 0, 0, 0, 1, 20, 20, 1},
+        /* the float mask read a tile at a time, transposed where all pairs are open */
+        {"float mask + causal",  1, 2, 2, 150, 300, 8, 8,  MASK_ADD,  1, 0, 0, 100, 0, 0, 0, 0},
+        {"float mask + window",  1, 2, 1, 140, 290, 8, 8,  MASK_ADD,  0, 1, 0, 60, 1, 150, 30, 0},
     };
     /* every kernel this CPU can run, on one thread and on three */
     const attn_kernel kernels[] = {ATTN_KERNEL_REFERENCE, ATTN_KERNEL_BASELINE, ATTN_KERNEL_AVX2,
