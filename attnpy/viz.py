@@ -411,6 +411,15 @@ def induction_score(weights, tokens):
     if targets.shape[-1] != w.shape[-1]:
         raise ValueError(f"tokens must have length L = {w.shape[-1]} (the weights' last axis); "
                          f"got shape {np.shape(tokens)}")
+    lead, batch = targets.shape[:-2], w.shape[:-3]
+    try:
+        fits = np.broadcast_shapes(lead, batch) == batch
+    except ValueError:
+        fits = False
+    if not fits:
+        raise ValueError(f"tokens' leading dims {lead} must broadcast to the weights' dims "
+                         f"before H, {batch} (weights {w.shape}: (..., H, L, L)); got tokens "
+                         f"of shape {np.shape(tokens)}")
     targets = targets[..., None, :, :]                        # broadcast over heads
     per_query = (w * targets).sum(-1)                         # (..., H, L)
     counted = np.broadcast_to(targets.any(-1), per_query.shape)

@@ -90,6 +90,11 @@ def test_batch_dims_broadcast_and_new_tokens_score_zero():
     (np.ones((1, 4, 5)), np.arange(5), ValueError, "weights must have shape (..., H, L, L)"),
     (np.ones((1, 4, 4)), np.arange(5), ValueError, "tokens must have length L = 4"),
     (np.ones((1, 4, 4)), np.ones(4), TypeError, "tokens must be an integer array"),
+    # one token row per head is a mistake: the tokens do not depend on the head
+    (np.ones((3, 4, 4)), np.zeros((3, 4), int), ValueError,
+     "tokens' leading dims (3,) must broadcast to the weights' dims before H, ()"),
+    (np.ones((2, 3, 4, 4)), np.zeros((3, 4), int), ValueError,
+     "tokens' leading dims (3,) must broadcast to the weights' dims before H, (2,)"),
 ])
 def test_bad_arguments_are_named(weights, tokens, error, words):
     with pytest.raises(error) as e:
