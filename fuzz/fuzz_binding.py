@@ -376,7 +376,10 @@ KERNEL = ["auto"]  # this input's kernel (TestOneInput sets it)
 def real_values(a):
     """a's values without its broadcast (zero-stride) axes: what memory holds."""
     # slice(0, 1), not 0: the result stays an array (0 on every axis would
-    # give a scalar, for an object array any Python object)
+    # give a scalar, for an object array any Python object); a 0-d array is
+    # its own values (indexed by (), an object one gave a Python float)
+    if a.ndim == 0:
+        return a
     return a[tuple(slice(0, 1) if st == 0 else slice(None) for st in a.strides)]
 
 
