@@ -408,13 +408,20 @@ def cpu_identity():
     return cpu, ident
 
 
-def cpu_slug():
-    """A file name for this CPU: bench/results/<slug>.md keeps every machine's run."""
+def cpu_slug(kernel=None):
+    """A file name for this CPU: bench/results/<slug>.md keeps every machine's run.
+
+    The family, model and stepping name the part (one "Intel Xeon Processor"
+    name covers parts whose peaks differ by 1.6x), and the attnpy kernel the
+    ISA it ran (the same part with AVX-512 hidden by its hypervisor runs
+    another kernel), so neither overwrites the other's record.
+    """
     import re
     cpu, ident = cpu_identity()
     if ident is not None:
-        cpu += " " + ident.split(", stepping")[0].replace("family ", "family").replace(
-            "model ", "model").replace("part ", "part")
+        cpu += " " + re.sub(r"(family|model|stepping|part) ", r"\1", ident)
+    if kernel:
+        cpu += " " + kernel
     text = re.sub(r"\((R|TM)\)", "", cpu, flags=re.I)
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown-cpu"
 
@@ -556,7 +563,8 @@ def write_outputs(rows, machine, peak, out, quick):
     (out / "results.md").write_text("\n".join(lines) + "\n")
     if not quick:   # every machine measured keeps its own file
         (out / "results").mkdir(exist_ok=True)
-        (out / "results" / f"{cpu_slug()}.md").write_text("\n".join(lines) + "\n")
+        slug = cpu_slug(machine["attnpy kernel"].split()[0])
+        (out / "results" / f"{slug}.md").write_text("\n".join(lines) + "\n")
     import json
     (out / "results.json").write_text(json.dumps(
         {"machine": machine, "fma_peak_gflops": peak, "geomean_vs_torch": geo,
