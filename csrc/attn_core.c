@@ -326,21 +326,24 @@ static void attn_backward_item(void *ctx, int64_t item, int thread)
                                               a->Ev * (int64_t)es, (int64_t)es};
     char *work = job->work + (size_t)thread * plan->work_size;
     if (plan->kernel != ATTN_KERNEL_REFERENCE) {
-        int64_t br = plan->block_rows, start = item % blocks * br;
+        /* fused: phase 1's item is the whole problem, and writes dq too */
+        const int fused = plan->bwd_fused_dq;
         int64_t rows = job->phase == 0 ? a->L : a->S;
+        int64_t br = fused && job->phase == 1 ? rows : plan->block_rows, start = item % blocks * br;
         int64_t n = rows - start < br ? rows - start : br;
         char *stats = job->stats + (size_t)p * (size_t)(3 * a->L) * es;
         if (atomic_load_explicit(&job->overflow, memory_order_relaxed)) return; /* redone */
-        if (attn_fast_backward_rows(plan->kernel, g, &hd, hg.out, job->phase, start, n, stats,
-                                    job->phase == 0 ? dq : dk, dv, work)) {
+        if (attn_fast_backward_rows(plan->kernel, g, &hd, hg.out, job->phase, fused, start, n,
+                                    stats, dq, dk, dv, work)) {
             atomic_store(&job->overflow, 1); /* NaN policy rule 6 */
             return;
         }
         /* NaN policy rule 5, on the rows just written, while they are in cache */
         int finite = job->phase == 0
-                         ? attn_policy_grad_finite(a->dtype, dq, start, n, a->E)
+                         ? fused || attn_policy_grad_finite(a->dtype, dq, start, n, a->E)
                          : attn_policy_grad_finite(a->dtype, dk, start, n, a->E) &&
-                               attn_policy_grad_finite(a->dtype, dv, start, n, a->Ev);
+                               attn_policy_grad_finite(a->dtype, dv, start, n, a->Ev) &&
+                               (!fused || attn_policy_grad_finite(a->dtype, dq, 0, a->L, a->E));
         if (!finite) atomic_store(&job->nonfinite, 1);
         return;
     }

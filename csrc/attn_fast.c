@@ -185,7 +185,7 @@ void attn_fast_linear_block(attn_kernel kernel, const attn_linear_args *p, int64
     }
 }
 
-size_t attn_fast_backward_workspace(const attn_sdpa_args *a)
+size_t attn_fast_backward_workspace(const attn_sdpa_args *a, int fused)
 {
     size_t E = (size_t)a->E, Ep = (size_t)attn_round_up(a->E, 32);
     size_t Evp = (size_t)attn_round_up(a->Ev, 32), W = Ep > Evp ? Ep : Evp;
@@ -194,21 +194,29 @@ size_t attn_fast_backward_workspace(const attn_sdpa_args *a)
                      BR * W;
     size_t phase_b = BC * E + BC * Evp + E * BC + Evp * BC + BC * Ep + BC * Evp + 2 * BC * BC +
                      BC * Ep + BC * Evp;
+    if (fused) /* k's rows for dS k (BC x Ep), the problem's dq sums (all L rows) */
+        phase_b += BC * Ep + (size_t)attn_round_up(a->L, BR) * Ep;
     return (phase_a > phase_b ? phase_a : phase_b) * elem;
 }
 
 int attn_fast_backward_rows(attn_kernel kernel, const attn_sdpa_grad_args *g,
-                            const attn_head *hd, const char *dout, int phase, int64_t start,
-                            int64_t n, void *stats, attn_mat grad0, attn_mat grad1, void *ws)
+                            const attn_head *hd, const char *dout, int phase, int fused,
+                            int64_t start, int64_t n, void *stats, attn_mat dq, attn_mat dk,
+                            attn_mat dv, void *ws)
 {
+    attn_mat no_dq = {NULL, 0, 0}; /* fused: phase 0 writes the stats only */
     if (g->fwd.dtype == ATTN_FLOAT64) {
         if (phase == 0)
-            return ATTN_PICK(bwd_query_rows, kernel, f64)(g, hd, dout, start, n, stats, grad0, ws);
-        ATTN_PICK(bwd_key_rows, kernel, f64)(g, hd, dout, start, n, stats, grad0, grad1, ws);
+            return ATTN_PICK(bwd_query_rows, kernel, f64)(g, hd, dout, start, n, stats,
+                                                          fused ? no_dq : dq, ws);
+        if (fused) ATTN_PICK(bwd_keys_fused, kernel, f64)(g, hd, dout, stats, dq, dk, dv, ws);
+        else ATTN_PICK(bwd_key_rows, kernel, f64)(g, hd, dout, start, n, stats, dk, dv, ws, NULL);
     } else {
         if (phase == 0)
-            return ATTN_PICK(bwd_query_rows, kernel, f32)(g, hd, dout, start, n, stats, grad0, ws);
-        ATTN_PICK(bwd_key_rows, kernel, f32)(g, hd, dout, start, n, stats, grad0, grad1, ws);
+            return ATTN_PICK(bwd_query_rows, kernel, f32)(g, hd, dout, start, n, stats,
+                                                          fused ? no_dq : dq, ws);
+        if (fused) ATTN_PICK(bwd_keys_fused, kernel, f32)(g, hd, dout, stats, dq, dk, dv, ws);
+        else ATTN_PICK(bwd_key_rows, kernel, f32)(g, hd, dout, start, n, stats, dk, dv, ws, NULL);
     }
     return 0;
 }
@@ -275,7 +283,11 @@ size_t attn_fast_linear_workspace(const attn_linear_args *p, int64_t block_rows)
     (void)p, (void)block_rows;
     return 0;
 }
-size_t attn_fast_backward_workspace(const attn_sdpa_args *a) { (void)a; return 0; }
+size_t attn_fast_backward_workspace(const attn_sdpa_args *a, int fused)
+{
+    (void)a, (void)fused;
+    return 0;
+}
 
 void attn_fast_linear_block(attn_kernel kernel, const attn_linear_args *p, int64_t n,
                             int64_t l0, int64_t nr, int64_t o0, int64_t no, void *ws)
@@ -284,11 +296,12 @@ void attn_fast_linear_block(attn_kernel kernel, const attn_linear_args *p, int64
 }
 
 int attn_fast_backward_rows(attn_kernel kernel, const attn_sdpa_grad_args *g,
-                            const attn_head *hd, const char *dout, int phase, int64_t start,
-                            int64_t n, void *stats, attn_mat grad0, attn_mat grad1, void *ws)
+                            const attn_head *hd, const char *dout, int phase, int fused,
+                            int64_t start, int64_t n, void *stats, attn_mat dq, attn_mat dk,
+                            attn_mat dv, void *ws)
 {
-    (void)kernel, (void)g, (void)hd, (void)dout, (void)phase, (void)start, (void)n;
-    (void)stats, (void)grad0, (void)grad1, (void)ws;
+    (void)kernel, (void)g, (void)hd, (void)dout, (void)phase, (void)fused, (void)start;
+    (void)n, (void)stats, (void)dq, (void)dk, (void)dv, (void)ws;
     return 1;
 }
 

@@ -183,12 +183,14 @@ void attn_fast_linear_block(attn_kernel kernel, const attn_linear_args *p, int64
 
 /* The backward pass's fast kernels: phase 0 (query-major) writes dq rows
    start .. start+n-1 and this problem's stats (m, 1/l, D: 3 x L values);
-   phase 1 (key-major) writes dk, dv rows start .. start+n-1 from them. */
-size_t attn_fast_backward_workspace(const attn_sdpa_args *a); /* bytes per thread */
+   phase 1 (key-major) writes dk, dv rows start .. start+n-1 from them.
+   fused (attn_plan.bwd_fused_dq): phase 0 writes the stats only, and phase 1
+   takes the whole problem (start 0, n = S) and writes dq, dk and dv. */
+size_t attn_fast_backward_workspace(const attn_sdpa_args *a, int fused); /* per thread */
 int attn_fast_backward_rows(attn_kernel kernel, const attn_sdpa_grad_args *g,
-                            const attn_head *hd, const char *dout, int phase, int64_t start,
-                            int64_t n, void *stats, attn_mat grad0, attn_mat grad1,
-                            void *workspace);
+                            const attn_head *hd, const char *dout, int phase, int fused,
+                            int64_t start, int64_t n, void *stats, attn_mat dq, attn_mat dk,
+                            attn_mat dv, void *workspace);
 
 /* ------------------------------------------------------------------------ */
 /* The planner (attn_plan.c): every decision about how a call runs.          */
@@ -231,6 +233,8 @@ typedef struct {
                                   backward's query-major loop), [1] the backward's
                                   key-major loop; 1 for the reference */
     int64_t col_groups, group_width; /* linear: output columns per item */
+    int bwd_fused_dq;          /* tiled backward: the key-major loop sums dq too,
+                                  one item per problem (attn_plan_backward) */
     int64_t heads_per_item;    /* tiled decoding rows: query heads of one key/value
                                   head per item (problems are numbered so that
                                   they are consecutive); 1 otherwise */

@@ -87,6 +87,7 @@ void attn_plan_use_reference(attn_plan *plan, attn_reason why)
     plan->blocks[0] = plan->blocks[1] = plan->ref_blocks;
     plan->items = plan->ref_items;
     plan->heads_per_item = 1;
+    plan->bwd_fused_dq = 0;
     plan->work_size = plan->ref_work_size;
     plan->shared_size = 0;
     if (plan->threads > plan->items) plan->threads = (int)plan->items;
@@ -225,13 +226,25 @@ void attn_plan_backward(const attn_sdpa_grad_args *g, int64_t nproblems, attn_pl
     /* tiled: two loops, (problem, block of query rows) writing dq and the
        stats (m, 1/l, D: 3 x L values per problem, shared), then (problem,
        block of key rows) writing dk, dv; reference: whole problems, P and dP
-       rows (2 x S doubles) of workspace */
+       rows (2 x S doubles) of workspace.
+       use_fused_dq: the key-major loop sums dq as well, from the dS tiles it
+       has anyway, and the query-major loop computes the stats alone: seven
+       block products per pair instead of nine. Its items are whole problems,
+       so it needs two per thread to balance, and a problem small enough
+       (L S (E + Ev) <= 2^29: about 35 ms on one core at L = S = 2048, D = 64)
+       that Ctrl-C, polled between items, still stops the call within 0.1 s. */
+    double flops = 8.0 * (double)nproblems * (double)a->L * (double)a->S * (double)(a->E + a->Ev);
+    plan->threads = attn_threads_for(flops);
+    const int use_fused_dq =
+        nproblems >= 2 * (int64_t)plan->threads &&
+        (double)a->L * (double)a->S * (double)(a->E + a->Ev) <= 536870912.0;
     plan->nproblems = nproblems;
     plan->block_rows = ATTN_FAST_BR;
+    plan->bwd_fused_dq = use_fused_dq;
     plan->blocks[0] = (a->L + ATTN_FAST_BR - 1) / ATTN_FAST_BR;
-    plan->blocks[1] = (a->S + ATTN_FAST_BR - 1) / ATTN_FAST_BR;
+    plan->blocks[1] = use_fused_dq ? 1 : (a->S + ATTN_FAST_BR - 1) / ATTN_FAST_BR;
     plan->items = nproblems * plan->blocks[0];
-    plan->work_size = attn_cache_lines(attn_fast_backward_workspace(a));
+    plan->work_size = attn_cache_lines(attn_fast_backward_workspace(a, use_fused_dq));
     /* the binding caps every dimension at 2**31 - 1, but nproblems can be
        large through broadcasting: no product may wrap */
     if ((double)nproblems * 3.0 * (double)a->L * (double)elem < 1e18)
@@ -242,8 +255,6 @@ void attn_plan_backward(const attn_sdpa_grad_args *g, int64_t nproblems, attn_pl
     plan->ref_blocks = 1;
     plan->ref_items = nproblems;
     plan->ref_work_size = attn_cache_lines((size_t)(2 * (a->S > 0 ? a->S : 1)) * sizeof(double));
-    double flops = 8.0 * (double)nproblems * (double)a->L * (double)a->S * (double)(a->E + a->Ev);
-    plan->threads = attn_threads_for(flops);
     attn_plan_finish(plan, why, g);
 }
 
