@@ -230,14 +230,17 @@ void attn_plan_backward(const attn_sdpa_grad_args *g, int64_t nproblems, attn_pl
        use_fused_dq: the key-major loop sums dq as well, from the dS tiles it
        has anyway, and the query-major loop computes the stats alone: seven
        block products per pair instead of nine. Its items are whole problems,
-       so it needs two per thread to balance, and a problem small enough
+       so it needs two per thread to balance, a problem small enough
        (L S (E + Ev) <= 2^29: about 35 ms on one core at L = S = 2048, D = 64)
-       that Ctrl-C, polled between items, still stops the call within 0.1 s. */
+       that Ctrl-C, polled between items, still stops the call within 0.1 s,
+       and dq's L rows of sums in each thread's workspace bounded (2^20
+       values: 4 MiB in float32 at L = 16384, E = 64). */
     double flops = 8.0 * (double)nproblems * (double)a->L * (double)a->S * (double)(a->E + a->Ev);
     plan->threads = attn_threads_for(flops);
     const int use_fused_dq =
         nproblems >= 2 * (int64_t)plan->threads &&
-        (double)a->L * (double)a->S * (double)(a->E + a->Ev) <= 536870912.0;
+        (double)a->L * (double)a->S * (double)(a->E + a->Ev) <= 536870912.0 &&
+        (double)attn_round_up(a->L, ATTN_FAST_BR) * (double)attn_round_up(a->E, 32) <= 1048576.0;
     plan->nproblems = nproblems;
     plan->block_rows = ATTN_FAST_BR;
     plan->bwd_fused_dq = use_fused_dq;
