@@ -14,6 +14,59 @@
 #define BR ATTN_FAST_BR /* query rows per tile */
 #define BC 128          /* keys per tile */
 
+/*
+ * The backward's tiles in one thread's workspace, as element offsets from its
+ * start, in one place for the kernels and for attn_fast_backward_workspace.
+ * Phase A (bwd_query_rows): O holds O, then dq (width max(Ep, Evp)). Phase B
+ * (bwd_key_rows): with dq fused (bwd_keys_fused), k's rows and the problem's
+ * dq sums (L_pad rows) follow. Ep, Evp: E and Ev rounded up to the copy's
+ * 2 VLEN; the workspace is sized with the widest rounding, so every copy's
+ * layout fits in it. Every tile but the last is a multiple of BR or BC
+ * elements long, so each starts as aligned as the workspace.
+ */
+typedef struct { size_t Qp, dOp, Kt, Vt, Kp, Vp, S, dP, O, end; } attn_bwd_query_ws;
+typedef struct { size_t Kp, Vp, Qt, dOt, Qr, dOr, St, dPt, dK, dV, Kr, dQ, end; } attn_bwd_key_ws;
+
+#define ATTN_WS_TAKE(w, at, field, n) ((w).field = (at), (at) += (size_t)(n))
+
+static inline attn_bwd_query_ws attn_bwd_query_layout(int64_t E, int64_t Ep, int64_t Evp)
+{
+    attn_bwd_query_ws w;
+    size_t at = 0;
+    ATTN_WS_TAKE(w, at, Qp, BR * E);
+    ATTN_WS_TAKE(w, at, dOp, BR * Evp);
+    ATTN_WS_TAKE(w, at, Kt, E * BC);
+    ATTN_WS_TAKE(w, at, Vt, Evp * BC);
+    ATTN_WS_TAKE(w, at, Kp, BC * Ep);
+    ATTN_WS_TAKE(w, at, Vp, BC * Evp);
+    ATTN_WS_TAKE(w, at, S, BR * BC);
+    ATTN_WS_TAKE(w, at, dP, BR * BC);
+    ATTN_WS_TAKE(w, at, O, BR * (Ep > Evp ? Ep : Evp));
+    w.end = at;
+    return w;
+}
+
+static inline attn_bwd_key_ws attn_bwd_key_layout(int64_t E, int64_t Ep, int64_t Evp,
+                                                  int64_t L_pad, int fused)
+{
+    attn_bwd_key_ws w;
+    size_t at = 0;
+    ATTN_WS_TAKE(w, at, Kp, BC * E);
+    ATTN_WS_TAKE(w, at, Vp, BC * Evp);
+    ATTN_WS_TAKE(w, at, Qt, E * BC);
+    ATTN_WS_TAKE(w, at, dOt, Evp * BC);
+    ATTN_WS_TAKE(w, at, Qr, BC * Ep);
+    ATTN_WS_TAKE(w, at, dOr, BC * Evp);
+    ATTN_WS_TAKE(w, at, St, BC * BC);
+    ATTN_WS_TAKE(w, at, dPt, BC * BC);
+    ATTN_WS_TAKE(w, at, dK, BC * Ep);
+    ATTN_WS_TAKE(w, at, dV, BC * Evp);
+    ATTN_WS_TAKE(w, at, Kr, fused ? BC * Ep : 0);
+    ATTN_WS_TAKE(w, at, dQ, fused ? L_pad * Ep : 0);
+    w.end = at;
+    return w;
+}
+
 /* Linear layers (attn_fast.inc): W^T is packed LIN_KC rows by LIN_LO columns
    at a time; workspaces are sized for the widest copy's MR and vectors. */
 #define LIN_LO ATTN_LINEAR_COLS
@@ -187,15 +240,10 @@ void attn_fast_linear_block(attn_kernel kernel, const attn_linear_args *p, int64
 
 size_t attn_fast_backward_workspace(const attn_sdpa_args *a, int fused)
 {
-    size_t E = (size_t)a->E, Ep = (size_t)attn_round_up(a->E, 32);
-    size_t Evp = (size_t)attn_round_up(a->Ev, 32), W = Ep > Evp ? Ep : Evp;
+    const int64_t Ep = attn_round_up(a->E, 32), Evp = attn_round_up(a->Ev, 32);
     size_t elem = a->dtype == ATTN_FLOAT64 ? sizeof(double) : sizeof(float);
-    size_t phase_a = BR * E + BR * Evp + E * BC + Evp * BC + BC * Ep + BC * Evp + 2 * BR * BC +
-                     BR * W;
-    size_t phase_b = BC * E + BC * Evp + E * BC + Evp * BC + BC * Ep + BC * Evp + 2 * BC * BC +
-                     BC * Ep + BC * Evp;
-    if (fused) /* k's rows for dS k (BC x Ep), the problem's dq sums (all L rows) */
-        phase_b += BC * Ep + (size_t)attn_round_up(a->L, BR) * Ep;
+    size_t phase_a = attn_bwd_query_layout(a->E, Ep, Evp).end;
+    size_t phase_b = attn_bwd_key_layout(a->E, Ep, Evp, attn_round_up(a->L, BR), fused).end;
     return (phase_a > phase_b ? phase_a : phase_b) * elem;
 }
 
