@@ -297,6 +297,138 @@ static void test_linear(const char *kernel_name)
         }
 }
 
+/*
+ * attn_sdpa_backward against the gradients written here from the weights of
+ * naive(): dP = dO v^T, D_i = sum_j P_ij dP_ij, dS = P (dP - D),
+ * dq = scale dS k, dk = scale dS^T q, dv = P^T dO. The cases take both of
+ * the tiled backward's plans (one problem: dq in the query-major loop; four:
+ * dq summed in the key-major loop, fused), several tiles of queries and of
+ * keys with partial ones, widths that are no multiple of a vector, a
+ * transposed key, causal and windowed positions.
+ */
+static void test_backward(const char *kernel_name)
+{
+    static const test_case cases[] = {
+        /* name                  B  Hq H  L    S    E   Ev  mask       causal kT bc offset window wl wr */
+        {"bwd, one problem",     1, 1, 1, 150, 300, 24, 40, MASK_NONE, 0, 0, 0, 0, 0, 0, 0, 0},
+        {"bwd, fused dq",        2, 2, 2, 150, 300, 24, 40, MASK_NONE, 0, 0, 0, 0, 0, 0, 0, 0},
+        {"bwd, causal, kT",      1, 1, 1, 260, 140, 33, 17, MASK_NONE, 1, 1, 0, 0, 0, 0, 0, 0},
+        {"bwd, fused, causal",   2, 2, 2, 130, 260, 64, 64, MASK_NONE, 1, 0, 0, 130, 0, 0, 0, 0},
+        {"bwd, fused, window",   2, 3, 3, 200, 200, 16, 8,  MASK_NONE, 1, 1, 0, 0, 1, 40, 0, 0},
+    };
+    int plans_seen[2] = {0, 0}; /* tiled plans without and with dq fused */
+    for (size_t ci = 0; ci < sizeof cases / sizeof cases[0]; ci++)
+        for (int f32 = 0; f32 < 2; f32++) {
+            const test_case *c = &cases[ci];
+            const int P = c->B * c->Hq, L = c->L, S = c->S, E = c->E, Ev = c->Ev;
+            size_t nq = (size_t)P * L * E, nk = (size_t)P * S * E, nv = (size_t)P * S * Ev;
+            size_t no = (size_t)P * L * Ev, nw = (size_t)P * L * S, isz = f32 ? 4 : 8;
+            double *q = malloc(nq * 8), *k = malloc(nk * 8), *v = malloc(nv * 8), *dO = malloc(no * 8);
+            double *out = malloc(no * 8), *w = malloc(nw * 8), *dS = malloc(nw * 8);
+            double *dq = calloc(nq, 8), *dk = calloc(nk, 8), *dv = calloc(nv, 8);
+            char *bq = malloc(nq * isz), *bk = malloc(nk * isz), *bv = malloc(nv * isz);
+            char *bdo = malloc(no * isz), *gq = malloc(nq * isz), *gk = malloc(nk * isz);
+            char *gv = malloc(nv * isz);
+            unsigned seed = 777u + (unsigned)ci;
+            for (size_t x = 0; x < nq; x++) q[x] = uniform(&seed);
+            for (size_t x = 0; x < nk; x++) k[x] = uniform(&seed);
+            for (size_t x = 0; x < nv; x++) v[x] = uniform(&seed);
+            for (size_t x = 0; x < no; x++) dO[x] = uniform(&seed);
+            const double scale = 1.0 / sqrt((double)E);
+            naive(c, q, k, v, NULL, scale, out, w);
+            for (int p = 0; p < P; p++)
+                for (int i = 0; i < L; i++) {
+                    const double *Pi = w + ((size_t)p * L + i) * S, *dOi = dO + ((size_t)p * L + i) * Ev;
+                    double D = 0;
+                    for (int j = 0; j < S; j++) {
+                        double dP = 0;
+                        for (int x = 0; x < Ev; x++) dP += dOi[x] * v[((size_t)p * S + j) * Ev + x];
+                        dS[((size_t)p * L + i) * S + j] = dP;
+                        D += Pi[j] * dP;
+                    }
+                    for (int j = 0; j < S; j++) {
+                        double *ds = dS + ((size_t)p * L + i) * S + j;
+                        *ds = Pi[j] * (*ds - D);
+                        for (int e = 0; e < E; e++) {
+                            dq[((size_t)p * L + i) * E + e] += scale * *ds * k[((size_t)p * S + j) * E + e];
+                            dk[((size_t)p * S + j) * E + e] += scale * *ds * q[((size_t)p * L + i) * E + e];
+                        }
+                        for (int x = 0; x < Ev; x++) dv[((size_t)p * S + j) * Ev + x] += Pi[j] * dOi[x];
+                    }
+                }
+            for (size_t x = 0; x < nq; x++) store(bq, x, q[x], f32);
+            for (size_t x = 0; x < nv; x++) store(bv, x, v[x], f32);
+            for (size_t x = 0; x < no; x++) store(bdo, x, dO[x], f32);
+            for (int p = 0; p < P; p++) /* a transposed key: stored (P, E, S) */
+                for (int j = 0; j < S; j++)
+                    for (int e = 0; e < E; e++)
+                        store(bk, c->k_transposed ? ((size_t)p * E + e) * S + j : ((size_t)p * S + j) * E + e,
+                              k[((size_t)p * S + j) * E + e], f32);
+
+            attn_sdpa_grad_args g;
+            memset(&g, 0, sizeof g);
+            attn_sdpa_args *a = &g.fwd;
+            const int64_t is = (int64_t)isz;
+            a->dtype = f32 ? ATTN_FLOAT32 : ATTN_FLOAT64;
+            a->nbatch = 1;
+            a->batch_shape[0] = c->B;
+            a->num_heads = a->num_kv_heads = c->Hq;
+            a->L = L; a->S = S; a->E = E; a->Ev = Ev;
+            a->scale = scale;
+            a->is_causal = c->causal;
+            a->query_offset = c->offset;
+            a->window = c->window;
+            a->window_left = c->wl;
+            a->window_right = c->wr;
+            a->q = (attn_view){.data = bq, .batch = {c->Hq * L * E * is}, .head = L * E * is,
+                               .row = E * is, .col = is};
+            a->k = (attn_view){.data = bk, .batch = {c->Hq * S * E * is}, .head = S * E * is,
+                               .row = c->k_transposed ? is : E * is,
+                               .col = c->k_transposed ? S * is : is};
+            a->v = (attn_view){.data = bv, .batch = {c->Hq * S * Ev * is}, .head = S * Ev * is,
+                               .row = Ev * is, .col = is};
+            g.grad_out = (attn_view){.data = bdo, .batch = {c->Hq * L * Ev * is},
+                                     .head = L * Ev * is, .row = Ev * is, .col = is};
+            g.dq = gq; g.dk = gk; g.dv = gv;
+            attn_plan plan;
+            attn_plan_backward(&g, P, &plan);
+            if (plan.reason == ATTN_REASON_TILED) plans_seen[plan.bwd_fused_dq != 0] = 1;
+            int status = attn_sdpa_backward(&g);
+            double err = 0;
+            for (size_t x = 0; x < nq; x++) {
+                double d = fabs(load(gq, x, f32) - dq[x]) / (1.0 + fabs(dq[x]));
+                if (!(d <= err)) err = d;
+            }
+            for (size_t x = 0; x < nk; x++) {
+                double d = fabs(load(gk, x, f32) - dk[x]) / (1.0 + fabs(dk[x]));
+                if (!(d <= err)) err = d;
+            }
+            for (size_t x = 0; x < nv; x++) {
+                double d = fabs(load(gv, x, f32) - dv[x]) / (1.0 + fabs(dv[x]));
+                if (!(d <= err)) err = d;
+            }
+            const double tol = f32 ? 2e-5 : 1e-12;
+            if (status == ATTN_OK && err <= tol) n_passed++;
+            else {
+                n_failed++;
+                printf("FAIL %s [%s, %s, plan %s%s]: status %d, max error %.3g (tol %.1g)\n", c->name,
+                       f32 ? "float32" : "float64", kernel_name, attn_reason_name(plan.reason),
+                       plan.bwd_fused_dq ? ", fused dq" : "", status, err, tol);
+            }
+            free(q); free(k); free(v); free(dO); free(out); free(w); free(dS);
+            free(dq); free(dk); free(dv); free(bq); free(bk); free(bv); free(bdo);
+            free(gq); free(gk); free(gv);
+        }
+    if (strcmp(kernel_name, "reference") != 0) {
+        if (plans_seen[0] && plans_seen[1]) n_passed++;
+        else {
+            n_failed++;
+            printf("FAIL backward [%s]: the cases took the split plan %d, the fused %d (want both)\n",
+                   kernel_name, plans_seen[0], plans_seen[1]);
+        }
+    }
+}
+
 /* ------------------------------------------------------------------------ */
 /* The planner (attn_plan.c): which kernel, and the named reason why.        */
 
@@ -635,6 +767,7 @@ int main(void)
                         run_case(&cases[c], f32, streaming);
             test_linear(kernel_names[kk]);
             test_qk_overflow(kernel_names[kk]);
+            test_backward(kernel_names[kk]);
             if (n_failed > failed_before)
                 printf("  (the failures above: kernel %s, %d threads)\n", kernel_names[kk], threads);
         }
