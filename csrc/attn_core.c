@@ -119,10 +119,10 @@ static inline char *attn_at(char *base, int64_t offset)
  */
 static void attn_locate(const attn_sdpa_args *a, int64_t p, attn_head *hd)
 {
-    enum { Q, K, V, M, M2, AL, OUT, W, SC, LG, DM, DR, NT };
+    enum { Q, K, V, M, M2, AL, OUT, W, SC, LG, DM, DR, LSE, NT };
     const attn_view *views[NT] = {&a->q, &a->k, &a->v, &a->mask, &a->mask2, &a->alibi,
                                   &a->out, &a->weights, &a->scores, &a->logits,
-                                  &a->dropout_mask, &a->dropped};
+                                  &a->dropout_mask, &a->dropped, &a->lse};
     int64_t h = p % a->num_heads, b = p / a->num_heads;
     int64_t h_kv = h / (a->num_heads / a->num_kv_heads);
     int64_t off[NT];
@@ -145,6 +145,7 @@ static void attn_locate(const attn_sdpa_args *a, int64_t p, attn_head *hd)
     hd->logits = attn_at(a->logits.data, off[LG]);
     hd->dropout_mask = attn_at(a->dropout_mask.data, off[DM]);
     hd->dropped = attn_at(a->dropped.data, off[DR]);
+    hd->lse = attn_at(a->lse.data, off[LSE]);
 }
 
 /* The number of (batch, head) problems. */
@@ -251,7 +252,8 @@ int attn_sdpa(const attn_sdpa_args *a)
     }
     int64_t nproblems = attn_problems(a);
     /* nothing to write: return before walking (maybe billions of) empty problems */
-    if (nproblems == 0 || a->L == 0 || (a->Ev == 0 && (!a->weights.data || a->S == 0))) {
+    if (nproblems == 0 || a->L == 0 ||
+        (a->Ev == 0 && (!a->weights.data || a->S == 0) && !a->lse.data)) {
         if (a->ran) *a->ran = (attn_ran){.kernel = attn_get_kernel(), .reason = ATTN_REASON_EMPTY};
         return ATTN_OK;
     }

@@ -141,6 +141,11 @@ typedef struct {
     attn_view logits;                   /* scale * q k^T + masks: the softmax's input */
     attn_view dropout_mask;             /* one byte per element: 1 = kept */
     attn_view dropped;                  /* weights after dropout: what multiplies v */
+    /* The log-sum-exp of each row's softmax input, written when data != NULL:
+       (batch..., Hq, L, 1) (col unused), log sum_j exp(logits_ij), so that
+       weights_ij = exp(logits_ij - lse_i); -inf for a row with no open key,
+       NaN for a NaN row. The backward takes it (with out) as saved statistics. */
+    attn_view lse;
 
     const attn_interrupt *interrupt;    /* NULL: never stopped early (see above) */
     attn_ran *ran;                      /* NULL, or written at return: what ran, and why */
@@ -167,7 +172,10 @@ int attn_sdpa(const attn_sdpa_args *args);
  *     dq  = scale dS k,   dk = scale dS^T q,   dv = (P * Z / (1 - p))^T dO
  *
  * fwd describes the forward call (q, k, v, masks, scale, causal, dropout;
- * its out and weights views are not used). The gradients are written per
+ * its weights view is not used). With fwd.lse.data and fwd.out.data set
+ * (the forward's lse and output, both read), the tiled kernels take the
+ * softmax's statistics from them (P = exp(S - lse), D_i = dO_i . O_i)
+ * instead of running the forward again; the reference kernel recomputes. The gradients are written per
  * problem into dq (P, L, E), dk (P, S, E), dv (P, S, Ev): contiguous, one
  * slab per (batch, query head) problem, so that problems never share a
  * destination; attn_sdpa_reduce_grads then sums them into arrays of the

@@ -42,7 +42,7 @@ typedef struct {
     int64_t index; /* the problem's number: b * num_heads + h */
     const char *q, *k, *v, *mask, *mask2;
     const double *alibi; /* this head's ALiBi slope, or NULL */
-    char *out, *weights, *scores, *logits, *dropout_mask, *dropped;
+    char *out, *weights, *scores, *logits, *dropout_mask, *dropped, *lse;
 } attn_head;
 
 /* Does a bool mask of this kind hide the element at p? */

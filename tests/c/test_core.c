@@ -64,7 +64,8 @@ static int hidden(const test_case *c, int b, int h, int i, int j)
 /* The naive reference: the formula, in double, one output element at a time.
    q[b][h][i][e], k[b][hk][j][e], v[b][hk][j][c]; hk = h / (Hq / H). */
 static void naive(const test_case *c, const double *q, const double *k, const double *v,
-                  const double *maskadd, double scale, double *out, double *weights)
+                  const double *maskadd, double scale, double *out, double *weights,
+                  double *lse /* NULL, or per row: log sum_j exp(s_j), -inf when all hidden */)
 {
     int group = c->Hq / c->H;
     double *s = malloc(sizeof(double) * (size_t)(c->S > 0 ? c->S : 1));
@@ -87,6 +88,7 @@ static void naive(const test_case *c, const double *q, const double *k, const do
                 }
                 double sum = 0;
                 for (int j = 0; j < c->S; j++) sum += m == -INFINITY ? 0 : exp(s[j] - m);
+                if (lse) lse[((size_t)b * c->Hq + h) * c->L + i] = m == -INFINITY ? -INFINITY : m + log(sum);
                 for (int x = 0; x < c->Ev; x++) out[(((size_t)b * c->Hq + h) * c->L + i) * c->Ev + x] = 0;
                 for (int j = 0; j < c->S; j++) {
                     double w = m == -INFINITY ? 0 : exp(s[j] - m) / sum;
@@ -119,10 +121,12 @@ static void run_case(const test_case *c, int f32, int streaming)
     double *q = calloc(nq + 1, sizeof(double)), *k = calloc(nk + 1, sizeof(double));
     double *v = calloc(nv + 1, sizeof(double)), *ma = calloc(nm + 1, sizeof(double));
     double *ref_out = calloc(no + 1, sizeof(double)), *ref_w = calloc(nw + 1, sizeof(double));
+    size_t nl = (size_t)c->B * c->Hq * c->L;
+    double *ref_lse = calloc(nl + 1, sizeof(double));
     size_t isz = f32 ? sizeof(float) : sizeof(double);
     char *bq = calloc(nq + 1, isz), *bk = calloc(nk + 1, isz), *bv = calloc(nv + 1, isz);
     char *bm = calloc(nm + 1, isz), *bmb = calloc(nm * c->B * c->Hq + 1, 1);
-    char *bo = calloc(no + 1, isz), *bw = calloc(nw + 1, isz);
+    char *bo = calloc(no + 1, isz), *bw = calloc(nw + 1, isz), *bl = calloc(nl + 1, isz);
 
     for (size_t x = 0; x < nq; x++) q[x] = uniform(&seed);
     /* a broadcast key/value batch: the same data for every b */
@@ -131,7 +135,7 @@ static void run_case(const test_case *c, int f32, int streaming)
     for (size_t x = 0; x < nv; x++) v[x] = c->kv_broadcast && x >= vb ? v[x % vb] : uniform(&seed);
     for (size_t x = 0; x < nm; x++) ma[x] = 0.5 * uniform(&seed);
     double scale = 1.0 / sqrt((double)c->E);
-    naive(c, q, k, v, ma, scale, ref_out, ref_w);
+    naive(c, q, k, v, ma, scale, ref_out, ref_w, ref_lse);
 
     /* lay out the inputs */
     for (size_t x = 0; x < nq; x++) store(bq, x, q[x], f32);
@@ -199,6 +203,8 @@ static void run_case(const test_case *c, int f32, int streaming)
     if (!streaming)
         a.weights = (attn_view){.data = bw, .batch = {c->Hq * c->L * c->S * is},
                                 .head = c->L * c->S * is, .row = c->S * is, .col = is};
+    if ((c->L + f32 + streaming) % 2 == 0) /* the lse on half the calls, on both paths */
+        a.lse = (attn_view){.data = bl, .batch = {c->Hq * c->L * is}, .head = c->L * is, .row = is};
 
     int status = attn_sdpa(&a);
     double tol = f32 ? 2e-6 : 1e-13;
@@ -212,16 +218,22 @@ static void run_case(const test_case *c, int f32, int streaming)
             double d = fabs(load(bw, x, f32) - ref_w[x]);
             if (!(d <= err_w)) err_w = d;
         }
-    int ok = status == ATTN_OK && err_out <= tol && err_w <= tol;
+    double err_lse = 0;
+    for (size_t x = 0; a.lse.data && x < nl; x++) {
+        double got = load(bl, x, f32), d = fabs(got - ref_lse[x]) / (1.0 + fabs(ref_lse[x]));
+        if (got == -INFINITY && ref_lse[x] == -INFINITY) continue;
+        if (!(d <= err_lse)) err_lse = d;
+    }
+    int ok = status == ATTN_OK && err_out <= tol && err_w <= tol && err_lse <= tol;
     if (ok) n_passed++;
     else {
         n_failed++;
-        printf("FAIL %s [%s, %s]: status %d, max error out %.3g, weights %.3g (tol %.1g)\n",
-               c->name, f32 ? "float32" : "float64", streaming ? "streaming" : "weights", status,
-               err_out, err_w, tol);
+        printf("FAIL %s [%s, %s]: status %d, max error out %.3g, weights %.3g, lse %.3g "
+               "(tol %.1g)\n", c->name, f32 ? "float32" : "float64",
+               streaming ? "streaming" : "weights", status, err_out, err_w, err_lse, tol);
     }
-    free(q); free(k); free(v); free(ma); free(ref_out); free(ref_w);
-    free(bq); free(bk); free(bv); free(bm); free(bmb); free(bo); free(bw); free(slopes);
+    free(q); free(k); free(v); free(ma); free(ref_out); free(ref_w); free(ref_lse);
+    free(bq); free(bk); free(bv); free(bm); free(bmb); free(bo); free(bw); free(bl); free(slopes);
 }
 
 /*
@@ -318,7 +330,8 @@ static void test_backward(const char *kernel_name)
     };
     int plans_seen[2] = {0, 0}; /* tiled plans without and with dq fused */
     for (size_t ci = 0; ci < sizeof cases / sizeof cases[0]; ci++)
-        for (int f32 = 0; f32 < 2; f32++) {
+        for (int f32 = 0; f32 < 2; f32++)
+        for (int saved = 0; saved < 2; saved++) {
             const test_case *c = &cases[ci];
             const int P = c->B * c->Hq, L = c->L, S = c->S, E = c->E, Ev = c->Ev;
             size_t nq = (size_t)P * L * E, nk = (size_t)P * S * E, nv = (size_t)P * S * Ev;
@@ -328,14 +341,14 @@ static void test_backward(const char *kernel_name)
             double *dq = calloc(nq, 8), *dk = calloc(nk, 8), *dv = calloc(nv, 8);
             char *bq = malloc(nq * isz), *bk = malloc(nk * isz), *bv = malloc(nv * isz);
             char *bdo = malloc(no * isz), *gq = malloc(nq * isz), *gk = malloc(nk * isz);
-            char *gv = malloc(nv * isz);
+            char *gv = malloc(nv * isz), *fo = malloc(no * isz), *fl = malloc((size_t)P * L * isz);
             unsigned seed = 777u + (unsigned)ci;
             for (size_t x = 0; x < nq; x++) q[x] = uniform(&seed);
             for (size_t x = 0; x < nk; x++) k[x] = uniform(&seed);
             for (size_t x = 0; x < nv; x++) v[x] = uniform(&seed);
             for (size_t x = 0; x < no; x++) dO[x] = uniform(&seed);
             const double scale = 1.0 / sqrt((double)E);
-            naive(c, q, k, v, NULL, scale, out, w);
+            naive(c, q, k, v, NULL, scale, out, w, NULL);
             for (int p = 0; p < P; p++)
                 for (int i = 0; i < L; i++) {
                     const double *Pi = w + ((size_t)p * L + i) * S, *dOi = dO + ((size_t)p * L + i) * Ev;
@@ -390,6 +403,12 @@ static void test_backward(const char *kernel_name)
             g.grad_out = (attn_view){.data = bdo, .batch = {c->Hq * L * Ev * is},
                                      .head = L * Ev * is, .row = Ev * is, .col = is};
             g.dq = gq; g.dk = gk; g.dv = gv;
+            if (saved) { /* the forward's output and lse, as the backward's saved statistics */
+                a->out = (attn_view){.data = fo, .batch = {c->Hq * L * Ev * is}, .head = L * Ev * is,
+                                     .row = Ev * is, .col = is};
+                a->lse = (attn_view){.data = fl, .batch = {c->Hq * L * is}, .head = L * is, .row = is};
+                if (attn_sdpa(a) != ATTN_OK) n_failed++, printf("FAIL %s: the forward\n", c->name);
+            }
             attn_plan plan;
             attn_plan_backward(&g, P, &plan);
             if (plan.reason == ATTN_REASON_TILED) plans_seen[plan.bwd_fused_dq != 0] = 1;
@@ -411,13 +430,14 @@ static void test_backward(const char *kernel_name)
             if (status == ATTN_OK && err <= tol) n_passed++;
             else {
                 n_failed++;
-                printf("FAIL %s [%s, %s, plan %s%s]: status %d, max error %.3g (tol %.1g)\n", c->name,
-                       f32 ? "float32" : "float64", kernel_name, attn_reason_name(plan.reason),
-                       plan.bwd_fused_dq ? ", fused dq" : "", status, err, tol);
+                printf("FAIL %s [%s, %s, plan %s%s%s]: status %d, max error %.3g (tol %.1g)\n",
+                       c->name, f32 ? "float32" : "float64", kernel_name,
+                       attn_reason_name(plan.reason), plan.bwd_fused_dq ? ", fused dq" : "",
+                       saved ? ", saved lse" : "", status, err, tol);
             }
             free(q); free(k); free(v); free(dO); free(out); free(w); free(dS);
             free(dq); free(dk); free(dv); free(bq); free(bk); free(bv); free(bdo);
-            free(gq); free(gk); free(gv);
+            free(gq); free(gk); free(gv); free(fo); free(fl);
         }
     if (strcmp(kernel_name, "reference") != 0) {
         if (plans_seen[0] && plans_seen[1]) n_passed++;
