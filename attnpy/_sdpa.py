@@ -36,7 +36,16 @@ class AttentionResult(_AttentionFields, _repr.Ran):
         The kernel that computed them (``'avx512'``, ``'reference'``, ...),
         and ``kernel_reason`` why (``'use_tiled'``, ``'use_ref:selected'``,
         ``'use_ref:qk_overflow'``, ...).
+    lse : ndarray, shape (..., Hq, L), or None
+        With ``return_lse=True``: each row's log-sum-exp of the softmax's
+        input, ``log(sum_j exp(logits_ij))`` (``-inf`` for a row with every
+        key masked), so that ``weights = exp(logits - lse[..., None])``.
+        Not a tuple field: ``output, weights = result`` still unpacks.
     """
+
+    @property
+    def lse(self):
+        return self.__dict__.get("_lse")
 
     def __repr__(self):
         return _repr.short_repr(self, self._fields)
@@ -49,7 +58,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
                                  is_causal=False, scale=None, enable_gqa=False, *,
                                  need_weights=True, out=None, attn_bias=None, query_offset=0,
                                  window=None, alibi_slopes=None,
-                                 seed=None) -> AttentionResult:
+                                 seed=None, return_lse=False) -> AttentionResult:
     r"""Scaled dot-product attention, with the weight maps.
 
     Computes, for every batch index and head,
@@ -119,12 +128,18 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         :func:`attnpy.alibi_slopes`. Taken as float64.
     seed : int, optional
         The dropout generator's seed; None draws a fresh one.
+    return_lse : bool, default False
+        Also keep each row's log-sum-exp, ``result.lse`` of shape
+        ``(..., Hq, L)``: with ``result.output`` it is what
+        :func:`scaled_dot_product_attention_backward` needs to skip running
+        the forward again (as torch's autograd saves them).
 
     Returns
     -------
     AttentionResult
         ``(output, weights)``: ``output`` of shape ``(..., Hq, L, Ev)``,
-        ``weights`` of shape ``(..., Hq, L, S)`` or None.
+        ``weights`` of shape ``(..., Hq, L, S)`` or None; ``result.lse``
+        of shape ``(..., Hq, L)`` with ``return_lse=True``, else None.
 
     Notes
     -----
@@ -172,7 +187,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     need_weights = True if need_weights else False
     try:
         if attn_mask is None and out is None and not enable_gqa and extra is None and \
-                attn_bias is None:
+                attn_bias is None and not return_lse:
             # options at their defaults are left out: each keyword passed costs time
             if is_causal:
                 output, weights, _, ran = _core.sdpa(query, key, value, scale=scale, is_causal=True,
@@ -181,16 +196,44 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
                 output, weights, _, ran = _core.sdpa(query, key, value, scale=scale,
                                                 need_weights=need_weights)
         else:
-            output, weights, _, ran = _core.sdpa(
+            output, weights, stages, ran = _core.sdpa(
                 query, key, value, scale=scale,
                 masks=_masks(query, attn_mask, is_causal, attn_bias),
                 is_causal=is_causal, enable_gqa=True if enable_gqa else False,
-                need_weights=need_weights, out=out, **(extra or {}))
+                need_weights=need_weights, out=out, need_lse=True if return_lse else False,
+                **(extra or {}))
+            if return_lse:
+                lse = stages["lse"][..., 0]   # the core's (..., Hq, L, 1), as a view
     except MemoryError as e:
         raise _out_of_memory(e, need_weights) from None
     result = _new_tuple(AttentionResult, (output, weights))  # no NamedTuple __new__: faster
     result._ran = ran
+    if return_lse:
+        result._lse = lse
     return result
+
+
+def _saved_statistics(output, lse, grad_output, query):
+    """The backward's output= and lse= checked and explained, as keywords
+    for the core (lse with the core's trailing axis of 1); {} for neither."""
+    if output is None and lse is None:
+        return {}
+    if output is None or lse is None:
+        given, missing = ("output", "lse") if lse is None else ("lse", "output")
+        raise ValueError(f"{given} is given without {missing}: pass both (the forward's "
+                         f"result.output and result.lse, from return_lse=True) or neither")
+    for name, arr, shape in (("output", output, grad_output.shape),
+                             ("lse", lse, grad_output.shape[:-1])):
+        if not isinstance(arr, np.ndarray):
+            raise TypeError(f"{name} must be a NumPy array (the forward's result.{name}); "
+                            f"got {type(arr).__name__}")
+        if arr.dtype != query.dtype:
+            raise TypeError(f"{name} must have dtype {query.dtype} like query; got {arr.dtype}")
+        if arr.shape != shape:
+            raise ValueError(f"{name} must have shape {shape} (grad_output's"
+                             f"{'' if name == 'output' else ' without its last axis'}); "
+                             f"got {arr.shape}")
+    return {"output": output, "lse": lse[..., None]}
 
 
 def _out_of_memory(e, need_weights):
@@ -392,7 +435,8 @@ def scaled_dot_product_attention_backward(grad_output, query, key, value, attn_m
                                           is_causal=False, scale=None, enable_gqa=False, *,
                                           weights=None, trace=False, attn_bias=None,
                                           query_offset=0, window=None, alibi_slopes=None,
-                                          dropout_p=0.0, seed=None) -> AttentionGradients:
+                                          dropout_p=0.0, seed=None, output=None,
+                                          lse=None) -> AttentionGradients:
     r"""The backward pass of :func:`scaled_dot_product_attention`.
 
     With :math:`S = \mathrm{scale}\, Q K^T + M`, :math:`P = \mathrm{softmax}(S)`,
@@ -420,6 +464,16 @@ def scaled_dot_product_attention_backward(grad_output, query, key, value, attn_m
         Both give the same gradients to rounding.
     trace : bool, default False
         Also return the gradients of the weights and of the scores.
+    output : ndarray, shape (..., Hq, L, Ev), optional
+    lse : ndarray, shape (..., Hq, L), optional
+        The forward's ``output`` and ``lse`` (``return_lse=True``), both or
+        neither, of the query's dtype: the saved statistics. With them the
+        tiled kernels take each row's softmax from ``lse``
+        (``P = exp(S - lse)``) and ``rowsum(P * dP)`` from ``output``
+        (``rowsum(dO * O)``) instead of running the forward again: five block
+        products per pair of tiles instead of seven, as torch's autograd.
+        They must be this forward's; the reference kernel (weights given,
+        dropout, ``trace``) recomputes and does not read them.
 
     Returns
     -------
@@ -440,11 +494,12 @@ def scaled_dot_product_attention_backward(grad_output, query, key, value, attn_m
         grad_output = _args.convert(grad_output, "grad_output", _args.float_dtype(query))
     if weights is not None and not isinstance(weights, np.ndarray):
         weights = _args.convert(weights, "weights", _args.float_dtype(query))
+    saved = _saved_statistics(output, lse, grad_output, query)
     is_causal = True if is_causal else False
     p, seed = _dropout_seed(dropout_p, seed, "backward")
     gq, gk, gv, gw, gs = _core.sdpa_backward(
         grad_output, query, key, value, scale=_args.scale_of(scale, query),
         masks=_masks(query, attn_mask, is_causal, attn_bias),
         is_causal=is_causal, enable_gqa=bool(enable_gqa), weights=weights, trace=bool(trace),
-        dropout_p=p, seed=seed, **_positions(query, query_offset, window, alibi_slopes))
+        dropout_p=p, seed=seed, **saved, **_positions(query, query_offset, window, alibi_slopes))
     return AttentionGradients(gq, gk, gv, BackwardTrace(gw, gs) if trace else None)

@@ -789,16 +789,16 @@ static PyObject *sdpa_names[MAX_ARGS], *sdpa_backward_names[MAX_ARGS], *linear_n
 /* sdpa(query, key, value, *, scale, masks=(), extra_keys=0, is_causal=False,
         query_offset=0, window=None, alibi_slopes=None,
         enable_gqa=False, dropout_p=0.0, seed=0, need_weights=True, trace=False,
-        out=None) -> (output, weights or None, stages or None)
+        out=None, need_lse=False) -> (output, weights or None, stages or None)
    stages: a dict; with trace, "scores", "logits", "dropout_mask" and
    "dropped_weights"; without, "dropped_weights" alone when there are
-   dropout and weights. */
+   dropout and weights; with need_lse, "lse" too: (..., Hq, L, 1). */
 static PyObject *attnpy_sdpa(PyObject *Py_UNUSED(module), PyObject *const *args,
                              Py_ssize_t nargs, PyObject *kwnames)
 {
     PyArrayObject *q = NULL, *k = NULL, *v = NULL, *out = NULL;
     sdpa_options o = {.scale = NAN};
-    int need_weights = 1, trace = 0;
+    int need_weights = 1, trace = 0, need_lse = 0;
     const arg_spec spec[] = {
         {"query", to_array, &q, 1},
         {"key", to_array, &k, 1},
@@ -807,8 +807,9 @@ static PyObject *attnpy_sdpa(PyObject *Py_UNUSED(module), PyObject *const *args,
         {"need_weights", to_bool, &need_weights, 0},
         {"trace", to_bool, &trace, 0},
         {"out", to_array_or_none, &out, 0},
+        {"need_lse", to_bool, &need_lse, 0},
     };
-    enum { OUT, W, SC, LG, DM, DR, NARR };
+    enum { OUT, W, SC, LG, DM, DR, LSE, NARR };
     PyArrayObject *arr[NARR] = {NULL};
     PyObject *result = NULL, *stages = NULL;
     sdpa_call c;
@@ -851,6 +852,13 @@ static PyObject *attnpy_sdpa(PyObject *Py_UNUSED(module), PyObject *const *args,
         (dropout && need_weights &&
          !(arr[DR] = new_view(nd, c.w_dims, typenum, "the weights after dropout", &c.a.dropped))))
         goto done;
+    if (need_lse) { /* (..., Hq, L, 1): a view of the core's (row, col) shape */
+        npy_intp lse_dims[NPY_MAXDIMS];
+        memcpy(lse_dims, c.out_dims, sizeof(npy_intp) * (size_t)nd);
+        lse_dims[nd - 1] = 1;
+        if (!(arr[LSE] = new_view(nd, lse_dims, typenum, "the lse (..., Hq, L)", &c.a.lse)))
+            goto done;
+    }
 
     attn_ran ran = {0};
     c.a.ran = &ran;
@@ -864,8 +872,10 @@ static PyObject *attnpy_sdpa(PyObject *Py_UNUSED(module), PyObject *const *args,
                                           "dropped_weights",
                                           arr[DR] ? (PyObject *)arr[DR] : Py_None)))
         goto done;
-    if (!trace && arr[DR] && !(stages = Py_BuildValue("{sO}", "dropped_weights", arr[DR])))
+    if (!trace && (arr[DR] || arr[LSE]) && !(stages = PyDict_New())) goto done;
+    if (!trace && arr[DR] && PyDict_SetItemString(stages, "dropped_weights", (PyObject *)arr[DR]))
         goto done;
+    if (arr[LSE] && PyDict_SetItemString(stages, "lse", (PyObject *)arr[LSE])) goto done;
     /* what ran, as one small int (CPython keeps those: no allocation);
        ran_name() spells it out */
     result = Py_BuildValue("(OOOi)", arr[OUT], arr[W] ? (PyObject *)arr[W] : Py_None,
@@ -879,15 +889,16 @@ done:
 /* sdpa_backward(grad_output, query, key, value, *, scale, masks=(), extra_keys=0,
                  query_offset=0, window=None, alibi_slopes=None,
                  is_causal=False, enable_gqa=False, dropout_p=0.0, seed=0,
-                 weights=None, trace=False, grads=None)
+                 weights=None, trace=False, grads=None, output=None, lse=None)
    -> (grad_query, grad_key, grad_value, grad_weights or None, grad_scores or None)
    grads: arrays shaped like query, key, value (any strides) that receive the
-   gradients instead of new ones. */
+   gradients instead of new ones. output (..., Hq, L, Ev) and lse
+   (..., Hq, L, 1): the forward's, both or neither (the saved statistics). */
 static PyObject *attnpy_sdpa_backward(PyObject *Py_UNUSED(module), PyObject *const *args,
                                       Py_ssize_t nargs, PyObject *kwnames)
 {
     PyArrayObject *dout = NULL, *q = NULL, *k = NULL, *v = NULL, *weights = NULL;
-    PyArrayObject *given[3] = {NULL, NULL, NULL};
+    PyArrayObject *given[3] = {NULL, NULL, NULL}, *saved_out = NULL, *saved_lse = NULL;
     sdpa_options o = {.scale = NAN};
     int trace = 0;
     const arg_spec spec[] = {
@@ -899,6 +910,8 @@ static PyObject *attnpy_sdpa_backward(PyObject *Py_UNUSED(module), PyObject *con
         {"weights", to_array_or_none, &weights, 0},
         {"trace", to_bool, &trace, 0},
         {"grads", to_grads, given, 0},
+        {"output", to_array_or_none, &saved_out, 0},
+        {"lse", to_array_or_none, &saved_lse, 0},
     };
     enum { SQ, SK, SV, GQ, GK, GV, GW, GS, NARR };
     PyArrayObject *arr[NARR] = {NULL};
@@ -913,15 +926,33 @@ static PyObject *attnpy_sdpa_backward(PyObject *Py_UNUSED(module), PyObject *con
         return NULL;
     const int nd = c.nd, typenum = c.typenum;
     attn_sdpa_args *a = &c.a;
-    PyArrayObject *in[6], *read[2] = {dout, weights};
-    const char *in_names[6], *read_names[2] = {"grad_output", "weights"};
-    int n_in = sdpa_inputs(&c, &o, in, in_names);
+    PyArrayObject *in[6], *read[4] = {dout}; /* what the backward reads besides in */
+    const char *in_names[6], *read_names[4] = {"grad_output"};
+    int n_in = sdpa_inputs(&c, &o, in, in_names), n_read = 1;
+    npy_intp lse_dims[NPY_MAXDIMS];
+    memcpy(lse_dims, c.out_dims, sizeof(npy_intp) * (size_t)nd);
+    lse_dims[nd - 1] = 1;
 
+    if (!saved_out != !saved_lse) {
+        PyErr_SetString(PyExc_ValueError, "output and lse are given together or not at all");
+        return NULL;
+    }
     if (check_shaped(dout, "grad_output", typenum, nd, c.out_dims) ||
-        (weights && check_shaped(weights, "weights", typenum, nd, c.w_dims)))
+        (weights && check_shaped(weights, "weights", typenum, nd, c.w_dims)) ||
+        (saved_out && (check_shaped(saved_out, "output", typenum, nd, c.out_dims) ||
+                       check_shaped(saved_lse, "lse", typenum, nd, lse_dims))))
         return NULL;
     view_of(dout, nd, &g.grad_out);
-    if (weights) view_of(weights, nd, &g.weights);
+    if (weights) {
+        view_of(weights, nd, &g.weights);
+        read_names[n_read] = "weights", read[n_read++] = weights;
+    }
+    if (saved_out) {
+        view_of(saved_out, nd, &a->out);
+        view_of(saved_lse, nd, &a->lse);
+        read_names[n_read] = "output", read[n_read++] = saved_out;
+        read_names[n_read] = "lse", read[n_read++] = saved_lse;
+    }
 
     /* Per-problem gradient slabs, then the input-shaped gradients they are
        summed into. An input that is neither broadcast nor shared by several
@@ -951,7 +982,7 @@ static PyObject *attnpy_sdpa_backward(PyObject *Py_UNUSED(module), PyObject *con
             if (check_output(given[i], grad_names[i], typenum, PyArray_NDIM(inputs[i]),
                              PyArray_DIMS(inputs[i]), in, in_names, n_in) ||
                 check_output(given[i], grad_names[i], typenum, PyArray_NDIM(inputs[i]),
-                             PyArray_DIMS(inputs[i]), read, read_names, weights ? 2 : 1))
+                             PyArray_DIMS(inputs[i]), read, read_names, n_read))
                 goto done;
             Py_INCREF(given[i]);
             arr[GQ + i] = given[i];
@@ -1181,14 +1212,14 @@ static PyMethodDef attnpy_methods[] = {
     {"sdpa", (PyCFunction)(void (*)(void))attnpy_sdpa, METH_FASTCALL | METH_KEYWORDS,
      "sdpa(query, key, value, *, scale, masks=(), extra_keys=0, is_causal=False, "
      "enable_gqa=False, query_offset=0, window=None, alibi_slopes=None, dropout_p=0.0, "
-     "seed=0, need_weights=True, trace=False, out=None)\n"
+     "seed=0, need_weights=True, trace=False, out=None, need_lse=False)\n"
      "--\n\nAttention on validated ndarrays; see attnpy.scaled_dot_product_attention. "
      "Returns (output, weights or None, trace dict or None)."},
     {"sdpa_backward", (PyCFunction)(void (*)(void))attnpy_sdpa_backward,
      METH_FASTCALL | METH_KEYWORDS,
      "sdpa_backward(grad_output, query, key, value, *, scale, masks=(), extra_keys=0, "
      "is_causal=False, enable_gqa=False, query_offset=0, window=None, alibi_slopes=None, "
-     "dropout_p=0.0, seed=0, weights=None, trace=False, grads=None)\n--\n\nThe backward pass. Returns (grad_query, grad_key, grad_value, "
+     "dropout_p=0.0, seed=0, weights=None, trace=False, grads=None, output=None, lse=None)\n--\n\nThe backward pass. Returns (grad_query, grad_key, grad_value, "
      "grad_weights or None, grad_scores or None)."},
     {"linear", (PyCFunction)(void (*)(void))attnpy_linear, METH_FASTCALL | METH_KEYWORDS,
      "linear(x, weight, bias=None, *, out=None, accumulate=False)\n--\n\n"

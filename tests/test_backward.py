@@ -8,6 +8,7 @@ import pytest
 
 import attnpy
 from optional_torch import torch
+import reference as ref
 import test_sdpa as parity
 
 TOL = {np.float32: dict(atol=1e-4, rtol=1e-4), np.float64: dict(atol=1e-10, rtol=1e-10)}
@@ -121,6 +122,151 @@ def test_backward_errors_name_the_argument():
     with pytest.raises(ValueError, match="weights"):
         attnpy.scaled_dot_product_attention_backward(np.zeros((2, 3, 4)), q, q, q,
                                                      weights=np.zeros((2, 3, 4)))
+
+
+# --------------------------------------------------------------------------
+# saved statistics: the forward's lse (return_lse=True) and output given to
+# the backward, which then does not run the forward again
+
+def logsumexp_reference(logits):
+    """log sum_j exp(logits_ij) in float64; -inf for a row with no open key."""
+    m = logits.max(axis=-1, initial=-np.inf)
+    safe = np.where(np.isfinite(m), m, 0.0)
+    with np.errstate(divide="ignore"):
+        return np.log(np.exp(logits - safe[..., None]).sum(axis=-1)) + safe
+
+
+LSE_CASES = [pytest.param(sc, dt, id=f"{sc.name}-{np.dtype(dt).name}")
+             for sc in parity.SCENARIOS for dt in (np.float32, np.float64)]
+
+
+@pytest.mark.parametrize("sc, dtype", LSE_CASES)
+def test_lse_is_the_logsumexp_of_the_logits(sc, dtype):
+    q, k, v, kw = parity.make_inputs(sc, dtype, "c")
+    logits = ref.sdpa_forward(q, k, v, kw["attn_mask"], kw["is_causal"], kw["scale"],
+                              kw["enable_gqa"])["logits"]
+    want = logsumexp_reference(logits)
+    tol = 2e-6 if dtype == np.float32 else 1e-13
+    for kernel in attnpy.supported_kernels():
+        for need_weights in (False, True):
+            with attnpy.use_kernel(kernel):
+                r = attnpy.scaled_dot_product_attention(q, k, v, need_weights=need_weights,
+                                                        return_lse=True, **kw)
+            assert r.lse.shape == r.output.shape[:-1] and r.lse.dtype == dtype
+            np.testing.assert_array_equal(np.isneginf(r.lse), np.isneginf(want))
+            finite = np.isfinite(want)
+            np.testing.assert_allclose(r.lse[finite], want[finite], rtol=tol, atol=tol,
+                                       err_msg=f"{kernel}, need_weights={need_weights}")
+            if need_weights:   # weights = exp(logits - lse), where a key is open
+                w = np.exp(logits - np.where(finite, r.lse, 0.0)[..., None])
+                np.testing.assert_allclose(r.weights, np.where(finite[..., None], w, 0.0),
+                                           atol=5 * tol)
+
+
+def test_lse_is_none_unless_asked_and_the_result_still_unpacks():
+    x = np.ones((3, 4), np.float32)
+    r = attnpy.scaled_dot_product_attention(x, x, x)
+    assert r.lse is None
+    out, weights = attnpy.scaled_dot_product_attention(x, x, x, return_lse=True)
+    assert out.shape == (3, 4) and weights.shape == (3, 3)
+
+
+SAVED_SHAPES = [((2, 3, 150, 40), {}), ((1, 2, 300, 64), dict(is_causal=True)),
+                ((3, 130, 24), dict(mask=True)), ((2, 4, 200, 16), dict(window=(40, 0)))]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape, opts", SAVED_SHAPES, ids=["plain", "causal", "mask", "window"])
+def test_saved_statistics_give_the_recomputed_gradients(shape, opts, dtype):
+    """Several tiles of queries and keys, both backward plans (one problem
+    per thread or fewer), a mask with rows that see nothing: on every kernel,
+    the gradients from the saved lse and output equal the float64
+    reference's as closely as the recomputing backward's do."""
+    rng = np.random.default_rng(7)
+    q, k, v = (rng.standard_normal(shape).astype(dtype) for _ in range(3))
+    kw = {}
+    if opts.get("mask"):
+        mask = rng.random(shape[-2:-1] * 2) < 0.6
+        mask[[0, 77]] = False                         # rows with no open key
+        kw["attn_mask"] = mask
+    kw["is_causal"] = opts.get("is_causal", False)
+    if "window" in opts:
+        kw.update(window=opts["window"], is_causal=True)
+    dout = rng.standard_normal(shape).astype(dtype)
+    if "window" in opts:   # the reference knows no window: its mask, from positions
+        pos = ref.position_mask(shape[-2], shape[-2], is_causal=True, window=opts["window"])
+        want = ref.sdpa_backward_reference(dout, q, k, v, attn_mask=pos)
+    else:
+        want = ref.sdpa_backward_reference(dout, q, k, v, kw.get("attn_mask"), kw["is_causal"])
+    tol = TOL[dtype]
+    for kernel in attnpy.supported_kernels():
+        with attnpy.use_kernel(kernel):
+            r = attnpy.scaled_dot_product_attention(q, k, v, need_weights=False,
+                                                    return_lse=True, **kw)
+            before = parity.snapshot((q, k, v, dout, r.output, r.lse))
+            g = attnpy.scaled_dot_product_attention_backward(dout, q, k, v, output=r.output,
+                                                             lse=r.lse, **kw)
+            parity.assert_untouched((q, k, v, dout, r.output, r.lse), before)
+        for name, mine, w in zip(("query", "key", "value"), g[:3], want):
+            record("saved_vs_reference", dtype, mine, w)
+            np.testing.assert_allclose(mine, w, **tol, err_msg=f"{kernel}: {name}")
+
+
+def test_the_tiled_backward_reads_the_saved_statistics():
+    """A wrong lse (each row's shifted by log 2: every weight halved) changes
+    the tiled kernels' gradients, so they did not recompute; the reference
+    kernel recomputes and ignores it."""
+    rng = np.random.default_rng(8)
+    q, k, v, dout = (rng.standard_normal((2, 2, 140, 32)).astype(np.float32) for _ in range(4))
+    r = attnpy.scaled_dot_product_attention(q, k, v, need_weights=False, return_lse=True)
+    for kernel in attnpy.supported_kernels():
+        with attnpy.use_kernel(kernel):
+            good = attnpy.scaled_dot_product_attention_backward(dout, q, k, v)
+            bad = attnpy.scaled_dot_product_attention_backward(dout, q, k, v, output=r.output,
+                                                               lse=r.lse + np.float32(np.log(2)))
+        changed = not np.allclose(good.value, bad.value, atol=1e-3)
+        assert changed == (kernel != "reference"), kernel
+        if changed:   # dv = P^T dO: exactly halved
+            np.testing.assert_allclose(bad.value, good.value / 2, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("sc, dtype, layout", CASES)
+def test_saved_statistics_backward_matches_torch(sc, dtype, layout):
+    q, k, v, kw = parity.make_inputs(sc, dtype, layout)
+    r = attnpy.scaled_dot_product_attention(q, k, v, need_weights=False, return_lse=True, **kw)
+    dout = np.random.default_rng(1).standard_normal(r.output.shape).astype(dtype)
+    g = attnpy.scaled_dot_product_attention_backward(dout, q, k, v, output=r.output, lse=r.lse,
+                                                     **kw)
+    tq, tk, tv = torch_leaf(q), torch_leaf(k), torch_leaf(v)
+    mask = kw["attn_mask"]
+    torch.nn.functional.scaled_dot_product_attention(
+        tq, tk, tv, attn_mask=None if mask is None else parity.torch_mask(mask),
+        is_causal=kw["is_causal"], scale=kw["scale"], enable_gqa=kw["enable_gqa"]
+    ).backward(torch.from_numpy(dout))
+    for name, mine, t in (("query", g.query, tq), ("key", g.key, tk), ("value", g.value, tv)):
+        np.testing.assert_allclose(mine, t.grad.numpy(), **TOL[dtype], err_msg=name)
+
+
+def test_saved_statistics_errors_name_the_argument():
+    q = np.zeros((2, 3, 4))
+    r = attnpy.scaled_dot_product_attention(q, q, q, return_lse=True)
+    bwd = attnpy.scaled_dot_product_attention_backward
+    with pytest.raises(ValueError, match="lse is given without output"):
+        bwd(q, q, q, q, lse=r.lse)
+    with pytest.raises(ValueError, match="output is given without lse"):
+        bwd(q, q, q, q, output=r.output)
+    with pytest.raises(ValueError, match=r"lse must have shape \(2, 3\).*got \(2, 3, 1\)"):
+        bwd(q, q, q, q, output=r.output, lse=r.lse[..., None])
+    with pytest.raises(ValueError, match=r"output must have shape \(2, 3, 4\).*got \(2, 3\)"):
+        bwd(q, q, q, q, output=r.lse, lse=r.lse)
+    with pytest.raises(TypeError, match="lse must have dtype float64 like query; got float32"):
+        bwd(q, q, q, q, output=r.output, lse=r.lse.astype(np.float32))
+    with pytest.raises(TypeError, match="output must be a NumPy array"):
+        bwd(q, q, q, q, output=r.output.tolist(), lse=r.lse)
+    # the core's own check of the pair (the boundary: memory safety)
+    with pytest.raises(ValueError, match="together"):
+        attnpy._core.sdpa_backward(q, q, q, q, scale=0.5, lse=r.lse[..., None])
 
 
 # --------------------------------------------------------------------------
