@@ -20,7 +20,9 @@ Peers:
                       average_attn_weights=False)
   every forward row:  NumPy (matmul + softmax), float32 like the inputs
   backward rows:      torch.autograd.grad on a retained graph (the backward
-                      alone, on both sides)
+                      alone, on both sides: each reads its forward's saved
+                      statistics, torch's graph its out and logsumexp,
+                      attnpy's backward output= and lse=)
   SDPA forward rows:  ONNX Runtime ("ORT"), a one-node model of the opset-23
                       Attention operator (weights from its qk_matmul_output,
                       mode 3, on +w rows), float32 and float64
@@ -196,8 +198,12 @@ def make_calls(row, np, torch, attnpy, extra=None):
         tq, tk, tv = (torch.from_numpy(x).requires_grad_(True) for x in (q, k, v))
         t_out = torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, is_causal=row.causal)
         tdout = torch.from_numpy(dout)
+        # both sides' backward reads what the forward saved: torch's graph
+        # keeps out and logsumexp, attnpy's result its output and lse
+        fwd = attnpy.scaled_dot_product_attention(q, k, v, is_causal=row.causal,
+                                                  need_weights=False, return_lse=True)
         calls["attnpy"] = lambda: attnpy.scaled_dot_product_attention_backward(
-            dout, q, k, v, is_causal=row.causal)
+            dout, q, k, v, is_causal=row.causal, output=fwd.output, lse=fwd.lse)
         calls["torch"] = lambda: torch.autograd.grad(t_out, (tq, tk, tv), tdout,
                                                      retain_graph=True)
         return calls
