@@ -840,8 +840,10 @@ def _layer_forward(query, key, value, proj, fused, H, Hkv, bias_kv, add_zero_att
 
     # 3. attention per head, on views; the heads' outputs land side by side
     concat = np.empty((N, L, H * Dv), dtype)
+    # traced without dropout: the rows' lse too, the backward's saved statistics
     _, weights, staged, ran = _core.sdpa(qh, kh, vh, need_weights=need_weights or trace,
-                                         trace=trace, out=_split(concat, H), **options)
+                                         trace=trace, out=_split(concat, H),
+                                         need_lse=trace and not dropout, **options)
 
     # 4. output projection
     out = concat if w_out is None else _core.linear(concat, w_out, b_out)
@@ -910,10 +912,13 @@ def _layer_backward(query, key, value, proj, raw, grad_output, w_out, g_proj, g_
     if qh is None:
         qh, kh = _split(q, H), _split(k, Hkv)
     dqh, dkh = _split(dq, H), _split(dk, Hkv)
+    # without dropout, the forward's lse and head outputs spare the tiled
+    # backward its forward pass; with dropout, the weights are read
+    saved = {} if raw.get("lse") is None else dict(output=_split(concat, H), lse=raw["lse"])
     _core.sdpa_backward(
         _split(dconcat, H), qh, kh, _split(v, Hkv),
         weights=raw["weights"] if ctx["dropout_p"] > 0 else None,
-        grads=(dqh, dkh, _split(dv, Hkv)), **ctx)
+        grads=(dqh, dkh, _split(dv, Hkv)), **saved, **ctx)
     if "_rope" in raw:
         # the rotation's transpose is its inverse: turn the gradients back
         rope, pos_q, pos_k = raw["_rope"]
