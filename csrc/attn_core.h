@@ -175,8 +175,9 @@ int attn_sdpa(const attn_sdpa_args *args);
  * its weights view is not used). With fwd.lse.data and fwd.out.data set
  * (the forward's lse and output, both read), the tiled kernels take the
  * softmax's statistics from them (P = exp(S - lse), D_i = dO_i . O_i)
- * instead of running the forward again; the reference kernel recomputes. The gradients are written per
- * problem into dq (P, L, E), dk (P, S, E), dv (P, S, Ev): contiguous, one
+ * instead of running the forward again; the reference kernel recomputes
+ * them. The gradients are written per problem into dq (P, L, E),
+ * dk (P, S, E), dv (P, S, Ev): contiguous, one
  * slab per (batch, query head) problem, so that problems never share a
  * destination; attn_sdpa_reduce_grads then sums them into arrays of the
  * inputs' shapes (over broadcast dims and the query heads of a kv group).
@@ -248,8 +249,8 @@ int attn_sdpa_reduce_grads(const attn_sdpa_grad_args *g, const attn_sdpa_args *r
  *         E max|q| max|k| max(1, |scale|) <= T_MAX / 2;
  *     the flash kernel also checks its unnormalised output sum. When a tile
  *     finds one (an inf or NaN input looks like one too), the whole call is
- *     done again by the reference kernel (use_ref:qk_overflow). In float64 the reference's dot product can
- *     overflow double itself: a score whose q . k is not finite is computed
+ *     done again by the reference kernel (use_ref:qk_overflow). In float64
+ *     the reference's dot product can overflow double itself: a score whose q . k is not finite is computed
  *     again as sum_e (scale q_e) k_e. A score that is +inf even so (an
  *     infinite input, or beyond 1.8e308) makes its row NaN, as torch's
  *     softmax of +inf does.

@@ -171,6 +171,35 @@ def test_lse_is_none_unless_asked_and_the_result_still_unpacks():
     assert out.shape == (3, 4) and weights.shape == (3, 3)
 
 
+# (L, S, E, Ev): no keys (every row -inf), no queries, empty query/key
+# features (every logit 0: lse = log S), empty value features
+EDGE_SHAPES = [(3, 0, 4, 4), (0, 5, 4, 4), (3, 5, 0, 4), (3, 5, 4, 0)]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("L, S, E, Ev", EDGE_SHAPES, ids=["S0", "L0", "E0", "Ev0"])
+def test_lse_and_saved_backward_on_empty_axes(L, S, E, Ev, dtype):
+    rng = np.random.default_rng(3)
+    q = rng.standard_normal((2, L, E)).astype(dtype)
+    k = rng.standard_normal((2, S, E)).astype(dtype)
+    v = rng.standard_normal((2, S, Ev)).astype(dtype)
+    dout = rng.standard_normal((2, L, Ev)).astype(dtype)
+    logits = np.einsum("hle,hse->hls", q.astype(np.float64), k) / np.sqrt(max(E, 1))
+    want_lse = logsumexp_reference(logits)
+    want = ref.sdpa_backward_reference(dout, q, k, v, None, False, 1 / np.sqrt(max(E, 1)))
+    for kernel in attnpy.supported_kernels():
+        with attnpy.use_kernel(kernel):
+            r = attnpy.scaled_dot_product_attention(q, k, v, need_weights=False,
+                                                    return_lse=True, scale=1 / np.sqrt(max(E, 1)))
+            assert r.lse.shape == (2, L)
+            np.testing.assert_allclose(r.lse, want_lse, rtol=1e-6, err_msg=kernel)
+            g = attnpy.scaled_dot_product_attention_backward(
+                dout, q, k, v, scale=1 / np.sqrt(max(E, 1)), output=r.output, lse=r.lse)
+        for name, mine, w in zip(("query", "key", "value"), g[:3], want):
+            assert mine.shape == w.shape, f"{kernel}: {name}"
+            np.testing.assert_allclose(mine, w, **TOL[dtype], err_msg=f"{kernel}: {name}")
+
+
 SAVED_SHAPES = [((2, 3, 150, 40), {}), ((1, 2, 300, 64), dict(is_causal=True)),
                 ((3, 130, 24), dict(mask=True)), ((2, 4, 200, 16), dict(window=(40, 0)))]
 
