@@ -250,10 +250,10 @@ int attn_sdpa_reduce_grads(const attn_sdpa_grad_args *g, const attn_sdpa_args *r
  *     the flash kernel also checks its unnormalised output sum. When a tile
  *     finds one (an inf or NaN input looks like one too), the whole call is
  *     done again by the reference kernel (use_ref:qk_overflow). In float64
- *     the reference's dot product can overflow double itself: a score whose q . k is not finite is computed
- *     again as sum_e (scale q_e) k_e. A score that is +inf even so (an
- *     infinite input, or beyond 1.8e308) makes its row NaN, as torch's
- *     softmax of +inf does.
+ *     the reference's dot product can overflow double itself: a score
+ *     whose q . k is not finite is computed again as sum_e (scale q_e) k_e.
+ *     A score that is +inf even so (an infinite input, or beyond 1.8e308)
+ *     makes its row NaN, as torch's softmax of +inf does.
  *
  * The E == 0 rule (attn_sdpa): with no columns, q . k is an empty sum, 0,
  * and the scores are 0 whatever the scale (inf and NaN included), as torch's.
