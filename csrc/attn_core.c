@@ -190,9 +190,11 @@ int attn_set_kernel(attn_kernel kernel)
     return ATTN_OK;
 }
 
+attn_kernel attn_kernel_selected(void) { return (attn_kernel)atomic_load(&kernel_choice); }
+
 attn_kernel attn_get_kernel(void)
 {
-    attn_kernel k = (attn_kernel)atomic_load(&kernel_choice);
+    attn_kernel k = attn_kernel_selected();
     if (k != ATTN_KERNEL_AUTO) return k;
     if (attn_kernel_supported(ATTN_KERNEL_AVX512)) return ATTN_KERNEL_AVX512;
     if (attn_kernel_supported(ATTN_KERNEL_AVX2)) return ATTN_KERNEL_AVX2;
@@ -236,7 +238,9 @@ static void attn_sdpa_item(void *ctx, int64_t item, int thread)
     if (attn_fast_rows(plan->kernel, a, hd, nh, i0, nr, work)) atomic_store(&job->overflow, 1);
 }
 
-int attn_sdpa(const attn_sdpa_args *a)
+int attn_sdpa(const attn_sdpa_args *a) { return attn_sdpa_forced(a, NULL); }
+
+int attn_sdpa_forced(const attn_sdpa_args *a, const attn_force *force)
 {
     assert(attn_problem_valid(a) && a->out.data);
     assert(a->weights.data || (!a->scores.data && !a->logits.data && !a->dropout_mask.data &&
@@ -248,7 +252,7 @@ int attn_sdpa(const attn_sdpa_args *a)
            scale 1 / sqrt(0) = inf, where scale * 0 would be NaN) */
         attn_sdpa_args zero_width = *a;
         zero_width.scale = 0.0;
-        return attn_sdpa(&zero_width);
+        return attn_sdpa_forced(&zero_width, force);
     }
     int64_t nproblems = attn_problems(a);
     /* nothing to write: return before walking (maybe billions of) empty problems */
@@ -262,7 +266,7 @@ int attn_sdpa(const attn_sdpa_args *a)
     attn_workspace ws;
     attn_cancel cancel;
     attn_cancel_init(&cancel, a->interrupt);
-    attn_plan_sdpa(a, nproblems, &plan);
+    attn_plan_sdpa(a, nproblems, force, &plan);
     int status = attn_plan_alloc(&plan, &ws);
     if (status == ATTN_OK) {
         attn_sdpa_job job = {.a = a, .plan = &plan, .work = ws.work};
@@ -369,13 +373,18 @@ static int attn_grads_empty(const attn_sdpa_grad_args *g)
 
 int attn_sdpa_backward(const attn_sdpa_grad_args *g)
 {
+    return attn_sdpa_backward_forced(g, NULL);
+}
+
+int attn_sdpa_backward_forced(const attn_sdpa_grad_args *g, const attn_force *force)
+{
     const attn_sdpa_args *a = &g->fwd;
     assert(attn_problem_valid(a) && g->grad_out.data);
     assert((g->dq || g->grad_q.data) && (g->dk || g->grad_k.data) && (g->dv || g->grad_v.data));
     if (a->E == 0 && a->scale != 0.0) { /* the scores are 0: see attn_sdpa */
         attn_sdpa_grad_args zero_width = *g;
         zero_width.fwd.scale = 0.0;
-        return attn_sdpa_backward(&zero_width);
+        return attn_sdpa_backward_forced(&zero_width, force);
     }
     int64_t nproblems = attn_problems(a);
     if (nproblems == 0 || attn_grads_empty(g)) return ATTN_OK;
@@ -384,7 +393,7 @@ int attn_sdpa_backward(const attn_sdpa_grad_args *g)
     attn_workspace ws;
     attn_cancel cancel;
     attn_cancel_init(&cancel, a->interrupt);
-    attn_plan_backward(g, nproblems, &plan);
+    attn_plan_backward(g, nproblems, force, &plan);
     /* a second description whose out / weights / scores / logits views are
        dO, the given weights and the trace, so attn_locate finds them too */
     attn_backward_job job = {.g = g, .locate_grad = *a, .plan = &plan, .cancel = &cancel};
@@ -480,14 +489,16 @@ static void attn_linear_item(void *ctx, int64_t item, int thread)
         attn_linear_block_f64(p, n, l0, nr, o0, no);
 }
 
-int attn_linear(const attn_linear_args *p)
+int attn_linear(const attn_linear_args *p) { return attn_linear_forced(p, NULL); }
+
+int attn_linear_forced(const attn_linear_args *p, const attn_force *force)
 {
     assert(p->N >= 0 && p->M >= 0 && p->K >= 0 && p->O >= 0 && p->x.data && p->w.data &&
            p->y.data && (p->dtype == ATTN_FLOAT32 || p->dtype == ATTN_FLOAT64));
     if (p->N == 0 || p->M == 0 || p->O == 0) return ATTN_OK;
     attn_plan plan;
     attn_workspace ws;
-    attn_plan_linear(p, &plan);
+    attn_plan_linear(p, force, &plan);
     if (attn_plan_alloc(&plan, &ws) != ATTN_OK) return ATTN_ENOMEM;
     attn_linear_job job = {.p = p, .plan = &plan, .work = ws.work};
     attn_cancel cancel;

@@ -292,6 +292,54 @@ int attn_kernel_supported(attn_kernel kernel);
 int attn_set_kernel(attn_kernel kernel);
 attn_kernel attn_get_kernel(void); /* what AUTO resolves to on this CPU */
 
+/*
+ * The tuner (attn_plan.c). With AUTO selected, the planner runs, for each
+ * cell -- an operation (the forward, the backward, the linear layer), an
+ * element type and, for attention, a class of head dimension E (<= 32,
+ * <= 64, wider) -- the tiled kernel the tuner chose for it. At the first
+ * call planned with AUTO, the tuner times the cell's candidates, the two
+ * widest tiled kernels this CPU runs that are no wider than the cap
+ * (AVX-512 and AVX2 on most x86-64 CPUs, NEON and the baseline on aarch64),
+ * on one problem per cell on the calling thread, best of three rounds (six
+ * when the first three put the narrower one ahead), within
+ * ATTN_TUNE_BUDGET_S seconds in all (cells left over keep the widest).
+ * The widest candidate stands unless the other is ATTN_TUNE_MARGIN faster.
+ * A pinned cell is not timed. Tuning off: every cell runs the widest
+ * candidate. Calls planned while another thread tunes use the widest.
+ * Builds with ATTN_FAULT_INJECTION start with tuning off, so that the
+ * allocations they count are the call's own.
+ */
+#define ATTN_TUNE_CELLS 14
+#define ATTN_TUNE_CANDIDATES 2
+#define ATTN_TUNE_BUDGET_S 0.1
+#define ATTN_TUNE_MARGIN 0.05 /* 5%: less than that is noise, not a reason */
+
+typedef enum { ATTN_TUNE_DEFAULT = 0, ATTN_TUNE_MEASURED, ATTN_TUNE_PINNED } attn_tune_source;
+
+typedef struct {
+    const char *name;  /* "sdpa_f32_e64", "backward_f64_e128", "linear_f32", ... */
+    attn_kernel kernel; /* what the planner runs for this cell */
+    attn_tune_source source;
+    int ncandidates;
+    attn_kernel candidates[ATTN_TUNE_CANDIDATES]; /* widest first */
+    double seconds[ATTN_TUNE_CANDIDATES];         /* best time; 0: not timed */
+} attn_tune_cell;
+
+/* Start again: forget every measurement and pin, tune (enabled) or not,
+   with candidates no wider than cap (AUTO: no cap). ATTN_EINVAL when cap is
+   not a tiled kernel this CPU runs. */
+int attn_tune_configure(int enabled, attn_kernel cap);
+/* Pin a cell to a candidate kernel (AUTO: unpin, tune it again).
+   ATTN_EINVAL when cell or kernel is not one. */
+int attn_tune_pin(int cell, attn_kernel kernel);
+/* A cell's state, measuring first when a measurement is due. ATTN_EINVAL
+   when cell is not one. */
+int attn_tune_get(int cell, attn_tune_cell *out);
+/* A cell's name, NULL when cell is not one. */
+const char *attn_tune_cell_name(int cell);
+/* Seconds the last measurement took (0 before the first). */
+double attn_tune_seconds(void);
+
 /* The float32 FMA throughput of `threads` threads running the selected
    kernel's vectors (iters rounds each), in GFLOP/s: the peak the benchmark
    compares against. */

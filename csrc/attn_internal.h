@@ -144,6 +144,13 @@ int attn_cancel_check(attn_cancel *c, int thread);
    most max_threads threads; thread is in [0, max_threads). With cancel, each
    thread checks attn_cancel_check before each item and stops when it says
    so (then some items never ran). */
+/* fork() safety: attn_register_fork installs the pool's fork handlers
+   (once; attn_parallel_for does it too); the child's handler calls
+   attn_tune_forked (attn_plan.c), which gives a measurement that the fork
+   cut short (its thread is not in the child) back to the next call. */
+void attn_register_fork(void);
+void attn_tune_forked(void);
+
 void attn_parallel_for(int64_t n, int max_threads,
                        void (*fn)(void *ctx, int64_t item, int thread), void *ctx,
                        attn_cancel *cancel);
@@ -247,9 +254,28 @@ typedef struct {
     size_t ref_work_size;
 } attn_plan;
 
-void attn_plan_sdpa(const attn_sdpa_args *a, int64_t nproblems, attn_plan *plan);
-void attn_plan_backward(const attn_sdpa_grad_args *g, int64_t nproblems, attn_plan *plan);
-void attn_plan_linear(const attn_linear_args *p, attn_plan *plan);
+/* The tuner's way in: a call that runs this tiled kernel on this many
+   threads, whatever the selection and the tuned cells say (attn_plan.c
+   times its candidates with them). NULL: plan as usual. */
+typedef struct {
+    attn_kernel kernel;
+    int threads;
+} attn_force;
+
+void attn_plan_sdpa(const attn_sdpa_args *a, int64_t nproblems, const attn_force *force,
+                    attn_plan *plan);
+void attn_plan_backward(const attn_sdpa_grad_args *g, int64_t nproblems,
+                        const attn_force *force, attn_plan *plan);
+void attn_plan_linear(const attn_linear_args *p, const attn_force *force, attn_plan *plan);
+
+/* The entry points of attn_core.h, forced (attn_sdpa(a) is
+   attn_sdpa_forced(a, NULL)). */
+int attn_sdpa_forced(const attn_sdpa_args *a, const attn_force *force);
+int attn_sdpa_backward_forced(const attn_sdpa_grad_args *g, const attn_force *force);
+int attn_linear_forced(const attn_linear_args *p, const attn_force *force);
+
+/* The kernel attn_set_kernel last set: AUTO, or the one selected. */
+attn_kernel attn_kernel_selected(void);
 
 /* Switch a plan to the reference kernel, for the reason given. */
 void attn_plan_use_reference(attn_plan *plan, attn_reason why);

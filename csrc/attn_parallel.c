@@ -182,6 +182,22 @@ static void attn_postfork_child(void)
     attn_mutex_unlock(&run_lock);
     attn_cond_reset(&pool_wake);
     attn_cond_reset(&pool_done);
+    attn_tune_forked();
+}
+
+/* The fork handlers, once (the caller holds run_lock). */
+static void attn_register_fork_locked(void)
+{
+    if (atfork_registered) return;
+    attn_at_fork(attn_prefork, attn_postfork_parent, attn_postfork_child);
+    atfork_registered = 1;
+}
+
+void attn_register_fork(void)
+{
+    attn_mutex_lock(&run_lock);
+    attn_register_fork_locked();
+    attn_mutex_unlock(&run_lock);
 }
 
 /* The default: OMP_NUM_THREADS if set, else the CPUs online. */
@@ -224,10 +240,7 @@ void attn_parallel_for(int64_t n, int max_threads,
         attn_run_items(&job, 0); /* one thread wanted, or the pool is busy */
         return;
     }
-    if (!atfork_registered) {
-        attn_at_fork(attn_prefork, attn_postfork_parent, attn_postfork_child);
-        atfork_registered = 1;
-    }
+    attn_register_fork_locked();
 
     /* publish the job as a new, open generation; wake sleepers */
     attn_mutex_lock(&pool_lock);

@@ -410,7 +410,7 @@ static void test_backward(const char *kernel_name)
                 if (attn_sdpa(a) != ATTN_OK) n_failed++, printf("FAIL %s: the forward\n", c->name);
             }
             attn_plan plan;
-            attn_plan_backward(&g, P, &plan);
+            attn_plan_backward(&g, P, NULL, &plan);
             if (plan.reason == ATTN_REASON_TILED) plans_seen[plan.bwd_fused_dq != 0] = 1;
             int status = attn_sdpa_backward(&g);
             double err = 0;
@@ -486,7 +486,7 @@ static void test_planner(void)
     check(strcmp(attn_reason_names[ATTN_REASON_TILED], "use_tiled") == 0, "use_tiled's name");
 
     attn_set_kernel(ATTN_KERNEL_REFERENCE);
-    attn_plan_sdpa(&a, 6, &plan);
+    attn_plan_sdpa(&a, 6, NULL, &plan);
     check(plan.kernel == ATTN_KERNEL_REFERENCE && plan.reason == ATTN_REASON_SELECTED &&
               plan.items == 6 && plan.blocks[0] == 1 && plan.work_size % 64 == 0,
           "the reference kernel selected: one item per problem");
@@ -494,14 +494,14 @@ static void test_planner(void)
     memset(&lin, 0, sizeof lin);
     lin.dtype = ATTN_FLOAT32;
     lin.N = 2; lin.M = 200; lin.K = 3; lin.O = 100;
-    attn_plan_linear(&lin, &plan);
+    attn_plan_linear(&lin, NULL, &plan);
     check(plan.reason == ATTN_REASON_SELECTED && plan.work_size == 0 && plan.col_groups == 1 &&
               plan.block_rows >= 64 && plan.blocks[0] == (200 + plan.block_rows - 1) / plan.block_rows &&
               plan.items == 2 * plan.blocks[0],
           "the reference linear layer needs no workspace");
 
     attn_set_kernel(ATTN_KERNEL_BASELINE);
-    attn_plan_sdpa(&a, 6, &plan);
+    attn_plan_sdpa(&a, 6, NULL, &plan);
     check(plan.op == ATTN_OP_SDPA && plan.kernel == ATTN_KERNEL_BASELINE &&
               plan.reason == ATTN_REASON_TILED &&
               plan.block_rows == ATTN_FAST_BR && plan.blocks[0] == 3 && plan.items == 18 &&
@@ -512,12 +512,12 @@ static void test_planner(void)
               plan.items == 6 && plan.threads <= 6 &&
               plan.work_size == (ATTN_KEY_BLOCK + 5) * sizeof(double) / 64 * 64 + 64,
           "the fallback to the reference kernel: its items and workspace");
-    attn_plan_linear(&lin, &plan);
+    attn_plan_linear(&lin, NULL, &plan);
     check(plan.reason == ATTN_REASON_TILED && plan.group_width == ATTN_LINEAR_COLS &&
               plan.items == 2 * plan.blocks[0] * plan.col_groups && plan.work_size > 0,
           "the linear layer: (batch, row block, column group) items");
     lin.M = 5000; lin.O = 600;
-    attn_plan_linear(&lin, &plan);
+    attn_plan_linear(&lin, NULL, &plan);
     check(plan.block_rows == ATTN_LINEAR_BR && plan.blocks[0] == 10 && plan.col_groups == 3 &&
               plan.items == 60,
           "a long linear layer: blocks of ATTN_LINEAR_BR rows, ATTN_LINEAR_COLS columns");
@@ -534,7 +534,7 @@ static void test_planner(void)
         if (c == 2) b.weights = (attn_view){.data = (char *)buf, .row = 64, .col = 8};
         if (c == 3) b.scale = INFINITY;
         if (c == 4) b.weights = (attn_view){.data = (char *)buf, .row = 64, .col = 4};
-        attn_plan_sdpa(&b, 6, &plan);
+        attn_plan_sdpa(&b, 6, NULL, &plan);
         check(plan.reason == cases[c].want &&
                   (plan.kernel == ATTN_KERNEL_REFERENCE) == (cases[c].want != ATTN_REASON_TILED),
               cases[c].what);
@@ -543,18 +543,18 @@ static void test_planner(void)
     attn_sdpa_grad_args g;
     memset(&g, 0, sizeof g);
     g.fwd = a;
-    attn_plan_backward(&g, 6, &plan);
+    attn_plan_backward(&g, 6, NULL, &plan);
     check(plan.reason == ATTN_REASON_TILED && plan.blocks[0] == 3 && plan.blocks[1] == 1 &&
               plan.shared_size == 6 * 3 * 300 * sizeof(float),
           "the tiled backward: two loops, and the stats");
     g.weights.data = (char *)buf;
-    attn_plan_backward(&g, 6, &plan);
+    attn_plan_backward(&g, 6, NULL, &plan);
     check(plan.reason == ATTN_REASON_GIVEN_WEIGHTS && plan.shared_size == 0 &&
               plan.work_size == 2 * 7 * sizeof(double) / 64 * 64 + 64,
           "the backward with the forward's weights given: the reference");
     g.weights.data = NULL;
     g.fwd.S = 0;
-    attn_plan_backward(&g, 6, &plan);
+    attn_plan_backward(&g, 6, NULL, &plan);
     check(plan.reason == ATTN_REASON_NO_ROWS, "the backward without keys: the reference");
     attn_set_kernel(ATTN_KERNEL_AUTO);
 
@@ -671,7 +671,7 @@ static void test_threads_bit_identical(void)
                 if (weights) a.weights.head = (int64_t)L * S * 4, a.weights.batch[0] = H * a.weights.head;
                 a.is_causal = 1;
                 attn_plan plan;
-                attn_plan_sdpa(&a, B * H, &plan);
+                attn_plan_sdpa(&a, B * H, NULL, &plan);
                 if (plan.threads != t + 1) {
                     printf("  (kernel %d, %d threads asked: the plan has %d)\n",
                            (int)kernels[kk], t + 1, plan.threads);
@@ -732,6 +732,96 @@ static void test_interrupt(void)
     free(q);
     free(out);
     free(w);
+}
+
+/* The tuner: every cell measured, the pick rule of attn_core.h followed,
+   pins and the cap obeyed by the plans, bad arguments refused. */
+static void test_tuner(void)
+{
+    attn_tune_cell c, d;
+    attn_plan plan;
+    attn_sdpa_args a;
+    memset(&a, 0, sizeof a);
+    a.dtype = ATTN_FLOAT32;
+    a.num_heads = a.num_kv_heads = 1;
+    a.L = a.S = 300; a.E = a.Ev = 64;
+    a.scale = 0.125;
+
+    check(attn_tune_configure(1, ATTN_KERNEL_AUTO) == ATTN_OK, "tuning on");
+    int names_ok = 1, rule_ok = 1, measured = 1;
+    for (int cell = 0; cell < ATTN_TUNE_CELLS; cell++) {
+        check(attn_tune_get(cell, &c) == ATTN_OK, "a cell's state");
+        names_ok &= c.name != NULL;
+        for (int other = 0; other < cell && names_ok; other++) {
+            attn_tune_get(other, &d);
+            names_ok &= strcmp(c.name, d.name) != 0;
+        }
+        if (c.ncandidates < 2) continue;
+        measured &= c.source == ATTN_TUNE_MEASURED && c.seconds[0] > 0 && c.seconds[1] > 0;
+        /* the widest stands unless the other is ATTN_TUNE_MARGIN faster */
+        attn_kernel want = c.seconds[1] < c.seconds[0] * (1.0 - ATTN_TUNE_MARGIN)
+                               ? c.candidates[1] : c.candidates[0];
+        rule_ok &= c.kernel == want;
+    }
+    check(names_ok, "every tuner cell has a distinct name");
+    check(measured, "every cell with two candidates measured, both timed");
+    check(rule_ok, "every cell runs the candidate the margin rule picks");
+    check(attn_tune_seconds() > 0, "the measurement's time is kept");
+
+    /* cell 1 is sdpa_f32_e64: pinned to the narrower candidate, the plan
+       of a (300 x 300, E = 64) call runs it; E = 128 (another cell) not */
+    attn_tune_get(1, &c);
+    check(strcmp(c.name, "sdpa_f32_e64") == 0, "cell 1 is the float32 forward, E <= 64");
+    attn_kernel narrow = c.candidates[c.ncandidates - 1];
+    check(attn_tune_pin(1, narrow) == ATTN_OK, "a pin");
+    attn_tune_get(1, &c);
+    attn_plan_sdpa(&a, 1, NULL, &plan);
+    check(c.source == ATTN_TUNE_PINNED && c.kernel == narrow && plan.kernel == narrow,
+          "a pinned cell's kernel runs");
+    a.E = a.Ev = 128;
+    attn_tune_get(2, &d);
+    attn_plan_sdpa(&a, 1, NULL, &plan);
+    check(plan.kernel == d.kernel, "the next cell runs its own choice");
+    a.E = a.Ev = 64;
+    attn_set_kernel(ATTN_KERNEL_REFERENCE);
+    attn_plan_sdpa(&a, 1, NULL, &plan);
+    check(plan.kernel == ATTN_KERNEL_REFERENCE, "a kernel selected overrides the tuner");
+    attn_set_kernel(ATTN_KERNEL_AUTO);
+    attn_tune_pin(1, ATTN_KERNEL_AUTO);
+    attn_tune_get(1, &c);
+    check(c.source == ATTN_TUNE_MEASURED, "unpinned: measured again");
+
+    /* the cap: candidates no wider than it, and the plans keep to them */
+    if (attn_kernel_supported(ATTN_KERNEL_AVX2)) {
+        check(attn_tune_configure(1, ATTN_KERNEL_AVX2) == ATTN_OK, "capped at AVX2");
+        int capped = 1;
+        for (int cell = 0; cell < ATTN_TUNE_CELLS; cell++) {
+            attn_tune_get(cell, &c);
+            capped &= c.candidates[0] == ATTN_KERNEL_AVX2 &&
+                      (c.kernel == ATTN_KERNEL_AVX2 || c.kernel == ATTN_KERNEL_BASELINE);
+        }
+        attn_plan_sdpa(&a, 1, NULL, &plan);
+        check(capped && (plan.kernel == ATTN_KERNEL_AVX2 || plan.kernel == ATTN_KERNEL_BASELINE),
+              "capped at AVX2: AVX2 or the baseline, chosen by measurement");
+    }
+
+    /* off: the widest everywhere, nothing timed */
+    check(attn_tune_configure(0, ATTN_KERNEL_AUTO) == ATTN_OK, "tuning off");
+    int widest = 1;
+    for (int cell = 0; cell < ATTN_TUNE_CELLS; cell++) {
+        attn_tune_get(cell, &c);
+        widest &= c.source == ATTN_TUNE_DEFAULT && c.kernel == c.candidates[0] &&
+                  c.seconds[0] == 0;
+    }
+    attn_plan_sdpa(&a, 1, NULL, &plan);
+    check(widest && plan.kernel == c.candidates[0], "tuning off: the widest kernel");
+
+    check(attn_tune_pin(-1, narrow) == ATTN_EINVAL && attn_tune_pin(ATTN_TUNE_CELLS, narrow) ==
+              ATTN_EINVAL && attn_tune_pin(0, ATTN_KERNEL_REFERENCE) == ATTN_EINVAL &&
+              attn_tune_get(ATTN_TUNE_CELLS, &c) == ATTN_EINVAL &&
+              attn_tune_configure(1, ATTN_KERNEL_REFERENCE) == ATTN_EINVAL,
+          "the tuner refuses what is not a cell or a tiled kernel");
+    attn_tune_configure(1, ATTN_KERNEL_AUTO);
 }
 
 int main(void)
@@ -798,7 +888,10 @@ int main(void)
     test_interrupt();
     attn_set_kernel(ATTN_KERNEL_AUTO);
     attn_set_num_threads(0);
-    if (attn_kernel_supported(ATTN_KERNEL_BASELINE)) test_planner(); /* plans of the tiles */
+    if (attn_kernel_supported(ATTN_KERNEL_BASELINE)) {
+        test_planner(); /* plans of the tiles */
+        test_tuner();
+    }
     else printf("(no tiled kernels in this build: the planner's tests not run)\n");
     printf("%d passed, %d failed\n", n_passed, n_failed);
     return n_failed ? 1 : 0;
