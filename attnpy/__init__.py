@@ -14,8 +14,8 @@ except ImportError as e:
         "`pip install .` in the source tree, or `bash dev.sh demo` to set up and run the "
         "demo" + ("" if missing else f" (the import said: {e})")) from e
 
-from ._config import (get_kernel, get_num_threads, set_kernel, set_num_threads,
-                      supported_kernels, use_kernel)
+from ._config import (get_kernel, get_num_threads, set_kernel, set_num_threads, set_tuning,
+                      supported_kernels, tuning, tuning_spec, use_kernel)
 from ._mha import (MultiheadAttention, MultiheadAttentionGradients, MultiheadAttentionResult,
                    Trace, self_attention)
 from ._positions import KVCache, RoPE, relative_position_bucket, rope, sinusoidal_positions
@@ -27,5 +27,6 @@ __all__ = ["AttentionGradients", "AttentionResult", "BackwardTrace", "KVCache",
            "RoPE", "Trace", "alibi_slopes", "causal_mask", "get_kernel", "get_num_threads",
            "relative_position_bucket", "rope", "scaled_dot_product_attention",
            "scaled_dot_product_attention_backward", "self_attention", "set_kernel",
-           "set_num_threads", "sinusoidal_positions", "supported_kernels", "use_kernel"]
+           "set_num_threads", "set_tuning", "sinusoidal_positions", "supported_kernels", "tuning",
+           "tuning_spec", "use_kernel"]
 __version__ = "0.1.0"

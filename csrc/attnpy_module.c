@@ -1137,24 +1137,96 @@ static PyObject *attnpy_fma_peak(PyObject *Py_UNUSED(module), PyObject *args)
 /* by attn_kernel's value */
 static const char *kernel_names[] = {"auto", "reference", "baseline", "avx2", "avx512", "neon"};
 
-static PyObject *attnpy_set_kernel(PyObject *Py_UNUSED(module), PyObject *arg)
+/* A kernel's name to its attn_kernel (-1 with TypeError / ValueError set);
+   what names `what` in the messages. */
+static int kernel_from_name(PyObject *arg, const char *what)
 {
     const char *name = PyUnicode_Check(arg) ? PyUnicode_AsUTF8(arg) : NULL;
     if (!name) {
-        PyErr_Format(PyExc_TypeError, "kernel must be a str; got %.200s", Py_TYPE(arg)->tp_name);
+        if (!PyErr_Occurred())
+            PyErr_Format(PyExc_TypeError, "%s must be a str; got %.200s", what,
+                         Py_TYPE(arg)->tp_name);
+        return -1;
+    }
+    for (int k = 0; k < (int)(sizeof kernel_names / sizeof kernel_names[0]); k++)
+        if (strcmp(name, kernel_names[k]) == 0) return k;
+    PyErr_Format(PyExc_ValueError,
+                 "%s must be 'auto', 'reference', 'baseline', 'avx2', 'avx512' or 'neon'; got %R",
+                 what, arg);
+    return -1;
+}
+
+static PyObject *attnpy_set_kernel(PyObject *Py_UNUSED(module), PyObject *arg)
+{
+    int k = kernel_from_name(arg, "kernel");
+    if (k < 0) return NULL;
+    if (attn_set_kernel((attn_kernel)k) != ATTN_OK) {
+        PyErr_Format(PyExc_ValueError, "kernel %s is not supported by this CPU", kernel_names[k]);
         return NULL;
     }
-    for (int k = 0; k < (int)(sizeof kernel_names / sizeof kernel_names[0]); k++) {
-        if (strcmp(name, kernel_names[k]) != 0) continue;
-        if (attn_set_kernel((attn_kernel)k) != ATTN_OK) {
-            PyErr_Format(PyExc_ValueError, "kernel %s is not supported by this CPU", name);
-            return NULL;
-        }
-        Py_RETURN_NONE;
+    Py_RETURN_NONE;
+}
+
+/* tune_configure(enabled, cap): attnpy.set_tuning checks and explains. */
+static PyObject *attnpy_tune_configure(PyObject *Py_UNUSED(module), PyObject *args)
+{
+    int enabled;
+    PyObject *cap_name;
+    if (!PyArg_ParseTuple(args, "pO:tune_configure", &enabled, &cap_name)) return NULL;
+    int cap = kernel_from_name(cap_name, "cap");
+    if (cap < 0) return NULL;
+    if (attn_tune_configure(enabled, (attn_kernel)cap) != ATTN_OK) {
+        PyErr_Format(PyExc_ValueError, "cap must be a tiled kernel this CPU runs; got %R",
+                     cap_name);
+        return NULL;
     }
-    PyErr_Format(PyExc_ValueError,
-                 "kernel must be 'auto', 'reference', 'baseline', 'avx2', 'avx512' or 'neon'; got %R", arg);
-    return NULL;
+    Py_RETURN_NONE;
+}
+
+/* tune_pin(cell, kernel): kernel 'auto' unpins. */
+static PyObject *attnpy_tune_pin(PyObject *Py_UNUSED(module), PyObject *args)
+{
+    const char *cell_name;
+    PyObject *kernel_name;
+    if (!PyArg_ParseTuple(args, "sO:tune_pin", &cell_name, &kernel_name)) return NULL;
+    int k = kernel_from_name(kernel_name, "kernel");
+    if (k < 0) return NULL;
+    int cell = 0;
+    while (attn_tune_cell_name(cell) && strcmp(attn_tune_cell_name(cell), cell_name) != 0)
+        cell++;
+    if (attn_tune_pin(cell, (attn_kernel)k) != ATTN_OK) {
+        PyErr_Format(PyExc_ValueError, "tune_pin needs a cell and a tiled kernel this CPU "
+                     "runs; got %s, %R", cell_name, kernel_name);
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+/* tuning(): ((cell, kernel, source, ((candidate, seconds), ...)), ...),
+   measuring first (without the GIL) when a measurement is due. */
+static PyObject *attnpy_tuning(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(arg))
+{
+    static const char *sources[] = {"default", "measured", "pinned"};
+    attn_tune_cell cells[ATTN_TUNE_CELLS];
+    Py_BEGIN_ALLOW_THREADS
+    for (int c = 0; c < ATTN_TUNE_CELLS; c++) attn_tune_get(c, &cells[c]);
+    Py_END_ALLOW_THREADS
+    PyObject *result = PyTuple_New(ATTN_TUNE_CELLS);
+    for (int c = 0; result && c < ATTN_TUNE_CELLS; c++) {
+        const attn_tune_cell *t = &cells[c];
+        PyObject *cand = PyTuple_New(t->ncandidates);
+        for (int i = 0; cand && i < t->ncandidates; i++) {
+            PyObject *pair = Py_BuildValue("(sd)", kernel_names[t->candidates[i]], t->seconds[i]);
+            if (!pair) Py_CLEAR(cand);
+            else PyTuple_SET_ITEM(cand, i, pair); /* steals pair */
+        }
+        PyObject *row = cand ? Py_BuildValue("(sssN)", t->name, kernel_names[t->kernel],
+                                             sources[t->source], cand) /* steals cand */
+                             : NULL;
+        if (!row) Py_CLEAR(result);
+        else PyTuple_SET_ITEM(result, c, row); /* steals row */
+    }
+    return result;
 }
 
 /* ran_name(code): (kernel, reason) for the code sdpa returns, e.g.
@@ -1232,6 +1304,13 @@ static PyMethodDef attnpy_methods[] = {
     {"supported_kernels", attnpy_supported_kernels, METH_NOARGS, "Kernels this CPU runs."},
     {"fma_peak", attnpy_fma_peak, METH_VARARGS,
      "fma_peak(threads, iters): float32 FMA GFLOP/s of the selected kernel's vectors."},
+    {"tune_configure", attnpy_tune_configure, METH_VARARGS,
+     "tune_configure(enabled, cap): forget the tuner's measurements and pins; tune or not, "
+     "with candidates no wider than cap ('auto': no cap)."},
+    {"tune_pin", attnpy_tune_pin, METH_VARARGS,
+     "tune_pin(cell, kernel): pin a tuner cell to a kernel ('auto' unpins)."},
+    {"tuning", attnpy_tuning, METH_NOARGS,
+     "((cell, kernel, source, ((candidate, seconds), ...)), ...), measured first if due."},
 #ifdef ATTN_FAULT_INJECTION
     {"_fail_alloc", attnpy_fail_alloc, METH_O,
      "Fault-injection builds only: _fail_alloc(n) makes the n-th allocation from now fail "
@@ -1257,5 +1336,21 @@ PyMODINIT_FUNC PyInit__core(void)
               PyModule_AddIntConstant(m, "MAX_THREADS", ATTN_MAX_THREADS) < 0 ||
               PyModule_AddIntConstant(m, "MAX_DIMS", ATTN_MAX_DIMS) < 0))
         Py_CLEAR(m);
+    /* the tuner's cells, by name */
+    PyObject *cells = m ? PyTuple_New(ATTN_TUNE_CELLS) : NULL;
+    for (int c = 0; cells && c < ATTN_TUNE_CELLS; c++) {
+        PyObject *name = PyUnicode_FromString(attn_tune_cell_name(c));
+        if (!name) Py_CLEAR(cells);
+        else PyTuple_SET_ITEM(cells, c, name); /* steals name */
+    }
+    if (m && (!cells || PyModule_AddObject(m, "TUNE_CELLS", cells) < 0)) {
+        Py_XDECREF(cells); /* PyModule_AddObject steals it only when it succeeds */
+        Py_CLEAR(m);
+    }
+    PyObject *margin = m ? PyFloat_FromDouble(ATTN_TUNE_MARGIN) : NULL;
+    if (m && (!margin || PyModule_AddObject(m, "TUNE_MARGIN", margin) < 0)) {
+        Py_XDECREF(margin);
+        Py_CLEAR(m);
+    }
     return m;
 }
