@@ -11,6 +11,8 @@
 #                      run the benchmark (writes bench/results.md, .png)
 #   bash dev.sh bench-positions [--quick]  set everything up, time windows, ALiBi,
 #                      attn_bias and decoding against torch (bench/positions.py)
+#   bash dev.sh bench-tuner [--quick]  set everything up, time every tuner cell's
+#                      candidates beside the tuner's choice (bench/tuner.py)
 #   bash dev.sh notebooks  set everything up, run the notebooks and keep their outputs
 #   bash dev.sh fuzz [SECONDS]  set everything up, fuzz the binding (default 600 s)
 #   bash dev.sh platforms [STEP...]  set everything up, check the other platforms
@@ -209,8 +211,12 @@ case "${1:-}" in
         setup
         "$VENV/bin/python" bench/positions.py "${@:2}"
         ;;
+    bench-tuner)
+        setup
+        "$VENV/bin/python" bench/tuner.py "${@:2}"
+        ;;
     *)
-        echo "usage: bash dev.sh demo|test|quick|notebooks|fuzz|bench|bench-positions|platforms|wheel [args...]" >&2
+        echo "usage: bash dev.sh demo|test|quick|notebooks|fuzz|bench|bench-positions|bench-tuner|platforms|wheel [args...]" >&2
         exit 2
         ;;
 esac

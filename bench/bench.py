@@ -432,6 +432,21 @@ def cpu_slug(kernel=None):
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown-cpu"
 
 
+def tuner_summary(attnpy):
+    """The tuner's choices (attnpy.tuning()): each kernel with the cells it runs, and
+    the cells where the widest candidate did not win, with both candidates' times."""
+    table = attnpy.tuning()
+    by_kernel = {}
+    for cell, row in table.items():
+        by_kernel.setdefault(f"{row['kernel']} ({row['source']})", []).append(cell)
+    text = "; ".join(f"{k}: {len(v)} cells" for k, v in by_kernel.items())
+    narrower = [f"{cell} " + " / ".join(f"{k} {t * 1e6:.0f} us" for k, t in row["seconds"].items())
+                for cell, row in table.items()
+                if row["source"] == "measured" and row["kernel"] != next(iter(row["seconds"]))]
+    return text + (f"; chosen over the widest: {', '.join(narrower)}" if narrower else
+                   "; the widest candidate won every measured cell")
+
+
 def machine_description(np, torch, attnpy, peak, threads, extra=None):
     cpu, ident = cpu_identity()
     if ident:
@@ -469,6 +484,7 @@ def machine_description(np, torch, attnpy, peak, threads, extra=None):
     return {
         "CPU": f"{cpu}, {os.cpu_count()} logical CPUs",
         "attnpy kernel": f"{attnpy.get_kernel()} (supported: {', '.join(attnpy.supported_kernels())})",
+        "tuner": tuner_summary(attnpy),
         "threads": f"{threads} for {threads_for}",
         "measured fp32 FMA peak": f"{peak:.0f} GFLOP/s on {threads} threads "
                                   f"({attnpy.get_kernel()} vectors)",

@@ -42,3 +42,15 @@ def test_quick_positions_benchmark_prints_every_row():
     assert proc.stdout.startswith("cpu: ")
     for label in ("window (", "ALiBi causal", "attn_bias (H, L, L)", "Llama-like", "GPT-2-like"):
         assert label in proc.stdout, label
+
+
+def test_quick_tuner_check_prints_every_cell():
+    import attnpy
+    from attnpy import _core
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "tuner.py"), "--quick"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    caps = 2 if "avx512" in attnpy.supported_kernels() else 1
+    for cell in _core.TUNE_CELLS:
+        assert proc.stdout.count(f" | {cell} | ") == caps, cell
+    assert "Largest choice / fastest: " in proc.stdout
