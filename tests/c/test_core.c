@@ -757,6 +757,12 @@ static void test_tuner(void)
             names_ok &= strcmp(c.name, d.name) != 0;
         }
         if (c.ncandidates < 2) continue;
+        /* a cell the budget left out (a slow build: ASan, valgrind, an
+           emulator) keeps the widest, and the rule below still holds */
+        if (c.source == ATTN_TUNE_DEFAULT && attn_tune_seconds() > ATTN_TUNE_BUDGET_S) {
+            rule_ok &= c.kernel == c.candidates[0];
+            continue;
+        }
         measured &= c.source == ATTN_TUNE_MEASURED && c.seconds[0] > 0 && c.seconds[1] > 0;
         /* the widest stands unless the other is ATTN_TUNE_MARGIN faster */
         attn_kernel want = c.seconds[1] < c.seconds[0] * (1.0 - ATTN_TUNE_MARGIN)
@@ -789,7 +795,9 @@ static void test_tuner(void)
     attn_set_kernel(ATTN_KERNEL_AUTO);
     attn_tune_pin(1, ATTN_KERNEL_AUTO);
     attn_tune_get(1, &c);
-    check(c.source == ATTN_TUNE_MEASURED, "unpinned: measured again");
+    check(c.source == ATTN_TUNE_MEASURED ||
+              (c.source == ATTN_TUNE_DEFAULT && attn_tune_seconds() > ATTN_TUNE_BUDGET_S),
+          "unpinned: measured again (unless the budget ran out first)");
 
     /* the cap: candidates no wider than it, and the plans keep to them */
     if (attn_kernel_supported(ATTN_KERNEL_AVX2)) {
