@@ -71,8 +71,10 @@ static inline attn_bwd_key_ws attn_bwd_key_layout(int64_t E, int64_t Ep, int64_t
    a time, kc = LIN_KC_BYTES / sizeof(T): 384 floats, 192 doubles. The
    panel (384 KiB) stays in a 1 MiB L2, and each pass over K reads and
    writes y once, so fewer passes pay: 2-6% on the bench's projections
-   (E = 384 and 768, AMD Zen 4) over 128 floats. Workspaces are sized for
-   the widest copy's MR and vectors. */
+   (E = 384 and 768, AMD Zen 4) over 128 floats. (A packed x, the
+   backward's transposed dW operand, adds up to 768 KiB of rows beside the
+   panel: there it was neither faster nor slower.) Workspaces are sized
+   for the widest copy's MR and vectors. */
 #define LIN_LO ATTN_LINEAR_COLS
 #define LIN_KC_BYTES 1536
 #define LIN_MR_MAX 8

@@ -572,6 +572,30 @@ def test_fast_backward_ignores_non_finite_values_of_masked_keys():
         assert np.isfinite(np.delete(g.value, 5, axis=-2)).all(), kernel
 
 
+@pytest.mark.parametrize("opts", [dict(is_causal=True), dict(window=(7, 0))],
+                         ids=["causal", "window"])
+def test_non_finite_gradients_of_blocked_pairs_agree_across_kernels(opts):
+    """An inf in dout on an early query and in v on a late key, under causal or a
+    window: the tiled backward skips the pairs blocked by position (its
+    bands), the reference kernel walks every pair. Both must give the same
+    gradients, NaN and inf in the same places, over several tiles."""
+    rng = np.random.default_rng(3)
+    q, k, v, dout = (rng.standard_normal((1, 2, 300, 24)).astype(np.float32) for _ in range(4))
+    dout[..., 3, :] = np.inf     # reaches the keys up to 3 (and a window's)
+    v[..., 290, :] = -np.inf     # read by the queries from 290 (a window's up to 297)
+    with attnpy.use_kernel("reference"):
+        want = attnpy.scaled_dot_product_attention_backward(dout, q, k, v, **opts)
+    for kernel in attnpy.supported_kernels()[1:]:
+        with attnpy.use_kernel(kernel):
+            got = attnpy.scaled_dot_product_attention_backward(dout, q, k, v, **opts)
+        for name, g, w in zip(("query", "key", "value"), got[:3], want[:3]):
+            np.testing.assert_array_equal(np.isnan(g), np.isnan(w), err_msg=f"{kernel} {name}")
+            np.testing.assert_array_equal(np.isinf(g), np.isinf(w), err_msg=f"{kernel} {name}")
+            ok = np.isfinite(w)
+            np.testing.assert_allclose(g[ok], w[ok], rtol=1e-4, atol=1e-5,
+                                       err_msg=f"{kernel} {name}")
+
+
 # Regression: the tiled backward computed inf * 0 = NaN for scale=inf
 @pytest.mark.parametrize("kernel", ["reference"] + attnpy.supported_kernels()[1:])
 def test_backward_with_an_infinite_scale_agrees_across_kernels(kernel):

@@ -297,13 +297,15 @@ def test_linear_layouts_and_tiles(kernel, dtype):
     """_core.linear on every kernel against float64 NumPy: x, W and out each
     contiguous, transposed or strided (x is read in place or copied, W^T is
     packed from rows or from columns, out is stored by vectors or element by
-    element); K over several passes (of 384 floats, 192 doubles) and O over
+    element); K over several passes (of 384 floats, 192 doubles; 384 is
+    exactly one or two) and O over
     several packed slices of 256 columns, with partial tiles of rows and columns; bias and
     accumulate; 1 and 3 threads."""
     rng = np.random.default_rng(21)
     attnpy.set_kernel(kernel)
     try:
-        for (N, M, K, O) in ((2, 13, 800, 270), (1, 70, 385, 33), (3, 9, 1, 257)):
+        for (N, M, K, O) in ((2, 13, 800, 270), (1, 70, 385, 33), (1, 5, 384, 40),
+                             (3, 9, 1, 257)):
             for how_x, how_w, how_y in (("contiguous", "contiguous", "contiguous"),
                                         ("transposed", "transposed", "strided"),
                                         ("strided", "contiguous", "transposed"),
