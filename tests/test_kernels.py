@@ -298,9 +298,9 @@ def test_linear_layouts_and_tiles(kernel, dtype):
     contiguous, transposed or strided (x is read in place or copied, W^T is
     packed from rows or from columns, out is stored by vectors or element by
     element); K over several passes (of 384 floats, 192 doubles; 384 is
-    exactly one or two) and O over
-    several packed slices of 256 columns, with partial tiles of rows and columns; bias and
-    accumulate; 1 and 3 threads."""
+    exactly one or two) and O over several packed slices of 256 columns,
+    with partial tiles of rows and columns; bias and accumulate; 1 and 3
+    threads."""
     rng = np.random.default_rng(21)
     attnpy.set_kernel(kernel)
     try:
