@@ -23,9 +23,11 @@
  * 1.10x with, 1.07x on the backward (bench/README.md).
  */
 #define BCS (BC + 16)
-/* VS(Dvp): the row stride of packed v in the forward, one cache line more
-   than its Dvp columns for the same reason (a 64-float row is 256 bytes):
-   a further 1.03-1.04x at E = 64 and 1.11x at E = 128 without weights */
+/* VS(Dvp): the row stride of the rows p.v products read as their v (v in
+   the forward; k, q, dO in the backward), one cache line more than their
+   Dvp columns for the same reason (a 64-float row is 256 bytes): a further
+   1.03-1.04x at E = 64 and 1.11x at E = 128 on the forward without
+   weights, 0.99-1.03x and 1.08x on the backward */
 #define VS(Dvp) ((Dvp) + 16)
 
 /*
@@ -51,7 +53,7 @@ static inline attn_bwd_query_ws attn_bwd_query_layout(int64_t E, int64_t Ep, int
     ATTN_WS_TAKE(w, at, dOp, BR * Evp);
     ATTN_WS_TAKE(w, at, Kt, E * BCS);
     ATTN_WS_TAKE(w, at, Vt, Evp * BCS);
-    ATTN_WS_TAKE(w, at, Kp, BC * Ep);
+    ATTN_WS_TAKE(w, at, Kp, BC * VS(Ep));
     ATTN_WS_TAKE(w, at, Vp, BC * Evp);
     ATTN_WS_TAKE(w, at, S, BR * BCS);
     ATTN_WS_TAKE(w, at, dP, BR * BCS);
@@ -69,13 +71,13 @@ static inline attn_bwd_key_ws attn_bwd_key_layout(int64_t E, int64_t Ep, int64_t
     ATTN_WS_TAKE(w, at, Vp, BC * Evp);
     ATTN_WS_TAKE(w, at, Qt, E * BCS);
     ATTN_WS_TAKE(w, at, dOt, Evp * BCS);
-    ATTN_WS_TAKE(w, at, Qr, BC * Ep);
-    ATTN_WS_TAKE(w, at, dOr, BC * Evp);
+    ATTN_WS_TAKE(w, at, Qr, BC * VS(Ep));
+    ATTN_WS_TAKE(w, at, dOr, BC * VS(Evp));
     ATTN_WS_TAKE(w, at, St, BC * BCS);
     ATTN_WS_TAKE(w, at, dPt, BC * BCS);
     ATTN_WS_TAKE(w, at, dK, BC * Ep);
     ATTN_WS_TAKE(w, at, dV, BC * Evp);
-    ATTN_WS_TAKE(w, at, Kr, fused ? BC * Ep : 0);
+    ATTN_WS_TAKE(w, at, Kr, fused ? BC * VS(Ep) : 0);
     ATTN_WS_TAKE(w, at, dQ, fused ? L_pad * Ep : 0);
     w.end = at;
     return w;
