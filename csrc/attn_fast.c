@@ -20,7 +20,7 @@
  * and the products that walk down it (p.v reads a column of P for every key)
  * evicted their own rows: the extra line spreads them over all the sets. On
  * a Zen 3 (AVX2), one thread: 1.06-1.18x on the forward without weights,
- * 1.10x with, 1.07x on the backward (bench/README.md).
+ * 1.13x with, 1.08x on the backward (bench/README.md).
  */
 #define BCS (BC + 16)
 /* VS(Dvp): the row stride of the rows p.v products read as their v (v in
@@ -220,8 +220,9 @@ int attn_kernel_supported(attn_kernel kernel)
 #if ATTN_HAVE_FAST
 size_t attn_fast_workspace(const attn_sdpa_args *a)
 {
-    /* Qp (BR x E), Kt (E x BC), Vp (BC x Evp), S (BR x BC), O (BR x Evp);
-       Evp rounded for the widest vectors */
+    /* Qp (BR x E), Kt (E x BC, rows BCS apart), Vp (BC x Evp, rows VS(Evp)
+       apart), S (BR x BC, rows BCS apart), O (BR x Evp); Evp rounded for
+       the widest vectors */
     size_t E = (size_t)a->E, Evp = (size_t)attn_round_up(a->Ev, 32);
     size_t elem = a->dtype == ATTN_FLOAT64 ? sizeof(double) : sizeof(float);
     return (BR * E + E * BCS + BC * VS(Evp) + BR * BCS + BR * Evp) * elem;
