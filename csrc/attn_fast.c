@@ -24,7 +24,7 @@
  */
 #define BCS (BC + 16)
 /* VS(Dvp): the row stride of the rows p.v products read as their v (v in
-   the forward; k, q, dO in the backward), one cache line more than their
+   the forward; v, k, q, dO in the backward), one cache line more than their
    Dvp columns for the same reason (a 64-float row is 256 bytes): a further
    1.03-1.04x at E = 64 and 1.11x at E = 128 on the forward without
    weights, 0.99-1.03x and 1.08x on the backward */
@@ -54,7 +54,7 @@ static inline attn_bwd_query_ws attn_bwd_query_layout(int64_t E, int64_t Ep, int
     ATTN_WS_TAKE(w, at, Kt, E * BCS);
     ATTN_WS_TAKE(w, at, Vt, Evp * BCS);
     ATTN_WS_TAKE(w, at, Kp, BC * VS(Ep));
-    ATTN_WS_TAKE(w, at, Vp, BC * Evp);
+    ATTN_WS_TAKE(w, at, Vp, BC * VS(Evp));
     ATTN_WS_TAKE(w, at, S, BR * BCS);
     ATTN_WS_TAKE(w, at, dP, BR * BCS);
     ATTN_WS_TAKE(w, at, O, BR * (Ep > Evp ? Ep : Evp));
