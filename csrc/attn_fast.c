@@ -159,12 +159,20 @@ static int attn_linear_x_in_place(const attn_linear_args *p)
 #define ATTN_TARGET_END _Pragma("GCC pop_options")
 #endif
 
+/* ATTN_ISA_AVX512: the copy may use AVX-512's own instructions through
+   immintrin.h where the vector extensions have no word for them (V(exp2)) */
+#define ATTN_ISA_AVX512 0
 #if ATTN_HAVE_FAST && ATTN_X86
+#include <immintrin.h>
 ATTN_TARGET_BEGIN("avx512f,avx2,fma")
+#undef ATTN_ISA_AVX512
+#define ATTN_ISA_AVX512 1
 #define ISA avx512
 #define MR 8
 #define VLEN_F32 16
 #include "attn_fast_isa.h"
+#undef ATTN_ISA_AVX512
+#define ATTN_ISA_AVX512 0
 ATTN_TARGET_END
 
 ATTN_TARGET_BEGIN("avx2,fma")

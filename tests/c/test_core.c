@@ -625,6 +625,58 @@ static void test_qk_overflow(const char *kernel_name)
           "attn_reason_name: NULL for what is not a reason");
 }
 
+/* The AVX-512 copy's exp (vscalef, a mask register) and the AVX2 copy's
+   (exponent bits, selects) take the same rounding steps, so their flash
+   outputs agree bit for bit (the products sum in the same order in both):
+   scores spread so that exp's argument runs from 0 past the smallest
+   normal exponent (-126, -1022: exactly 0 there), with causal's blocked
+   (-inf) keys, on both dtypes. */
+static void test_exp_same_bits(void)
+{
+    enum { L = 100, S = 150, E = 32, EV = 16 };
+    if (attn_set_kernel(ATTN_KERNEL_AVX512) != ATTN_OK || attn_set_kernel(ATTN_KERNEL_AVX2) != ATTN_OK) {
+        printf("(avx2 against avx512's exp: this CPU cannot run both, not run)\n");
+        return;
+    }
+    attn_set_num_threads(1);
+    for (int f32 = 0; f32 < 2; f32++) {
+        const size_t es = f32 ? 4 : 8;
+        const double spread = f32 ? 6.0 : 18.0; /* scores' std: ~spread^2 */
+        char *q = malloc(L * E * es), *k = malloc(S * E * es), *v = malloc(S * EV * es);
+        char *out[2] = {malloc(L * EV * es), malloc(L * EV * es)};
+        uint32_t x = 777;
+        char *all[3] = {q, k, v};
+        const int n[3] = {L * E, S * E, S * EV};
+        for (int t = 0; t < 3; t++)
+            for (int i = 0; i < n[t]; i++) {
+                x = x * 1664525u + 1013904223u;
+                double u = ((double)(x >> 8) / (double)(1u << 24) * 2.0 - 1.0) * (t < 2 ? spread : 1.0);
+                if (f32) ((float *)all[t])[i] = (float)u;
+                else ((double *)all[t])[i] = u;
+            }
+        int ran_tiled = 1;
+        for (int kk = 0; kk < 2; kk++) {
+            attn_set_kernel(kk ? ATTN_KERNEL_AVX512 : ATTN_KERNEL_AVX2);
+            attn_sdpa_args a;
+            one_problem(&a, L, S, E, EV, (float *)q, (float *)k, (float *)v, (float *)out[kk], NULL);
+            a.dtype = f32 ? ATTN_FLOAT32 : ATTN_FLOAT64;
+            a.q.row = E * (int64_t)es, a.k.row = E * (int64_t)es, a.v.row = EV * (int64_t)es;
+            a.out.row = EV * (int64_t)es;
+            a.q.col = a.k.col = a.v.col = a.out.col = (int64_t)es;
+            a.is_causal = 1;
+            attn_ran ran = {-1, -1};
+            a.ran = &ran;
+            ran_tiled &= attn_sdpa(&a) == ATTN_OK && ran.kernel == (int)attn_get_kernel();
+        }
+        check(ran_tiled && memcmp(out[0], out[1], L * EV * es) == 0,
+              f32 ? "avx512's exp: the same bits as avx2's, float32"
+                  : "avx512's exp: the same bits as avx2's, float64");
+        free(q), free(k), free(v), free(out[0]), free(out[1]);
+    }
+    attn_set_kernel(ATTN_KERNEL_REFERENCE);
+    attn_set_num_threads(2);
+}
+
 /* An interrupt whose poll says stop: a long call returns ATTN_EINTR soon,
    one whose poll never does runs to the end. */
 static int polls;
@@ -899,6 +951,7 @@ int main(void)
     attn_set_kernel(ATTN_KERNEL_REFERENCE);
     attn_set_num_threads(2);
     test_threads_bit_identical();
+    test_exp_same_bits();
     test_interrupt();
     attn_set_kernel(ATTN_KERNEL_AUTO);
     attn_set_num_threads(0);
