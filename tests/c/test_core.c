@@ -644,13 +644,12 @@ static void test_exp_same_bits(void)
         const double spread = f32 ? 6.0 : 18.0; /* scores' std: ~spread^2 */
         char *q = malloc(L * E * es), *k = malloc(S * E * es), *v = malloc(S * EV * es);
         char *out[2] = {malloc(L * EV * es), malloc(L * EV * es)};
-        uint32_t x = 777;
+        unsigned x = 777;
         char *all[3] = {q, k, v};
         const int n[3] = {L * E, S * E, S * EV};
         for (int t = 0; t < 3; t++)
             for (int i = 0; i < n[t]; i++) {
-                x = x * 1664525u + 1013904223u;
-                double u = ((double)(x >> 8) / (double)(1u << 24) * 2.0 - 1.0) * (t < 2 ? spread : 1.0);
+                double u = uniform(&x) / 2.0 * (t < 2 ? spread : 1.0); /* in [-spread, spread) */
                 if (f32) ((float *)all[t])[i] = (float)u;
                 else ((double *)all[t])[i] = u;
             }
